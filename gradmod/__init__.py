@@ -7,7 +7,7 @@ Three lines in an existing loop::
     mod.observe(logits={"audio": la, "visual": lv}, target=y)   # each step, before optimizer.step()
 """
 
-from gradmod import filters, functional, kernels, measures, policies
+from gradmod import filters, functional, fusion, kernels, measures, mixup, policies
 from gradmod.functional import rank_modalities
 from gradmod.methods import DGM, OGM, OGMGE, PDMP, DecouplingFree
 from gradmod.modulator import Modulator, epoch_window
@@ -25,7 +25,9 @@ __all__ = [
     "epoch_window",
     "filters",
     "functional",
+    "fusion",
     "kernels",
+    "mixup",
     "measures",
     "policies",
 ]

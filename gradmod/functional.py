@@ -102,7 +102,10 @@ def decouple_linear(weight: Tensor, bias: Tensor | None, features: Mapping[str, 
 
 
 def _stack(evidence: Mapping[str, Tensor]) -> Tensor:
-    return torch.stack([torch.as_tensor(e).detach().float().reshape(()) for e in evidence.values()])
+    """Evidence as one ``[M]`` tensor in float32 or wider (float64 evidence keeps its precision)."""
+    values = [torch.as_tensor(e).detach().reshape(()) for e in evidence.values()]
+    dtype = torch.promote_types(torch.float32, torch.result_type(torch.stack(values), 1.0))
+    return torch.stack([v.to(dtype) for v in values])
 
 
 def _unstack(names: Sequence[str], values: Tensor) -> dict[str, Tensor]:
@@ -118,7 +121,8 @@ def discrepancy_ratios(evidence: Mapping[str, Tensor]) -> dict[str, Tensor]:
     _check_names(evidence, "discrepancy_ratios")
     e = _stack(evidence)
     m = e.numel()
-    others = (e.sum() - e) / (m - 1)
+    not_self = 1.0 - torch.eye(m, dtype=e.dtype, device=e.device)
+    others = (not_self @ e) / (m - 1)  # Σ_{v≠u} e_v without the cancellation of (Σ e) − e_u
     return _unstack(list(evidence), e / others)
 
 
@@ -338,4 +342,5 @@ def bmm_strength(kappa: float, degree: float) -> float:
     _check_strength(degree, "degree")
     if math.isnan(kappa):
         raise ValueError("imbalance factor is NaN")
-    return math.tanh(degree * max(kappa - 1.0, 0.0))
+    excess = max(kappa - 1.0, 0.0)
+    return 0.0 if degree == 0 or excess == 0 else math.tanh(degree * excess)

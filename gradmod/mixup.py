@@ -1,0 +1,311 @@
+"""Multimodal Mixup (MM) and Balanced Multimodal Mixup (B-MM), paper ``001`` (sections 3.2–3.3).
+
+MM and B-MM act on data, not on gradients: they build virtual (input, soft-label) pairs and are trained
+with :func:`soft_cross_entropy`. The imbalance factor κ and the mixing strength come from
+:func:`gradmod.functional.imbalance_factor` (eqs. (5)–(6)) and :func:`gradmod.functional.bmm_strength`
+(eq. (7)).
+
+**MM** (:class:`MultimodalMixup`, eq. (3), after Zhang et al. 2017) mixes the *fused* multimodal feature
+of each sample with that of a partner ``π(i)`` drawn by a random permutation of the batch, and the one-hot
+labels with the same weight. Modelling choices:
+
+* One weight per batch, ``w ~ Beta(α, α)``; the output is ``(1 − w)·f + w·f[π]`` with target
+  ``(1 − w)·onehot(y) + w·onehot(y[π])``. Eq. (3) writes ``λ·f + (1 − λ)·f[π]``; as ``Beta(α, α)`` is
+  symmetric, ``w = 1 − λ`` has the same law, so the two are the same distribution of virtual samples.
+* ``α = 0`` is ERM (the paper's limit ``α → 0``): the features pass through unchanged, the target is one-hot,
+  and no random number is drawn.
+* Reproducibility: the permutation is ``torch.randperm`` with a CPU ``torch.Generator`` the object owns.
+  torch has no public Beta sampler that takes a generator, so each call draws one 62-bit seed from that
+  generator and samples ``w`` with ``numpy.random.default_rng(seed).beta(α, α)`` (numpy's documented
+  Beta sampler). The whole stream is therefore a function of the torch generator's state alone, which is
+  what :meth:`MultimodalMixup.state_dict` saves.
+
+**B-MM** (:class:`BalancedMixup`, eqs. (5)–(8)) mixes only the *weaker* modality's input across samples;
+the stronger modality's input is left as it is, and the label follows the mix. (Spherical interpolation
+between one sample's audio and visual features is a different method and is not done here.)
+
+* After every training epoch the caller passes the training-set accuracy of each unimodal branch (the
+  other modalities masked to zero, eqs. (5)–(6)) to :meth:`BalancedMixup.update`, which computes
+  ``κ_u = acc_u / mean_{v≠u} acc_v``.
+* The strength for the next epoch is ``λ = tanh(β·(κ_max − 1))`` (eq. (7), gradmod's reading via
+  ``bmm_strength``; ``β`` = ``degree``), ``κ_max`` the strongest modality's factor. Each batch draws a
+  permutation ``π``; every weak modality's input becomes ``(1 − λ)·x_w + λ·x_w[π]`` (eq. (8)) and the soft
+  target is ``(1 − λ)·onehot(y) + λ·onehot(y[π])``. ``λ`` is fixed for the epoch, not sampled per batch.
+* Warm-up: with ``warmup_epochs = W`` the first ``W`` epochs (0-based epochs ``0 … W−1``) train without
+  B-MM; mixing is active from the epoch that follows the ``W``-th call to ``update`` and uses the κ of that
+  call. Epoch 0 never mixes (no κ exists yet), so ``W = 0`` and ``W = 1`` behave the same. κ is still
+  computed during warm-up, for logging.
+* Balanced (no κ above 1, hence all κ equal) or ``β = 0`` means ``λ = 0``: inputs pass through and the
+  target is one-hot; no random number is drawn when ``λ = 0``. If every other modality has zero accuracy,
+  ``κ_max = ∞`` and ``λ = 1`` (for ``β > 0``): the weak inputs and the labels are wholly the partner's.
+* M > 2 modalities (the paper treats two): the weak modalities are all those with ``κ_u < 1`` (below the
+  mean of the others); they are mixed with one shared ``λ`` from the strongest ``κ`` and one shared
+  ``π``. Sharing ``λ`` and ``π`` is what keeps the soft label consistent with every mixed input; strong
+  modalities (``κ_u ≥ 1``) are never mixed. For two modalities this is exactly eq. (8).
+* Reproducibility: ``π`` comes from a CPU ``torch.Generator`` seeded with ``seed`` (or, if ``seed`` is
+  None, with a seed drawn from torch's global RNG, so ``torch.manual_seed`` fixes it).
+  :meth:`BalancedMixup.state_dict` saves the epoch count, κ and the generator state, so a resumed run
+  mixes exactly as an uninterrupted one. Under ``torch.distributed`` every rank permutes only its local
+  batch; equal seeds on all ranks are harmless because the ranks hold different samples.
+
+Inputs must be floating point (any shape ``[B, …]``: spectrograms, frames, features); targets are ``[B]``
+integer class indices. Soft targets are float32 on the target's device. Checking the target range costs
+one host synchronisation per call.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from gradmod.functional import _check_strength, bmm_strength, imbalance_factor
+
+__all__ = ["MultimodalMixup", "BalancedMixup", "soft_cross_entropy"]
+
+_SEED_HIGH = 2**62
+_REDUCTIONS = ("mean", "sum", "none")
+_SUM_TOLERANCE = 1e-3
+
+
+def _check_int(value: object, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _seeded_generator(seed: int | None) -> torch.Generator:
+    """A CPU generator seeded with ``seed``, or with a seed drawn from torch's global RNG when None."""
+    if seed is None:
+        seed = int(torch.randint(0, _SEED_HIGH, ()))
+    return torch.Generator().manual_seed(_check_int(seed, "seed", 0))
+
+
+def _one_hot_target(target: Tensor, batch_size: int, num_classes: int) -> Tensor:
+    """Validated ``[B]`` class indices as a float32 one-hot ``[B, C]`` on the target's device."""
+    if not isinstance(target, Tensor):
+        raise ValueError(f"target must be a tensor of class indices, got {type(target).__name__}")
+    if target.dim() != 1 or target.shape[0] != batch_size:
+        raise ValueError(f"target must be [batch] = [{batch_size}] class indices, got shape {tuple(target.shape)}")
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise ValueError(f"target must hold integer class indices, got dtype {target.dtype}")
+    out_of_range = (target < 0) | (target >= num_classes)
+    if bool(out_of_range.any()):
+        bad = target[out_of_range].unique().tolist()
+        raise ValueError(f"target holds class indices {bad} outside [0, {num_classes})")
+    return F.one_hot(target.long(), num_classes).float()
+
+
+def _check_features(x: Tensor, name: str) -> int:
+    """Batch size of a floating-point ``[B, …]`` tensor with ``B ≥ 1``."""
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{name} must be a tensor, got {type(x).__name__}")
+    if x.dim() == 0 or x.shape[0] == 0:
+        raise ValueError(f"{name} must be a non-empty batch [B, ...], got shape {tuple(x.shape)}")
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"{name} must be floating point to be mixed, got dtype {x.dtype}")
+    return x.shape[0]
+
+
+def _mix_with_partner(x: Tensor, permutation: Tensor, partner_weight: float) -> Tensor:
+    """``(1 − w)·x + w·x[π]`` along the batch dimension (paper 001, eqs. (3) and (8))."""
+    return torch.lerp(x, x[permutation.to(x.device)], partner_weight)
+
+
+def soft_cross_entropy(logits: Tensor, soft_target: Tensor, reduction: str = "mean") -> Tensor:
+    """Cross-entropy against a distribution: ``ℓ_i = −Σ_c q_ic · log softmax(z_i)_c``.
+
+    The loss of MM / B-MM's virtual samples; for a one-hot ``q`` it equals ``F.cross_entropy(z, y)``.
+    ``reduction`` is ``"mean"`` (over the batch), ``"sum"`` or ``"none"`` (``[B]``). Rows of ``soft_target``
+    must be non-negative and sum to 1 (within 1e-3); logits must be finite. One host synchronisation.
+    """
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [batch, classes], got shape {tuple(logits.shape)}")
+    if soft_target.shape != logits.shape:
+        raise ValueError(
+            f"soft_target must have the logits' shape {tuple(logits.shape)}, got {tuple(soft_target.shape)}"
+        )
+    if not (logits.dtype.is_floating_point and soft_target.dtype.is_floating_point):
+        raise ValueError(f"logits and soft_target must be floating point, got {logits.dtype} and {soft_target.dtype}")
+    q = soft_target.detach()
+    row_sums = q.sum(dim=1)
+    problems = torch.stack(
+        [
+            ~torch.isfinite(logits.detach()).all(),
+            ~torch.isfinite(q).all() | (q < 0).any(),
+            ((row_sums - 1.0).abs() > _SUM_TOLERANCE).any(),
+        ]
+    ).tolist()
+    if problems[0]:
+        raise ValueError("logits hold non-finite values")
+    if problems[1]:
+        raise ValueError("soft_target holds negative or non-finite probabilities")
+    if problems[2]:
+        raise ValueError(f"soft_target rows must sum to 1, got sums in [{row_sums.min().item()}, {row_sums.max().item()}]")
+    return F.cross_entropy(logits, soft_target.to(logits.dtype), reduction=reduction)
+
+
+class MultimodalMixup:
+    """MM (paper 001, eq. (3)): mixup of the fused multimodal features and their labels across the batch.
+
+    Args:
+        alpha: ``α ≥ 0`` of ``Beta(α, α)``; ``0`` disables mixing (ERM).
+        generator: a CPU ``torch.Generator`` to draw from (shared, not copied); None creates one seeded
+            from torch's global RNG.
+    """
+
+    def __init__(self, alpha: float, generator: torch.Generator | None = None) -> None:
+        _check_strength(alpha, "alpha")
+        if generator is not None and not (isinstance(generator, torch.Generator) and generator.device.type == "cpu"):
+            raise ValueError(f"generator must be a CPU torch.Generator, got {generator!r}")
+        self.alpha = float(alpha)
+        self._generator = _seeded_generator(None) if generator is None else generator
+
+    def __call__(self, features: Tensor, target: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+        """Mix ``features`` ``[B, …]`` and ``target`` ``[B]``; returns (mixed features, soft target ``[B, C]``)."""
+        batch_size = _check_features(features, "features")
+        one_hot = _one_hot_target(target, batch_size, _check_int(num_classes, "num_classes", 1))
+        if self.alpha == 0.0:
+            return features, one_hot
+        seed = int(torch.randint(0, _SEED_HIGH, (), generator=self._generator))
+        partner_weight = float(np.random.default_rng(seed).beta(self.alpha, self.alpha))
+        permutation = torch.randperm(batch_size, generator=self._generator)
+        return (
+            _mix_with_partner(features, permutation, partner_weight),
+            _mix_with_partner(one_hot, permutation, partner_weight),
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """The generator state: restoring it replays the same λ and permutations."""
+        return {"alpha": self.alpha, "generator": self._generator.get_state()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; ``alpha`` must match this object's."""
+        if float(state["alpha"]) != self.alpha:
+            raise ValueError(f"state was saved with alpha={state['alpha']}, this MultimodalMixup has alpha={self.alpha}")
+        self._generator.set_state(state["generator"])
+
+
+class BalancedMixup:
+    """B-MM (paper 001, eqs. (5)–(8)): mixup of the weaker modality's input, driven by the imbalance factor.
+
+    Call :meth:`update` once after each training epoch with every modality's unimodal training accuracy,
+    and call the object on each training batch. See the module docstring for the warm-up rule and M > 2.
+
+    Args:
+        modalities: the modality names (two or more), as used in the input mappings.
+        num_classes: number of classes ``C`` of the soft targets.
+        degree: ``β ≥ 0`` of eq. (7); larger mixes harder, ``0`` never mixes.
+        warmup_epochs: number of epochs trained before mixing may start.
+        seed: seed of the generator of the permutations; None draws one from torch's global RNG.
+    """
+
+    def __init__(
+        self,
+        modalities: Sequence[str],
+        num_classes: int,
+        degree: float,
+        warmup_epochs: int,
+        seed: int | None = None,
+    ) -> None:
+        if isinstance(modalities, str) or not all(isinstance(m, str) and m for m in modalities):
+            raise ValueError(f"modalities must be a sequence of non-empty names, got {modalities!r}")
+        names = tuple(modalities)
+        if len(names) < 2 or len(set(names)) != len(names):
+            raise ValueError(f"modalities must name at least two distinct modalities, got {list(names)}")
+        _check_strength(degree, "degree")
+        self.modalities = names
+        self.num_classes = _check_int(num_classes, "num_classes", 1)
+        self.degree = float(degree)
+        self.warmup_epochs = _check_int(warmup_epochs, "warmup_epochs", 0)
+        self._generator = _seeded_generator(seed)
+        self._epochs_seen = 0
+        self._kappa: dict[str, float] = {}
+
+    def _check_names(self, names: Sequence[str], what: str) -> None:
+        missing = [m for m in self.modalities if m not in names]
+        unknown = [n for n in names if n not in self.modalities]
+        if missing or unknown:
+            raise ValueError(
+                f"{what} must be keyed by exactly {list(self.modalities)}; missing {missing}, unknown {unknown}"
+            )
+
+    def update(self, unimodal_accuracy: Mapping[str, float]) -> None:
+        """Record one finished epoch: κ from each modality's unimodal training accuracy (eqs. (5)–(6))."""
+        self._check_names(list(unimodal_accuracy), "unimodal_accuracy")
+        self._kappa = imbalance_factor({m: unimodal_accuracy[m] for m in self.modalities})
+        self._epochs_seen += 1
+
+    @property
+    def epochs_seen(self) -> int:
+        """Number of :meth:`update` calls so far."""
+        return self._epochs_seen
+
+    @property
+    def kappa(self) -> dict[str, float]:
+        """Imbalance factor of each modality from the latest :meth:`update` (empty before the first)."""
+        return dict(self._kappa)
+
+    @property
+    def weak_modalities(self) -> tuple[str, ...]:
+        """Modalities with ``κ < 1`` by the latest :meth:`update` while some ``κ > 1``; mixed once active.
+
+        Requiring a ``κ > 1`` keeps equal accuracies balanced even where rounding puts every ``κ`` at 1 − ε.
+        """
+        if not self._kappa or max(self._kappa.values()) <= 1.0:
+            return ()
+        return tuple(m for m in self.modalities if self._kappa[m] < 1.0)
+
+    @property
+    def strength(self) -> float:
+        """``λ`` applied now (eq. (7)): 0 before warm-up ends, when no modality is weak, or when ``β = 0``."""
+        warming_up = self._epochs_seen == 0 or self._epochs_seen < self.warmup_epochs
+        if warming_up or self.degree == 0.0 or not self.weak_modalities:
+            return 0.0
+        return bmm_strength(max(self._kappa.values()), self.degree)
+
+    def __call__(self, inputs: Mapping[str, Tensor], target: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """Mix the weak modalities' inputs ``[B, …]`` and the labels ``[B]``; returns (inputs, soft target ``[B, C]``)."""
+        self._check_names(list(inputs), "inputs")
+        sizes = {m: _check_features(inputs[m], f"input {m!r}") for m in self.modalities}
+        if len(set(sizes.values())) != 1:
+            raise ValueError(f"inputs disagree on the batch size: {sizes}")
+        batch_size = sizes[self.modalities[0]]
+        one_hot = _one_hot_target(target, batch_size, self.num_classes)
+        outputs = {m: inputs[m] for m in self.modalities}
+        strength = self.strength
+        if strength == 0.0:
+            return outputs, one_hot
+        permutation = torch.randperm(batch_size, generator=self._generator)
+        for m in self.weak_modalities:
+            outputs[m] = _mix_with_partner(inputs[m], permutation, strength)
+        return outputs, _mix_with_partner(one_hot, permutation, strength)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything that changes the mixing: epoch count, κ and the generator state."""
+        return {
+            "modalities": list(self.modalities),
+            "epochs_seen": self._epochs_seen,
+            "kappa": dict(self._kappa),
+            "generator": self._generator.get_state(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict` saved by a B-MM over the same modalities."""
+        if list(state["modalities"]) != list(self.modalities):
+            raise ValueError(f"state was saved for modalities {list(state['modalities'])}, not {list(self.modalities)}")
+        kappa = {str(m): float(k) for m, k in state["kappa"].items()}
+        if kappa:
+            self._check_names(list(kappa), "saved kappa")
+        if any(math.isnan(k) for k in kappa.values()):
+            raise ValueError(f"saved kappa holds NaN: {kappa}")
+        self._epochs_seen = _check_int(state["epochs_seen"], "saved epochs_seen", 0)
+        self._kappa = kappa
+        self._generator.set_state(state["generator"])

@@ -1,0 +1,312 @@
+"""Property tests of gradmod.functional against the papers' equations."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gradmod import functional as F
+
+positive = st.floats(min_value=1e-3, max_value=1e3, allow_nan=False)
+strength = st.floats(min_value=0.0, max_value=5.0, allow_nan=False)
+names3 = ["audio", "visual", "text"]
+
+
+def ev(**values):
+    return {k: torch.tensor(v, dtype=torch.float64) for k, v in values.items()}
+
+
+# ---------------------------------------------------------------- scores and decoupling
+@given(st.integers(1, 8), st.integers(2, 6), st.integers(0, 2**31 - 1))
+def test_ogm_scores_is_sum_of_true_class_probabilities(batch, classes, seed):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(batch, classes, generator=g) * 3
+    target = torch.randint(0, classes, (batch,), generator=g)
+    expected = sum(torch.softmax(logits[i], 0)[target[i]].item() for i in range(batch))
+    score = F.ogm_scores(logits, target)
+    assert score.dim() == 0
+    assert score.item() == pytest.approx(expected, rel=1e-5)
+    assert 0 < score.item() <= batch
+
+
+@pytest.mark.parametrize(
+    "logits,target,message",
+    [
+        (torch.zeros(4), torch.zeros(4, dtype=torch.long), "batch, classes"),
+        (torch.zeros(4, 3), torch.zeros(3, dtype=torch.long), "target must be"),
+        (torch.zeros(4, 3), torch.zeros(4), "integer class indices"),
+    ],
+)
+def test_ogm_scores_rejects_bad_shapes(logits, target, message):
+    with pytest.raises(ValueError, match=message):
+        F.ogm_scores(logits, target)
+
+
+@given(st.lists(st.integers(1, 7), min_size=2, max_size=4), st.integers(1, 5), st.booleans(), st.integers(0, 999))
+def test_decouple_linear_sums_back_to_the_full_head(widths, batch, bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    head = torch.nn.Linear(sum(widths), 5, bias=bias)
+    features = {f"m{i}": torch.randn(batch, w, generator=g) for i, w in enumerate(widths)}
+    parts = F.decouple_linear(head.weight, head.bias, features)
+    full = head(torch.cat(list(features.values()), 1))
+    assert list(parts) == list(features)
+    torch.testing.assert_close(sum(parts.values()), full, rtol=1e-5, atol=1e-5)
+
+
+def test_decouple_linear_matches_official_concat_split():
+    head = torch.nn.Linear(8, 3)
+    a, v = torch.randn(2, 4), torch.randn(2, 4)
+    parts = F.decouple_linear(head.weight, head.bias, {"audio": a, "visual": v})
+    torch.testing.assert_close(parts["audio"], a @ head.weight[:, :4].T + head.bias / 2)
+    torch.testing.assert_close(parts["visual"], v @ head.weight[:, 4:].T + head.bias / 2)
+
+
+def test_decouple_linear_rejects_widths_that_do_not_add_up():
+    with pytest.raises(ValueError, match="add up to 7.*8 input columns"):
+        F.decouple_linear(torch.zeros(3, 8), None, {"audio": torch.zeros(1, 3), "visual": torch.zeros(1, 4)})
+
+
+# ---------------------------------------------------------------- ratios and OGM coefficients
+@given(positive, positive)
+def test_two_modality_ratio_is_the_papers_ratio(a, v):
+    r = F.discrepancy_ratios(ev(audio=a, visual=v))
+    assert r["audio"].item() == pytest.approx(a / v)
+    assert r["visual"].item() == pytest.approx(v / a)
+
+
+@given(st.lists(positive, min_size=2, max_size=5), strength)
+def test_ogm_coefficients_range_and_weakest_is_one(values, alpha):
+    evidence = {f"m{i}": torch.tensor(x) for i, x in enumerate(values)}
+    k = F.ogm_coefficients(evidence, alpha)
+    for name, c in k.items():
+        assert 0.0 <= c.item() <= 1.0
+        assert math.isfinite(c.item())
+    weakest = min(evidence, key=lambda n: evidence[n].item())
+    assert k[weakest].item() == 1.0
+
+
+@given(positive, positive, strength)
+def test_ogm_coefficients_two_modalities_exact(a, v, alpha):
+    k = F.ogm_coefficients(ev(audio=a, visual=v), alpha)
+    rho = a / v
+    expected_a = 1 - math.tanh(alpha * rho) if rho > 1 else 1.0
+    expected_v = 1 - math.tanh(alpha / rho) if 1 / rho > 1 else 1.0
+    assert k["audio"].item() == pytest.approx(expected_a, abs=1e-12)
+    assert k["visual"].item() == pytest.approx(expected_v, abs=1e-12)
+    assert max(k["audio"].item(), k["visual"].item()) == 1.0  # the weaker one is never damped
+
+
+@given(positive, st.floats(1.0, 50.0), st.floats(1.0, 50.0), strength)
+def test_ogm_coefficient_non_increasing_in_ratio(v, r1, r2, alpha):
+    lo, hi = sorted((r1, r2))
+    k_lo = F.ogm_coefficients(ev(audio=v * lo, visual=v), alpha)["audio"]
+    k_hi = F.ogm_coefficients(ev(audio=v * hi, visual=v), alpha)["audio"]
+    assert k_hi.item() <= k_lo.item() + 1e-12
+
+
+@given(st.lists(positive, min_size=2, max_size=4, unique=True), strength, st.randoms())
+def test_coefficients_symmetric_under_renaming(values, alpha, rnd):
+    names = [f"m{i}" for i in range(len(values))]
+    evidence = {n: torch.tensor(x, dtype=torch.float64) for n, x in zip(names, values)}
+    permuted = names[:]
+    rnd.shuffle(permuted)
+    shuffled = {n: evidence[n] for n in permuted}
+    for fn in (F.ogm_coefficients, F.dgm_coefficients):
+        a, b = fn(evidence, alpha), fn(shuffled, alpha)
+        for n in names:
+            assert a[n].item() == pytest.approx(b[n].item(), abs=1e-12)
+
+
+@given(positive, st.integers(2, 5), strength)
+def test_equal_evidence_gives_all_ones(value, m, alpha):
+    evidence = {f"m{i}": torch.tensor(value) for i in range(m)}
+    assert all(c.item() == 1.0 for c in F.ogm_coefficients(evidence, alpha).values())
+    assert all(c.item() == 1.0 for c in F.dgm_coefficients(evidence, alpha).values())
+
+
+def test_zero_evidence_never_gives_nan():
+    k = F.ogm_coefficients(ev(audio=1.0, visual=0.0), 0.5)
+    assert k["audio"].item() == 0.0 and k["visual"].item() == 1.0
+    k = F.ogm_coefficients(ev(audio=0.0, visual=0.0), 0.5)
+    assert all(c.item() == 1.0 for c in k.values())
+
+
+@pytest.mark.parametrize("alpha", [-0.1, float("nan"), float("inf")])
+def test_bad_alpha_is_rejected(alpha):
+    with pytest.raises(ValueError, match="alpha"):
+        F.ogm_coefficients(ev(audio=1.0, visual=2.0), alpha)
+
+
+def test_single_modality_is_rejected():
+    with pytest.raises(ValueError, match="at least 2 modalities"):
+        F.discrepancy_ratios(ev(audio=1.0))
+
+
+# ---------------------------------------------------------------- GE noise scale
+@given(st.integers(2, 400), st.floats(0.01, 100.0), st.floats(-50, 50), st.integers(0, 999))
+def test_ge_noise_std_is_unbiased_std_plus_eps(n, scale, shift, seed):
+    g = torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale + shift
+    assert F.ge_noise_std(g).item() == pytest.approx(g.std().item() + 1e-8, rel=1e-9)
+
+
+def test_ge_noise_std_of_one_element_is_eps_not_nan():
+    assert F.ge_noise_std(torch.tensor([3.0])).item() == pytest.approx(1e-8)
+
+
+def test_ge_noise_std_low_precision_is_computed_in_float32():
+    g = torch.randn(1000, dtype=torch.bfloat16)
+    assert F.ge_noise_std(g).dtype == torch.float32
+
+
+@given(st.floats(0.0, 1.0))
+def test_noise_scales(k):
+    k_t = torch.tensor(k)
+    assert F.noise_scale("ge", k_t).item() == 1.0
+    # restore: scaled variance k² plus noise variance equals the original variance
+    assert (k**2 + F.noise_scale("restore", k_t).item() ** 2) == pytest.approx(1.0, abs=1e-6)
+    assert F.noise_scale("paper", k_t).item() ** 2 == pytest.approx(k**2 + 1.0, abs=1e-6)
+    assert F.noise_scale(None, k_t) is None
+
+
+def test_unknown_noise_kind():
+    with pytest.raises(ValueError, match="unknown noise kind"):
+        F.noise_scale("gaussian", torch.tensor(0.5))
+
+
+# ---------------------------------------------------------------- DGM (paper 003)
+def test_dgm_evidence_hand_computed():
+    s = torch.tensor([[0.9, 0.1, 0.6], [0.2, 0.4, 0.8]])
+    y = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
+    # sample 0: Σ sY = 1.5, Δ = mean(.9,.6) − .1 = .65 ; sample 1: Σ sY = .8, Δ = .8 − mean(.2,.4) = .5
+    assert F.dgm_evidence(s, y).item() == pytest.approx(1.5 + 0.65 + 0.8 + 0.5)
+
+
+def test_dgm_evidence_degenerate_rows():
+    s = torch.tensor([[0.3, 0.7], [0.4, 0.6]])
+    y = torch.tensor([[0.0, 0.0], [1.0, 1.0]])  # no correct class ; no wrong class
+    # row 0: Σ sY = 0, Δ = 0 − mean(.3,.7) = −.5 ; row 1: Σ sY = 1.0, Δ = mean(.4,.6) − 0 = .5
+    assert F.dgm_evidence(s, y).item() == pytest.approx(-0.5 + 1.0 + 0.5)
+
+
+@given(st.integers(1, 6), st.integers(2, 6), st.integers(0, 999))
+def test_dgm_single_label_equals_one_hot_multilabel(batch, classes, seed):
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.softmax(torch.randn(batch, classes, generator=g), 1)
+    target = torch.randint(0, classes, (batch,), generator=g)
+    one_hot = torch.nn.functional.one_hot(target, classes).float()
+    assert F.dgm_evidence(probs, target).item() == pytest.approx(F.dgm_evidence(probs, one_hot).item(), rel=1e-6)
+
+
+@given(st.integers(1, 6), st.integers(2, 6), st.integers(0, 999))
+def test_dgm_evidence_bounds(batch, classes, seed):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.rand(batch, classes, generator=g)
+    y = (torch.rand(batch, classes, generator=g) > 0.5).float()
+    e = F.dgm_evidence(s, y).item()
+    # each sample contributes Σ_c sY ∈ [0, C] and Δ ∈ [−1, 1]
+    assert -batch - 1e-6 <= e <= batch * (classes + 1) + 1e-6
+
+
+def test_dgm_evidence_shape_errors():
+    with pytest.raises(ValueError, match="multi-hot"):
+        F.dgm_evidence(torch.rand(2, 3), torch.ones(2, 4))
+
+
+@given(positive, positive, st.floats(0.0, 2.0))
+def test_dgm_coefficients_eq7(e_v, e_a, gamma):
+    mu = F.dgm_coefficients(ev(visual=e_v, audio=e_a), gamma)
+    omega = e_v / e_a
+    assert mu["visual"].item() == pytest.approx(1 - math.tanh(gamma * omega) if omega > 1 else 1.0, abs=1e-12)
+
+
+# ---------------------------------------------------------------- decoupling-free (paper 002)
+@given(st.integers(1, 50), st.integers(0, 999))
+def test_zeta_ratios_eq11(n, seed):
+    z = torch.rand(n, generator=torch.Generator().manual_seed(seed)) * 0.98 + 0.01
+    r1, r2 = F.zeta_ratios(z)
+    assert r1.item() == pytest.approx((z.sum() / (1 - z).sum()).item(), rel=1e-5)
+    assert (r1 * r2).item() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_zeta_balanced_gives_ratio_one():
+    r1, r2 = F.zeta_ratios(torch.full((4, 8), 0.5))
+    assert r1.item() == pytest.approx(1.0) and r2.item() == pytest.approx(1.0)
+
+
+def test_zeta_evidence_for_three_gates_and_errors():
+    gates = torch.softmax(torch.randn(3, 5, 4), 0)
+    e = F.zeta_evidence(dict(zip(names3, gates)), names3)
+    assert sum(x.item() for x in e.values()) == pytest.approx(20.0, rel=1e-5)
+    with pytest.raises(ValueError, match="two modalities"):
+        F.zeta_evidence(gates[0], names3)
+    with pytest.raises(ValueError, match="missing"):
+        F.zeta_evidence({"audio": gates[0]}, ["audio", "visual"])
+
+
+# ---------------------------------------------------------------- PDMP (gradmod's reading of paper 000)
+def test_rank_modalities_orders_and_rejects_ties():
+    assert F.rank_modalities({"audio": 0.61, "visual": 0.52, "text": 0.7}) == ("text", "audio", "visual")
+    with pytest.raises(ValueError, match="tie"):
+        F.rank_modalities({"audio": 0.5, "visual": 0.5})
+    with pytest.raises(ValueError, match="not finite"):
+        F.rank_modalities({"audio": float("nan"), "visual": 0.5})
+
+
+@given(st.lists(positive, min_size=2, max_size=4), strength, strength)
+def test_pdmp_dominant_never_below_others(values, gp, gr):
+    names = [f"m{i}" for i in range(len(values))]
+    evidence = {n: torch.tensor(x, dtype=torch.float64) for n, x in zip(names, values)}
+    ranking = names  # m0 dominant
+    k = F.pdmp_coefficients(evidence, ranking, gp, gr)
+    assert k["m0"].item() >= 1.0
+    for n in names[1:]:
+        assert 0.0 < k[n].item() <= 1.0 or (gr * values[names.index(n)] / values[0] > 18)
+        assert k["m0"].item() >= k[n].item()
+    assert k["m0"].item() <= 1 + gp + 1e-12
+    assert all(math.isfinite(c.item()) for c in k.values())
+
+
+@given(positive, positive, strength, strength)
+def test_pdmp_swapping_names_swaps_coefficients(a, v, gp, gr):
+    k1 = F.pdmp_coefficients(ev(audio=a, visual=v), ("audio", "visual"), gp, gr)
+    k2 = F.pdmp_coefficients(ev(visual=a, audio=v), ("visual", "audio"), gp, gr)
+    assert k1["audio"].item() == pytest.approx(k2["visual"].item(), abs=1e-12)
+    assert k1["visual"].item() == pytest.approx(k2["audio"].item(), abs=1e-12)
+
+
+def test_pdmp_formula_and_boost():
+    k = F.pdmp_coefficients(ev(audio=1.0, visual=3.0), ("audio", "visual"), 0.5, 0.2)
+    assert k["audio"].item() == pytest.approx(1 + 0.5 * math.tanh(2.0))
+    assert k["visual"].item() == pytest.approx(1 - math.tanh(0.2 * 3.0))
+    k = F.pdmp_coefficients(ev(audio=3.0, visual=1.0), ("audio", "visual"), 0.5, 0.2)
+    assert k["audio"].item() == 1.0
+
+
+def test_pdmp_ranking_must_match():
+    with pytest.raises(ValueError, match="ranking"):
+        F.pdmp_coefficients(ev(audio=1.0, visual=2.0), ("audio", "text"), 0.1, 0.1)
+
+
+# ---------------------------------------------------------------- B-MM (paper 001)
+@given(st.floats(0.01, 1.0), st.floats(0.01, 1.0))
+def test_imbalance_factor_two_modalities(a, v):
+    kappa = F.imbalance_factor({"audio": a, "visual": v})
+    assert kappa["audio"] == pytest.approx(a / v)
+    assert kappa["audio"] * kappa["visual"] == pytest.approx(1.0)
+
+
+def test_imbalance_factor_errors():
+    with pytest.raises(ValueError, match="all unimodal accuracies are zero"):
+        F.imbalance_factor({"audio": 0.0, "visual": 0.0})
+    with pytest.raises(ValueError, match="'audio'"):
+        F.imbalance_factor({"audio": -0.1, "visual": 0.3})
+
+
+@given(st.floats(0.0, 20.0), st.floats(0.0, 20.0), st.floats(0.0, 5.0))
+def test_bmm_strength_monotone_bounded(k1, k2, degree):
+    lo, hi = sorted((k1, k2))
+    s_lo, s_hi = F.bmm_strength(lo, degree), F.bmm_strength(hi, degree)
+    assert 0.0 <= s_lo <= s_hi <= 1.0
+    assert F.bmm_strength(1.0, degree) == 0.0

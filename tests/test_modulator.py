@@ -1,0 +1,387 @@
+"""Integration tests of the Modulator and the presets in a tiny training loop."""
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from tiny import TinyModel, batches, observe_inputs
+
+import gradmod
+from gradmod import filters
+
+PRESETS = {
+    "OGM": lambda mods, **kw: gradmod.OGM(mods, alpha=0.8, **kw),
+    "OGMGE": lambda mods, **kw: gradmod.OGMGE(mods, alpha=0.8, **kw),
+    "DGM": lambda mods, **kw: gradmod.DGM(mods, gamma=0.5, **kw),
+    "DecouplingFree": lambda mods, **kw: gradmod.DecouplingFree(mods, alpha=0.8, **kw),
+    "PDMP": lambda mods, **kw: gradmod.PDMP(mods, ranking=tuple(mods), gamma_p=0.5, gamma_r=0.3, **kw),
+}
+NOISY = {"OGMGE", "DGM", "DecouplingFree"}
+
+
+def make(method, names=("audio", "visual"), seed=0, **kw):
+    torch.manual_seed(seed)
+    model = TinyModel(names)
+    if method in NOISY and "noise" not in kw and kw.get("apply") == "features":
+        kw["noise"] = None
+    mod = PRESETS[method]({n: model.encoders[n] for n in names}, seed=1, **kw)
+    return model, mod
+
+
+def grads_of(model):
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def forward_backward(model, inputs, y):
+    logits, decoupled, features, zeta = model(inputs)
+    nn.functional.cross_entropy(logits, y).backward()
+    return decoupled, features, zeta
+
+
+@pytest.mark.parametrize("method", list(PRESETS))
+@pytest.mark.parametrize("names", [("audio", "visual"), ("audio", "visual", "text")])
+def test_params_mode_scales_each_encoder_gradient_by_its_coefficient(method, names):
+    model, mod = make(method, names, noise=None)
+    (inputs, y), = batches(1, names=names)
+    model.zero_grad()
+    decoupled, _, zeta = forward_backward(model, inputs, y)
+    plain = grads_of(model)
+    mod.observe(**observe_inputs(method, decoupled, zeta, y))
+    k = mod.step()
+    assert set(k) == set(names)
+    for pname, p in model.named_parameters():
+        if p.grad is None:  # the ζ gate is not in the loss
+            continue
+        owner = next((n for n in names if pname.startswith(f"encoders.{n}.")), None)
+        expected = plain[pname] * (k[owner] if owner else 1.0)
+        torch.testing.assert_close(p.grad, expected, rtol=1e-6, atol=1e-7)
+    record = mod.last
+    assert record["step"] == 0 and set(record["coefficients"]) == set(names)
+    assert all(math.isfinite(v) and v > 0 for v in record["coefficients"].values())
+
+
+@pytest.mark.parametrize("method", list(PRESETS))
+def test_features_mode_equals_params_mode_without_noise(method):
+    (inputs, y), = batches(1)
+    model_p, mod_p = make(method, noise=None)
+    model_f, mod_f = make(method, apply="features")
+    model_f.load_state_dict(model_p.state_dict())
+    model_p.zero_grad()
+    decoupled, _, zeta = forward_backward(model_p, inputs, y)
+    mod_p.observe(**observe_inputs(method, decoupled, zeta, y))
+    k_p = mod_p.step()
+    logits, decoupled, features, zeta = model_f(inputs)
+    mod_f.observe(**observe_inputs(method, decoupled, zeta, y), features=features)
+    nn.functional.cross_entropy(logits, y).backward()
+    k_f = mod_f.step()
+    for n in k_p:
+        torch.testing.assert_close(k_p[n], k_f[n])
+    for (name, p), q in zip(model_p.named_parameters(), model_f.parameters()):
+        if p.grad is None:
+            assert q.grad is None
+            continue
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_ge_noise_statistics_match_the_unscaled_gradient_std():
+    p = nn.Parameter(torch.zeros(200_000))
+    q = nn.Parameter(torch.zeros(10))
+    mod = gradmod.OGMGE({"audio": [p], "visual": [q]}, alpha=1.0, backend="reference", seed=3)
+    g = torch.randn(200_000, generator=torch.Generator().manual_seed(0)) * 2.0 + 1.0
+    p.grad, q.grad = g.clone(), torch.ones(10)
+    logits = {"audio": torch.tensor([[5.0, 0.0]]), "visual": torch.tensor([[0.0, 0.0]])}
+    mod.observe(logits=logits, target=torch.tensor([0]))
+    k = mod.step()["audio"].item()
+    assert k < 1
+    noise = p.grad - k * g
+    n = noise.numel()
+    sigma = g.std().item() + 1e-8
+    # mean of n normals has std σ/√n; sample std has relative std ≈ 1/√(2n): allow 5 standard errors
+    assert abs(noise.mean().item()) < 5 * sigma / math.sqrt(n)
+    assert abs(noise.std().item() / sigma - 1) < 5 / math.sqrt(2 * n)
+
+
+def test_dgm_restore_noise_keeps_total_variance():
+    p = nn.Parameter(torch.zeros(200_000))
+    q = nn.Parameter(torch.zeros(10))
+    mod = gradmod.DGM({"visual": [p], "audio": [q]}, gamma=0.3, backend="reference", seed=5)
+    g = torch.randn(200_000, generator=torch.Generator().manual_seed(1)) * 0.5
+    p.grad, q.grad = g.clone(), torch.ones(10)
+    scores = {"visual": torch.tensor([[0.9, 0.1]]), "audio": torch.tensor([[0.5, 0.4]])}
+    mod.observe(scores=scores, target=torch.tensor([[1.0, 0.0]]))
+    mu = mod.step()["visual"].item()
+    assert 0 < mu < 1
+    n = g.numel()
+    sigma2 = g.var().item()
+    # var(μg + ε) over the elements = μ²σ² + (1−μ²)σ² = σ² (ε independent of g)
+    assert abs(p.grad.var().item() / sigma2 - 1) < 5 * math.sqrt(2 / n) * 2
+
+
+def test_resume_from_state_dict_reproduces_the_uninterrupted_run():
+    data = batches(8)
+
+    def run(split_at=None):
+        model, mod = make("OGMGE")
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        mod.attach(opt)
+        for i, (inputs, y) in enumerate(data):
+            if i == split_at:
+                saved = copy.deepcopy((model.state_dict(), opt.state_dict(), mod.state_dict()))
+                model, mod = make("OGMGE", seed=123)  # fresh objects, different init and seed
+                opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+                mod.attach(opt)
+                model.load_state_dict(saved[0]), opt.load_state_dict(saved[1]), mod.load_state_dict(saved[2])
+            opt.zero_grad()
+            logits, decoupled, _, _ = model(inputs)
+            mod.observe(logits=decoupled, target=y)
+            nn.functional.cross_entropy(logits, y).backward()
+            opt.step()
+        return model, mod
+
+    straight, mod_a = run()
+    resumed, mod_b = run(split_at=4)
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    assert mod_a.history == mod_b.history
+    assert len(mod_a.history) == 8
+
+
+def test_step_without_observe_is_not_modulated_and_warns_once():
+    model, mod = make("OGM")
+    (inputs, y), = batches(1)
+    forward_backward(model, inputs, y)
+    plain = grads_of(model)
+    with pytest.warns(RuntimeWarning, match="without observe"):
+        assert mod.step() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert mod.step() is None
+    for name, p in model.named_parameters():
+        assert torch.equal(p.grad, plain[name]) if name in plain else p.grad is None
+    assert mod.step_count == 2 and mod.history == []
+
+
+def test_gradient_accumulation_adds_evidence():
+    model, mod = make("OGM")
+    data = batches(2)
+    model.zero_grad(set_to_none=True)
+    total = {}
+    for inputs, y in data:
+        _, decoupled, _, _ = model(inputs)
+        mod.observe(logits=decoupled, target=y)
+        for n, z in decoupled.items():
+            total[n] = total.get(n, 0.0) + gradmod.functional.ogm_scores(z, y).item()
+        logits, _, _, _ = model(inputs)
+        nn.functional.cross_entropy(logits, y).backward()
+    mod.step()
+    for n in total:
+        assert mod.last["evidence"][n] == pytest.approx(total[n], rel=1e-5)
+
+
+def test_evidence_of_discarded_gradients_is_dropped():
+    model, mod = make("OGM")
+    first, second = batches(2)
+    for inputs, y in (first, second):
+        model.zero_grad(set_to_none=True)  # the gradients of `first` are gone: so is its evidence
+        _, decoupled, _, _ = model(inputs)
+        mod.observe(logits=decoupled, target=y)
+        forward_backward(model, inputs, y)
+    mod.step()
+    _, decoupled, _, _ = model(second[0])
+    expected = gradmod.functional.ogm_scores(decoupled["audio"], second[1]).item()
+    assert mod.last["evidence"]["audio"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_window_start_and_stop():
+    model, mod = make("OGM", start_step=2, stop_step=4)
+    applied = []
+    for inputs, y in batches(6):
+        model.zero_grad()
+        decoupled, _, _ = forward_backward(model, inputs, y)
+        mod.observe(logits=decoupled, target=y)
+        applied.append(mod.step() is not None)
+    assert applied == [False, False, True, True, False, False]
+    assert gradmod.epoch_window(0, 50, 10) == (0, 510)
+
+
+def test_conv_weights_filter_selects_only_4d_weights():
+    enc_a = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(8, 3))
+    enc_v = nn.Sequential(nn.Conv2d(3, 2, 3), nn.Flatten())
+    mod = gradmod.OGMGE({"audio": enc_a, "visual": enc_v}, alpha=0.5, param_filter=filters.conv_weights)
+    assert [p.shape for p in mod.params["audio"]] == [torch.Size([2, 1, 3, 3])]
+    assert [p.dim() for p in mod.params["visual"]] == [4]
+    mod = gradmod.OGM({"audio": nn.Linear(2, 2), "visual": nn.Linear(2, 2)}, alpha=0.5, param_filter=filters.weights)
+    assert all(p.dim() == 2 for ps in mod.params.values() for p in ps)
+
+
+# ---------------------------------------------------------------- bad input
+def test_bad_inputs_fail_loudly():
+    model, mod = make("OGM")
+    (inputs, y), = batches(1)
+    _, decoupled, _, _ = model(inputs)
+    with pytest.raises(ValueError, match=r"missing \['visual'\]"):
+        mod.observe(logits={"audio": decoupled["audio"]}, target=y)
+    with pytest.raises(ValueError, match=r"unknown \['text'\]"):
+        mod.observe(logits={**decoupled, "text": decoupled["audio"]}, target=y)
+    with pytest.raises(ValueError, match="batch, classes"):
+        mod.observe(logits={n: z[0] for n, z in decoupled.items()}, target=y)
+    with pytest.raises(ValueError, match="outside"):
+        mod.observe(logits=decoupled, target=y + 10)
+    bad = {**decoupled, "visual": decoupled["visual"].detach().clone().fill_(float("nan"))}
+    with pytest.raises(ValueError, match="'visual' contain NaN"):
+        mod.observe(logits=bad, target=y)
+    with pytest.raises(TypeError, match="unexpected inputs"):
+        mod.observe(zeta=torch.rand(3), logits=decoupled, target=y)
+    with pytest.raises(ValueError, match="alpha"):
+        gradmod.OGM({"audio": model.encoders["audio"], "visual": model.encoders["visual"]}, alpha=-1.0)
+
+
+def test_shared_parameter_and_too_few_modalities():
+    shared = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="belong to one modality"):
+        gradmod.OGM({"audio": shared, "visual": [shared.weight]}, alpha=0.5)
+    with pytest.raises(ValueError, match="two or more"):
+        gradmod.OGM({"audio": shared}, alpha=0.5)
+    with pytest.raises(ValueError, match="no parameter to modulate"):
+        gradmod.OGM({"audio": shared, "visual": nn.Linear(2, 2)}, alpha=0.5, param_filter=filters.conv_weights)
+
+
+def test_zero_evidence_is_an_error_with_validation_and_finite_without():
+    a, v = nn.Linear(2, 2), nn.Linear(2, 2)
+    mod = gradmod.DecouplingFree({"audio": a, "visual": v}, alpha=0.5)
+    with pytest.raises(ValueError, match="evidence of modality 'visual' is 0.0"):
+        mod.observe(zeta=torch.ones(4, 3))
+    mod = gradmod.DecouplingFree({"audio": a, "visual": v}, alpha=0.5, validate=False, noise=None)
+    for p in (*a.parameters(), *v.parameters()):
+        p.grad = torch.ones_like(p)
+    mod.observe(zeta=torch.ones(4, 3))
+    k = mod.step()
+    assert k["audio"].item() == 0.0 and k["visual"].item() == 1.0
+    assert all(torch.isfinite(p.grad).all() for p in (*a.parameters(), *v.parameters()))
+
+
+def test_dgm_negative_evidence_is_reported():
+    mod = gradmod.DGM({"audio": nn.Linear(2, 2), "visual": nn.Linear(2, 2)})
+    scores = {"audio": torch.tensor([[0.0, 1.0]]), "visual": torch.tensor([[0.9, 0.1]])}
+    with pytest.raises(ValueError, match="'audio' is -1.0"):
+        mod.observe(scores=scores, target=torch.tensor([[1.0, 0.0]]))
+
+
+def test_pdmp_static_needs_no_observe_and_saves_ranking():
+    a, v = nn.Linear(2, 2), nn.Linear(2, 2)
+    ranking = gradmod.rank_modalities({"audio": 0.6, "visual": 0.5})
+    mod = gradmod.PDMP({"audio": a, "visual": v}, ranking, gamma_p=0.5, gamma_r=1.0, static_metrics={"audio": 0.6, "visual": 0.5})
+    for p in (*a.parameters(), *v.parameters()):
+        p.grad = torch.ones_like(p)
+    k = mod.step()
+    assert k["audio"].item() == 1.0
+    assert k["visual"].item() == pytest.approx(1 - math.tanh(0.5 / 0.6))
+    state = mod.state_dict()
+    assert state["policy"] == {"ranking": ["audio", "visual"]}
+    with pytest.raises(ValueError, match="ranking"):
+        gradmod.PDMP({"audio": a, "visual": v}, ("audio", "text"), 0.1, 0.1)
+
+
+# ---------------------------------------------------------------- optimizers, AMP, schedulers, compile
+def _loop(model, mod, opt, data, scaler=None, scheduler=None, poison_step=None):
+    for i, (inputs, y) in enumerate(data):
+        opt.zero_grad(set_to_none=True)
+        logits, decoupled, _, _ = model(inputs)
+        mod.observe(logits=decoupled, target=y)
+        loss = nn.functional.cross_entropy(logits, y)
+        if i == poison_step:
+            loss = loss * float("inf")
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        if scheduler is not None:
+            scheduler.step()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_grad_scaler_skips_inf_steps_without_advancing(fused):
+    model, mod = make("OGMGE")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, fused=fused)
+    mod.attach(opt)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    _loop(model, mod, opt, batches(5), scaler=scaler, poison_step=2)
+    assert mod.step_count == 4
+    assert [r["step"] for r in mod.history] == [0, 1, 2, 3]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_grad_scaler_result_matches_unscaled_training_without_noise():
+    data = batches(3)
+    model_a, mod_a = make("OGM")
+    model_b, mod_b = make("OGM")
+    opt_a = torch.optim.SGD(model_a.parameters(), lr=0.1)
+    opt_b = torch.optim.SGD(model_b.parameters(), lr=0.1)
+    mod_a.attach(opt_a), mod_b.attach(opt_b)
+    _loop(model_a, mod_a, opt_a, data)
+    _loop(model_b, mod_b, opt_b, data, scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10))
+    for a, b in zip(model_a.parameters(), model_b.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_scheduler_and_optimizer_state_untouched_and_detach():
+    model, mod = make("OGMGE")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    handle = mod.attach(opt)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.1)
+    _loop(model, mod, opt, batches(4), scheduler=sched)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.001)
+    assert set(opt.state_dict()) == {"state", "param_groups"}
+    handle.remove()
+    _loop(model, mod, opt, batches(1))
+    assert mod.step_count == 4
+
+
+def test_unused_branch_has_no_grad_and_is_skipped():
+    model, mod = make("OGMGE")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mod.attach(opt)
+    (inputs, y), = batches(1)
+    opt.zero_grad(set_to_none=True)
+    logits, decoupled, features, _ = model(inputs)
+    mod.observe(logits=decoupled, target=y)
+    nn.functional.cross_entropy(model.head(torch.cat([features["audio"], features["audio"].detach()], 1)), y).backward()
+    opt.step()
+    assert all(p.grad is None for p in model.encoders["visual"].parameters())
+
+
+def test_torch_compiled_model_trains_with_modulation():
+    model, mod = make("OGMGE")
+    compiled = torch.compile(model, backend="aot_eager")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mod.attach(opt)
+    _loop(compiled, mod, opt, batches(3))
+    assert len(mod.history) == 3
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_ogm_ge_reduces_imbalance_compared_with_plain_training():
+    """On data where audio is far more informative, OGM damps audio's coefficient below 1."""
+    model, mod = make("OGMGE")
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    mod.attach(opt)
+    _loop(model, mod, opt, batches(20))
+    coeffs = [r["coefficients"] for r in mod.history]
+    assert sum(c["audio"] < 1.0 for c in coeffs) >= 15  # audio is the dominant modality on most batches
+    assert sum(c["audio"] for c in coeffs) / len(coeffs) < sum(c["visual"] for c in coeffs) / len(coeffs)
+
+
+def test_reset_and_state_dict_name_check():
+    model, mod = make("OGM")
+    _loop(model, mod, torch.optim.SGD(model.parameters(), lr=0.1), batches(1))
+    mod.reset()
+    assert mod.step_count == 0 and mod.history == []
+    other = gradmod.OGM({"a": nn.Linear(1, 1), "b": nn.Linear(1, 1)}, alpha=0.1)
+    with pytest.raises(ValueError, match="modalities"):
+        other.load_state_dict(mod.state_dict())

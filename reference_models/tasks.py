@@ -1,0 +1,168 @@
+"""Tasks: a dataset's train/test splits, its reference model and how it is evaluated.
+
+``build_task("avdigits" | "cremad" | "ave" | "llp", ...)`` is the one place the training CLI learns
+what a dataset looks like; everything dataset-specific (metrics, targets, masks) is answered here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from reference_models import metrics
+from reference_models.models.common import FUSION_KINDS, ModelOutput, MultimodalModel, mask_features
+
+__all__ = ["Task", "build_task", "DATASETS", "TASK_KINDS"]
+
+DATASETS = ("avdigits", "cremad", "ave", "llp")
+#: ``classification``: one label per item (AV-digits, CREMA-D); ``segments``: one label per 1-s segment
+#: (AVE); ``parsing``: weak multi-hot video labels, dense evaluation (LLP).
+TASK_KINDS = ("classification", "segments", "parsing")
+
+
+class IndexedDataset(Dataset):
+    """``(inputs, target, index)``: lets evaluation look up per-item extras (LLP's dense labels)."""
+
+    def __init__(self, base: Dataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[dict[str, Tensor], Any, int]:
+        inputs, target = self.base[index]
+        return inputs, target, index
+
+
+@dataclass
+class Task:
+    """A dataset's splits and reference model, with the metrics its papers report."""
+
+    name: str
+    kind: str
+    train_set: Dataset
+    test_set: Dataset
+    model: MultimodalModel
+    num_classes: int
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return self.model.modalities
+
+    @torch.no_grad()
+    def evaluate(self, loader: DataLoader, device: torch.device) -> dict[str, Any]:
+        """Fused and per-modality (other modalities zeroed) metrics on ``loader`` (built on :class:`IndexedDataset`)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return self._evaluate(loader, device)
+        finally:
+            self.model.train(was_training)
+
+    def _batches(self, loader: DataLoader, device: torch.device) -> Iterator[tuple[ModelOutput, dict[str, Tensor], Tensor, Tensor]]:
+        for inputs, target, index in loader:
+            inputs = {n: x.to(device) for n, x in inputs.items()}
+            features = self.model.encode(inputs)
+            output = self.model.head(features)
+            masked = self.model.masked_logits(features) if self.kind != "parsing" else {}
+            yield output, masked, target.to(device), index
+
+    def _evaluate(self, loader: DataLoader, device: torch.device) -> dict[str, Any]:
+        if self.kind == "parsing":
+            return self._evaluate_parsing(loader, device)
+        fused, targets = [], []
+        unimodal: dict[str, list[Tensor]] = {n: [] for n in self.modalities}
+        for output, masked, target, _ in self._batches(loader, device):
+            fused.append(output.logits.argmax(-1).cpu())
+            targets.append(target.cpu())
+            for n in self.modalities:
+                unimodal[n].append(masked[n].argmax(-1).cpu())
+        pred, target = torch.cat(fused), torch.cat(targets)
+        score = metrics.accuracy if self.kind == "classification" else metrics.ave_segment_accuracy
+        result: dict[str, Any] = {
+            "accuracy": score(pred, target),
+            "macro_f1": metrics.macro_f1(pred.reshape(-1), target.reshape(-1), self.num_classes),
+            "unimodal": {n: score(torch.cat(p), target) for n, p in unimodal.items()},
+        }
+        return result
+
+    def _evaluate_parsing(self, loader: DataLoader, device: torch.device) -> dict[str, Any]:
+        evaluator = metrics.AVVPEvaluator()
+        dataset = loader.dataset.base  # type: ignore[attr-defined]
+        for output, _, _, index in self._batches(loader, device):
+            video_probs = torch.sigmoid(output.logits).cpu()
+            snippet = {n: p.cpu() for n, p in output.snippet_probs.items()}  # [B, T, C]
+            for row, item in enumerate(index.tolist()):
+                dense = dataset.segment_labels(item)
+                pred_a, pred_v = metrics.binarize_avvp(snippet["audio"][row].T, snippet["visual"][row].T, video_probs[row])
+                evaluator.update(pred_a, pred_v, dense["audio"] > 0.5, dense["visual"] > 0.5)
+        scores = evaluator.compute()
+        return {
+            "accuracy": scores["segment_type_av"],
+            "avvp": scores,
+            "unimodal": {"audio": scores["segment_audio"], "visual": scores["segment_visual"]},
+        }
+
+    def unimodal_loss(self, inputs: Mapping[str, Tensor], target: Tensor, keep: str) -> Tensor:
+        """Training loss of modality ``keep`` alone (the others' features zeroed): PDMP's unimodal stage."""
+        features = mask_features(self.model.encode(inputs), keep=keep)
+        return self.model.loss(self.model.head(features), target)
+
+
+def build_task(
+    name: str,
+    *,
+    data_root: str | Path | None = None,
+    fusion: str = "concat",
+    seed: int = 0,
+    max_items: int | None = None,
+    avdigits_options: Mapping[str, Any] | None = None,
+) -> Task:
+    """Splits and a freshly initialised model (seeded by ``seed``) for dataset ``name``.
+
+    AV-digits is generated in memory (``avdigits_options`` go to :func:`make_avdigits`); the others read
+    the real on-disk formats under ``data_root`` (see each loader for its layout). ``max_items`` caps each
+    split (smoke runs).
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {DATASETS}")
+    if fusion not in FUSION_KINDS:
+        raise ValueError(f"unknown fusion {fusion!r}; expected one of {FUSION_KINDS}")
+    if name != "avdigits" and data_root is None:
+        raise ValueError(f"dataset {name!r} is read from disk: pass --data-root (the folder holding its files)")
+    torch.manual_seed(seed)
+    if name == "avdigits":
+        from reference_models.data.avdigits import make_avdigits
+        from reference_models.models.avdigits import AVDigitsModel
+
+        options = dict(avdigits_options or {})
+        train, test = make_avdigits(seed=seed, **options)
+        if max_items is not None:
+            train, test = (torch.utils.data.Subset(s, range(min(max_items, len(s)))) for s in (train, test))
+        return Task(name, "classification", train, test, AVDigitsModel(fusion), 10, {"generator": options})
+    if name == "cremad":
+        from reference_models.data.cremad import CremaD
+        from reference_models.models.cremad import CremaDModel
+
+        train, test = (CremaD(data_root, split, max_items=max_items) for split in ("train", "test"))
+        return Task(name, "classification", train, test, CremaDModel(fusion), CremaD.num_classes)
+    if name == "ave":
+        from reference_models.data.ave import AVE
+        from reference_models.models.ave import NUM_AVE_CLASSES, AVEModel
+
+        train, test = (AVE(data_root, split, max_items=max_items) for split in ("train", "test"))
+        return Task(name, "segments", train, test, AVEModel(fusion), NUM_AVE_CLASSES)
+    from reference_models.data.llp import LLP
+    from reference_models.models.llp import LLPModel
+
+    if fusion != "concat":
+        raise ValueError("the LLP model has its own fusion (HAN attention + MSDU): leave --fusion at its default")
+    train, test = (LLP(data_root, split, max_items=max_items) for split in ("train", "test"))
+    return Task(name, "parsing", train, test, LLPModel(), LLP.num_classes)

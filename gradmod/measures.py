@@ -16,6 +16,9 @@ from torch import Tensor
 
 from gradmod import functional as F
 
+#: How far scores may stray outside [0, 1] through floating-point rounding before they count as bad input.
+_SCORE_TOLERANCE = 1e-5
+
 __all__ = ["Measure", "SoftmaxScore", "DGMScore", "ZetaGate", "StaticMetrics"]
 
 
@@ -108,10 +111,11 @@ class DGMScore(Measure):
             if logits is not None:
                 problems[f"logits of modality {name!r} contain NaN or inf"] = ~torch.isfinite(x).all()
                 x = torch.softmax(x.float(), 1) if target.dim() == 1 else torch.sigmoid(x.float())
-            else:
+            else:  # pooled probabilities may overshoot [0, 1] by rounding: tolerate that, then clamp
                 problems[f"scores of modality {name!r} lie outside [0, 1] or are not finite"] = ~(
-                    (x >= 0) & (x <= 1)
+                    (x >= -_SCORE_TOLERANCE) & (x <= 1 + _SCORE_TOLERANCE)
                 ).all()
+                x = x.clamp(0.0, 1.0)
             evidence[name] = F.dgm_evidence(x, target_used)
         return evidence, problems
 

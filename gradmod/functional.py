@@ -97,7 +97,9 @@ def decouple_linear(weight: Tensor, bias: Tensor | None, features: Mapping[str, 
     for name, feature in features.items():
         block = weight[:, start : start + widths[name]]
         start += widths[name]
-        logits[name] = feature @ block.T if share is None else feature @ block.T + share
+        dtype = torch.promote_types(feature.dtype, weight.dtype)  # e.g. fp16 features outside autocast
+        product = feature.to(dtype) @ block.to(dtype).T
+        logits[name] = product if share is None else product + share.to(dtype)
     return logits
 
 

@@ -233,6 +233,19 @@ class Fusion(nn.Module, ABC):
         self.in_features: dict[str, int] = dict(in_features)
         self.num_classes = num_classes
 
+    @property
+    def gates(self) -> dict[str, Tensor] | None:
+        """The last fusion gate of each modality by name (``{m₀: ζ, m₁: 1 − ζ}`` for two), ``None`` if ungated.
+
+        Pass this to ``observe(zeta=head.gates)``: named gates cannot credit the wrong modality, whatever
+        order the head keeps its modalities in (FiLM puts the modulated one first).
+        """
+        zeta = getattr(self, "zeta", None)
+        if zeta is None or isinstance(zeta, dict):
+            return zeta
+        first, second = self.modalities
+        return {first: zeta, second: 1.0 - zeta}
+
     def ordered(self, features: Mapping[str, Tensor]) -> list[Tensor]:
         """Check ``features`` and return its tensors in :attr:`modalities` order."""
         if not isinstance(features, Mapping):

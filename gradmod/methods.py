@@ -44,7 +44,7 @@ def OGMGE(modalities: Mapping[str, Modality], alpha: float, noise: str | None = 
 def DGM(
     modalities: Mapping[str, Modality], gamma: float = 0.1, noise: str | None = "restore", **options: Any
 ) -> Modulator:
-    """Discrepancy-aware gradient modulation (paper 003).
+    """Dynamic gradient modulation, DGM (paper 003).
 
     Evidence ``e_u = Σ_n Σ_c s^u_n[c]·Y_n[c] + Σ_n Δs̄^u_n`` (eq. 6), ``μ_u = 1 − tanh(γ·ω_u)`` for
     ``ω_u = e_u / mean_{v≠u} e_v > 1`` (eq. 7), update ``μ·g + ε`` (eq. 9). ``noise="restore"`` (default)

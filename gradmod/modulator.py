@@ -70,18 +70,21 @@ class Modulator:
         noise: ``None``, ``"ge"``, ``"restore"`` or ``"paper"``; ``apply="params"`` only.
         apply: ``"params"`` or ``"features"``.
         param_filter: ``(name, parameter) -> bool``; default: every parameter that requires grad.
-        start_step, stop_step: modulate optimizer steps ``start_step <= step < stop_step`` (``None``: no end).
+        start_step: first modulated optimizer step.
+        stop_step: modulation stops before this step (``None``: never); see :func:`epoch_window`.
         backend: kernel for ``apply="params"``: ``"auto"``, ``"reference"``, ``"foreach"``, ``"triton"``.
-        seed: seed of the noise generators; ``None`` draws one from torch's global RNG (rank 0's under
-            ``torch.distributed``, broadcast so every replica draws the same noise).
+        seed: seed of the counter-based noise (a step's noise depends only on seed, step and modality); ``None``
+            draws one from torch's global RNG (rank 0's under ``torch.distributed``, broadcast so every replica
+            draws the same noise).
         history_size: how many steps :attr:`history` keeps.
         validate: check inputs and evidence in :meth:`observe` (one host sync per call); ``False`` never syncs,
-            and degenerate evidence then yields coefficient 1 instead of an error.
+            and degenerate evidence (zero, negative) then gives coefficients that are still finite and in the
+            policy's range (e.g. OGM: evidence 0 for one modality damps the other to k = 0) instead of an error.
     """
 
     def __init__(
         self,
-        modalities: Mapping[str, Modality],
+        modalities: Mapping[str, Modality] | nn.ModuleDict,
         *,
         measure: Measure,
         policy: Policy,
@@ -95,7 +98,7 @@ class Modulator:
         history_size: int = 10_000,
         validate: bool = True,
     ) -> None:
-        if not isinstance(modalities, Mapping) or len(modalities) < 2:
+        if not isinstance(modalities, (Mapping, nn.ModuleDict)) or len(modalities) < 2:
             raise ValueError("modalities must be a mapping of two or more names to modules or parameter lists")
         if apply not in APPLY_MODES:
             raise ValueError(f"apply must be one of {APPLY_MODES}, got {apply!r}")
@@ -163,11 +166,18 @@ class Modulator:
                 seed = shared[0]
         return int(seed)
 
-    def _generator(self, device: torch.device) -> torch.Generator:
+    def _generator(self, device: torch.device, step: int, modality: int) -> torch.Generator:
+        """The device's generator, re-seeded from ``(seed, step, modality)``: counter-based noise.
+
+        The noise of a step is a pure function of the seed and the step counter, so a resumed run, a
+        replica on another rank or another GPU, and an uninterrupted run all draw the same noise, and
+        there is no generator state to save.
+        """
         key = str(device)
         if key not in self._generators:
-            self._generators[key] = torch.Generator(device=device).manual_seed(self.seed)
-        return self._generators[key]
+            self._generators[key] = torch.Generator(device=device)
+        stream = (self.seed * 1_000_003 + step * len(self.names) + modality) % (2**63 - 1)
+        return self._generators[key].manual_seed(stream)
 
     # ------------------------------------------------------------------ observe
     @property
@@ -296,7 +306,7 @@ class Modulator:
             pending = torch.stack([pending[n] for n in self.names])
         if self.apply == "params":
             coefficients = self._coefficients_from(pending)
-            self._apply_to_params(coefficients)
+            self._apply_to_params(coefficients, step)
         elif coefficients is None:  # features mode, observed while outside the window
             return None
         evidence = self._reduced_evidence
@@ -305,8 +315,8 @@ class Modulator:
         self._history.append((step, evidence.detach(), ratios.detach(), stacked.detach()))
         return coefficients
 
-    def _apply_to_params(self, coefficients: Mapping[str, Tensor]) -> None:
-        for name in self.names:
+    def _apply_to_params(self, coefficients: Mapping[str, Tensor], step: int) -> None:
+        for index, name in enumerate(self.names):
             grads = [p.grad for p in self.params[name] if p.grad is not None]
             if not grads:
                 continue
@@ -319,7 +329,7 @@ class Modulator:
             scale = F.noise_scale(self.noise, k)
             for device, group in by_device.items():
                 kernel = get_kernel(self.backend, device)
-                generator = self._generator(device) if scale is not None else None
+                generator = self._generator(device, step, index) if scale is not None else None
                 kernel(group, k.to(device), None if scale is None else scale.to(device), generator)
 
     # ------------------------------------------------------------------ history and state
@@ -343,22 +353,21 @@ class Modulator:
         return {"step": step, "evidence": named(evidence), "ratios": named(ratios), "coefficients": named(coefficients)}
 
     def reset(self) -> None:
-        """Forget pending evidence, history and the step counter; reseed the noise generators."""
+        """Forget pending evidence, history and the step counter (the noise restarts with the counter)."""
         self._step = 0
         self._pending = None
         self._coefficients = None
-        self._generators.clear()
         self._history.clear()
         self._warned_no_observe = False
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything that changes results: step counter, pending evidence, RNG states, history, policy state."""
+        """Everything that changes results: step counter, seed (noise is counter-based), pending evidence, history,
+        policy state (PDMP's ranking)."""
         state: dict[str, Any] = {
             "names": list(self.names),
             "step": self._step,
             "seed": self.seed,
             "pending": None if self._pending is None else self._pending.detach().cpu(),
-            "generators": {key: g.get_state() for key, g in self._generators.items()},
             "history": [(s, e.cpu(), r.cpu(), c.cpu()) for s, e, r, c in self._history],
             "warned_no_observe": self._warned_no_observe,
         }
@@ -374,9 +383,6 @@ class Modulator:
         self.seed = int(state["seed"])
         self._pending = None if state["pending"] is None else state["pending"].clone()
         self._coefficients = None
-        self._generators = {}
-        for key, rng_state in state["generators"].items():
-            self._generator(torch.device(key)).set_state(rng_state)
         self._history.clear()
         self._history.extend((int(s), e.clone(), r.clone(), c.clone()) for s, e, r, c in state["history"])
         self._warned_no_observe = bool(state["warned_no_observe"])

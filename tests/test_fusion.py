@@ -363,3 +363,18 @@ def test_simam2_rejects_mismatched_inputs() -> None:
         module([x, x], [x, x[:, :3]])
     with pytest.raises(ValueError, match=r"\[batch, 4\]"):
         module([torch.randn(2, 5), torch.randn(2, 5)], [x, x])
+
+
+def test_gates_name_each_modality_whatever_the_head_order():
+    from gradmod import functional as F_
+
+    head = FiLMFusion(4, 3, modalities=("audio", "visual"), condition="audio", zeta=True)
+    assert head.modalities == ("visual", "audio")
+    assert head.gates is None
+    head({"audio": torch.randn(5, 4), "visual": torch.randn(5, 4)})
+    gates = head.gates
+    assert set(gates) == {"audio", "visual"}
+    torch.testing.assert_close(gates["visual"], head.zeta)
+    torch.testing.assert_close(gates["audio"] + gates["visual"], torch.ones(5, 4))
+    evidence = F_.zeta_evidence(gates, ("audio", "visual"))
+    assert evidence["visual"].item() == pytest.approx(head.zeta.sum().item(), rel=1e-5)

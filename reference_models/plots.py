@@ -14,26 +14,30 @@ import matplotlib.pyplot as plt  # noqa: E402
 __all__ = ["plot_run", "plot_comparison", "bar_chart"]
 
 
-def _accuracy_axes(ax, results: Mapping[str, Any], label: str = "", style: str = "-") -> None:
+def _accuracy_axes(ax, results: Mapping[str, Any]) -> None:
     epochs = [r["epoch"] + 1 for r in results["history"]]
-    ax.plot(epochs, [r["test"]["accuracy"] for r in results["history"]], style, color="black", label=f"{label}fused")
+    ax.plot(epochs, [r["test"]["accuracy"] for r in results["history"]], color="black", label="fused")
     for index, name in enumerate(results["history"][0]["test"]["unimodal"]):
         values = [r["test"]["unimodal"][name] for r in results["history"]]
-        ax.plot(epochs, values, style, color=f"C{index}", label=f"{label}{name} alone")
+        ax.plot(epochs, values, color=f"C{index}", label=f"{name} alone")
     ax.set_xlabel("epoch")
     ax.set_ylabel("test accuracy")
 
 
-def _coefficient_axes(ax, results: Mapping[str, Any], label: str = "") -> bool:
+def _coefficient_axes(ax, results: Mapping[str, Any], name: str) -> None:
+    """The coefficients per step, or a note that ``name`` modulates no gradients."""
     records = results["coefficients_per_step"]
     if not records:
-        return False
+        ax.set_axis_off()
+        ax.text(0.5, 0.5, f"{name}: no gradient modulation", ha="center", va="center")
+        return
     steps = [r["step"] for r in records]
-    for index, name in enumerate(records[0]["coefficients"]):
-        ax.plot(steps, [r["coefficients"][name] for r in records], color=f"C{index}", lw=0.8, label=f"{label}k {name}")
+    for index, modality in enumerate(records[0]["coefficients"]):
+        ax.plot(steps, [r["coefficients"][modality] for r in records], color=f"C{index}", lw=0.8, label=f"k {modality}")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("coefficient")
-    return True
+    ax.set_title(f"{name}: modulation coefficients")
+    ax.legend(fontsize=8)
 
 
 def plot_run(results: Mapping[str, Any], path: str | Path) -> None:
@@ -43,12 +47,7 @@ def plot_run(results: Mapping[str, Any], path: str | Path) -> None:
     left.legend(fontsize=8)
     config = results["config"]
     left.set_title(f"{config['dataset']} · {config['method']} · {config['fusion']}")
-    if _coefficient_axes(right, results):
-        right.legend(fontsize=8)
-        right.set_title("modulation coefficients")
-    else:
-        right.set_axis_off()
-        right.text(0.5, 0.5, f"{config['method']}: no gradient modulation", ha="center", va="center")
+    _coefficient_axes(right, results, config["method"])
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -61,12 +60,7 @@ def plot_comparison(runs: Mapping[str, Mapping[str, Any]], path: str | Path) -> 
         _accuracy_axes(left, results)
         left.set_title(name)
         left.legend(fontsize=8)
-        if _coefficient_axes(right, results):
-            right.legend(fontsize=8)
-            right.set_title(f"{name}: coefficients")
-        else:
-            right.set_axis_off()
-            right.text(0.5, 0.5, f"{name}: no gradient modulation", ha="center", va="center")
+        _coefficient_axes(right, results, name)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -1,0 +1,138 @@
+"""End-to-end smoke tests of the training CLI: every dataset × several methods for an epoch on tiny data."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from reference_models import train as train_module
+from reference_models.train import METHODS, TrainConfig, main, train
+from tests.reference_models.fixtures import write_ave, write_cremad, write_llp
+
+TINY_DIGITS = {"num_train": 96, "num_test": 48}
+
+
+def tiny(**overrides):
+    options = {"dataset": "avdigits", "epochs": 1, "batch_size": 32, "avdigits": TINY_DIGITS, "progress": False}
+    return TrainConfig(**{**options, **overrides})
+
+
+def check_results(results, modalities=("audio", "visual")):
+    final = results["final"]
+    assert 0.0 <= final["accuracy"] <= 1.0
+    assert set(final["unimodal"]) == set(modalities)
+    assert all(0.0 <= v <= 1.0 for v in final["unimodal"].values())
+    assert math.isfinite(results["history"][-1]["train_loss"])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_trains_on_avdigits(method):
+    fusion = "gated" if method == "decoupling_free" else "concat"
+    # PDMP ranks by held-out unimodal accuracy: enough data that the two modalities do not tie
+    digits = {"num_train": 600, "num_test": 48} if method == "pdmp" else TINY_DIGITS
+    results = train(tiny(method=method, fusion=fusion, pdmp_budget=1, avdigits=digits))
+    check_results(results)
+    modulated = method not in ("baseline", "mm", "bmm")
+    assert bool(results["coefficients_per_step"]) == modulated
+    if method == "pdmp":
+        assert sorted(results["pdmp"]["ranking"]) == ["audio", "visual"]
+    if method == "bmm":
+        assert "kappa" in results["history"][0]["bmm"]
+
+
+@pytest.mark.parametrize("fusion", ["sum", "film_zeta", "gated_simam"])
+def test_fusion_heads_with_their_methods(fusion):
+    method = "ogm_ge" if fusion == "sum" else "decoupling_free"
+    check_results(train(tiny(method=method, fusion=fusion)))
+
+
+def test_features_mode_and_backends():
+    check_results(train(tiny(method="ogm", apply="features")))
+    check_results(train(tiny(method="ogm_ge", backend="reference", param_filter="conv")))
+
+
+def test_a_head_without_decoupled_logits_gets_a_clear_error():
+    with pytest.raises(ValueError, match="decoupling_free"):
+        train(tiny(method="ogm_ge", fusion="film"))
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight = train(tiny(method="ogm_ge", epochs=2, out=str(tmp_path / "a")))
+    train(tiny(method="ogm_ge", epochs=1, out=str(tmp_path / "b")))
+    resumed = train(tiny(method="ogm_ge", epochs=2, out=str(tmp_path / "b"), resume=True))
+    assert resumed["final"] == straight["final"]
+    assert resumed["coefficients_per_step"] == straight["coefficients_per_step"]
+    for name in ("results.json", "curves.png", "checkpoint.pt"):
+        assert (tmp_path / "b" / name).is_file()
+    assert json.loads((tmp_path / "b" / "results.json").read_text())["final"] == straight["final"]
+
+
+def test_cremad_trains_from_its_real_layout(tmp_path):
+    rows = [(f"10{i:02d}_IEO_{label}_XX", label) for i, label in enumerate(["NEU", "HAP", "SAD", "ANG"])]
+    write_cremad(tmp_path, {"train": rows, "test": rows[:2]})
+    for method in ("baseline", "ogm_ge"):
+        results = train(TrainConfig(dataset="cremad", data_root=str(tmp_path), method=method, epochs=1, batch_size=2, progress=False))
+        check_results(results)
+        assert "macro_f1" in results["final"]
+
+
+def test_ave_trains_from_its_real_layout(tmp_path):
+    labels = np.random.default_rng(0).integers(0, 29, size=(6, 10))
+    write_ave(tmp_path, labels, {"train": [0, 1, 2, 3], "val": [4], "test": [4, 5]})
+    for method in ("dgm", "ogm_ge"):
+        check_results(train(TrainConfig(dataset="ave", data_root=str(tmp_path), method=method, epochs=1, batch_size=2, progress=False)))
+
+
+def test_llp_trains_with_dgm_on_the_msdu_scores(tmp_path):
+    videos = [(f"vid{i:08d}_{10 * i}_{10 * i + 10}", ["Speech", "Dog"] if i % 2 else ["Cat"]) for i in range(4)]
+    eval_rows = [(videos[2][0], 0, 4, "Cat"), (videos[3][0], 2, 10, "Speech")]
+    write_llp(tmp_path, {"train": videos[:3], "test": videos[2:]}, eval_audio=eval_rows, eval_visual=eval_rows[:1])
+    results = train(TrainConfig(dataset="llp", data_root=str(tmp_path), method="dgm", epochs=1, batch_size=2, progress=False))
+    assert set(results["final"]["avvp"]) >= {"segment_type_av", "event_event_av"}
+    assert results["coefficients_per_step"]
+    with pytest.raises(ValueError, match="decoupled"):
+        train(TrainConfig(dataset="llp", data_root=str(tmp_path), method="ogm", epochs=1, batch_size=2, progress=False))
+
+
+def test_cli_reports_a_wrong_data_root(tmp_path, capsys):
+    assert main(["--dataset", "ave", "--data-root", str(tmp_path), "--no-progress"]) == 2
+    assert "audio_feature.h5" in capsys.readouterr().err
+    assert main(["--dataset", "cremad", "--no-progress"]) == 2
+    assert "--data-root" in capsys.readouterr().err
+
+
+def test_cli_parses_every_option():
+    config = train_module.parse_args(
+        ["--method", "pdmp", "--pdmp-metrics", "audio=0.6,visual=0.4", "--noise", "none", "--epochs", "3"]
+    )
+    assert config.pdmp_metrics == {"audio": 0.6, "visual": 0.4} and config.noise is None and config.epochs == 3
+    assert config.resolved().lr == train_module.DATASET_DEFAULTS["avdigits"]["lr"]
+    with pytest.raises(ValueError, match="--resume needs --out"):
+        TrainConfig(resume=True).resolved()
+
+
+def test_pdmp_with_given_metrics_and_dgm_single_label():
+    results = train(tiny(method="pdmp", pdmp_metrics={"audio": 0.9, "visual": 0.3}))
+    assert results["pdmp"]["ranking"] == ["audio", "visual"]
+    k = results["coefficients_per_step"][0]["coefficients"]
+    assert k["audio"] >= 1.0 >= k["visual"]
+    assert torch.isfinite(torch.tensor(results["final"]["accuracy"]))
+    check_results(train(tiny(method="dgm")))
+
+
+def test_demo_prints_the_comparison(tmp_path, monkeypatch, capsys):
+    from reference_models import demo
+
+    original = TrainConfig.resolved
+
+    def small(self):
+        return original(TrainConfig(**{**self.__dict__, "avdigits": TINY_DIGITS, "progress": False}))
+
+    monkeypatch.setattr(TrainConfig, "resolved", small)
+    assert demo.main(["--epochs", "1", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "baseline" in printed and "OGM-GE" in printed and "visual alone" in printed
+    assert (tmp_path / "comparison.png").is_file() and Path(tmp_path / "comparison.json").is_file()

@@ -1,13 +1,13 @@
 """The papers' math as pure tensor functions: evidence, ratios, coefficients, noise scales.
 
 Every function is stateless and differentiable-free (inputs are detached where it matters); the
-:class:`gradmod.Modulator` composes them. Paper files are those in ``shared/papers``:
+`gradmod.Modulator` composes them. Paper files are those in ``shared/papers``:
 
 * OGM-GE — Peng et al., CVPR 2022 (summarised in ``papers/README.md``).
 * ``000`` PDMP, ``001`` MM / B-MM, ``002`` SimAM² + decoupling-free ratio, ``003`` DGM + MSDU.
 
 M > 2 modalities: every "ratio of this modality to the other" becomes the ratio of this modality's
-evidence to the mean evidence of the others, :func:`discrepancy_ratios`; for M = 2 it is exactly the
+evidence to the mean evidence of the others, `discrepancy_ratios`; for M = 2 it is exactly the
 paper's two-modality ratio.
 """
 
@@ -104,9 +104,13 @@ def decouple_linear(weight: Tensor, bias: Tensor | None, features: Mapping[str, 
 
 
 def _stack(evidence: Mapping[str, Tensor]) -> Tensor:
-    """Evidence as one ``[M]`` tensor in float32 or wider (float64 evidence keeps its precision)."""
+    """Evidence as one ``[M]`` float64 tensor (float32 on MPS, which has no float64).
+
+    Sums of a few float32 values are exact in float64, so equal evidence gives ratios of exactly 1 — the
+    policies jump at ``ρ = 1``, where a rounding error of one ulp would otherwise damp a balanced modality.
+    """
     values = [torch.as_tensor(e).detach().reshape(()) for e in evidence.values()]
-    dtype = torch.promote_types(torch.float32, torch.result_type(torch.stack(values), 1.0))
+    dtype = torch.float32 if values[0].device.type == "mps" else torch.float64
     return torch.stack([v.to(dtype) for v in values])
 
 
@@ -151,7 +155,7 @@ def _damp_stronger(evidence: Mapping[str, Tensor], strength: float, name: str) -
 def ogm_coefficients(evidence: Mapping[str, Tensor], alpha: float) -> dict[str, Tensor]:
     """OGM coefficients: ``k_u = 1 − tanh(α·ρ_u)`` if ``ρ_u > 1`` else ``1`` (Peng et al. 2022).
 
-    ``ρ_u`` from :func:`discrepancy_ratios`. At most one modality of two is damped; with M > 2 every
+    ``ρ_u`` from `discrepancy_ratios`. At most one modality of two is damped; with M > 2 every
     modality stronger than the mean of the others is damped.
     """
     return _damp_stronger(evidence, alpha, "alpha")
@@ -229,8 +233,8 @@ def dgm_evidence(scores: Tensor, target: Tensor) -> Tensor:
 def dgm_coefficients(evidence: Mapping[str, Tensor], gamma: float = 0.1) -> dict[str, Tensor]:
     """DGM balance coefficients (paper 003, eq. (7)): ``μ_u = 1 − tanh(γ·ω_u)`` if ``ω_u > 1`` else ``1``.
 
-    ``ω_u`` is the eq. (6) ratio of DGM evidences (:func:`dgm_evidence`), generalised to M modalities by
-    :func:`discrepancy_ratios`. Published default ``γ = 0.1``.
+    ``ω_u`` is the eq. (6) ratio of DGM evidences (`dgm_evidence`), generalised to M modalities by
+    `discrepancy_ratios`. Published default ``γ = 0.1``.
     """
     return _damp_stronger(evidence, gamma, "gamma")
 
@@ -240,7 +244,7 @@ def zeta_evidence(zeta: Tensor | Mapping[str, Tensor], names: Sequence[str]) -> 
 
     ``zeta`` is a tensor (two modalities: the weight of ``names[0]`` in ``U = ζX₁ + (1−ζ)X₂``, eq. (4)),
     or a mapping name → gate for M ≥ 2 gates that sum to one elementwise (``e_u = Σ_i ζ_{u,i}``).
-    The ratio of these evidences (:func:`discrepancy_ratios`) is exactly eq. (11),
+    The ratio of these evidences (`discrepancy_ratios`) is exactly eq. (11),
     ``ρ_1 = Σζ / Σ(1−ζ)``, ``ρ_2 = 1/ρ_1``.
     """
     if isinstance(zeta, Tensor):
@@ -338,7 +342,7 @@ def imbalance_factor(unimodal_accuracy: Mapping[str, float]) -> dict[str, float]
 def bmm_strength(kappa: float, degree: float) -> float:
     """B-MM mixing strength of the weaker modality (paper 001, eq. (7)): ``λ = tanh(β · (κ − 1))``.
 
-    ``κ ≥ 1`` is the strong modality's imbalance factor (:func:`imbalance_factor`), ``β = degree ≥ 0``.
+    ``κ ≥ 1`` is the strong modality's imbalance factor (`imbalance_factor`), ``β = degree ≥ 0``.
     Monotone non-decreasing in ``κ``, in ``[0, 1)``, and 0 when balanced (``κ ≤ 1``).
     """
     _check_strength(degree, "degree")

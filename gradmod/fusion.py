@@ -1,7 +1,7 @@
 """Late-fusion heads that the modulation methods need, and the SimAM² energy attention (paper 002).
 
 Every head maps named per-modality feature vectors ``features[u]: [B, D_u]`` to class logits ``[B, C]``
-and shares one interface, :class:`Fusion`:
+and shares one interface, `Fusion`:
 
 * ``modalities`` — the modality names, in order; ``forward(features)`` — the logits;
 * ``decouplable`` — whether per-modality logits exist; ``unimodal_logits(features)`` returns them
@@ -9,7 +9,7 @@ and shares one interface, :class:`Fusion`:
 * gated heads record their last gate in ``zeta`` (attached to the graph, ``None`` before the first
   forward): for two modalities the ``[B, D]`` tensor ζ that weights ``modalities[0]`` in
   ``U = ζ·X₁ + (1 − ζ)·X₂`` (paper 002 eq. (4)); for ``M > 2`` a dict name → gate whose gates sum to
-  one elementwise. :func:`gradmod.functional.zeta_evidence` turns it into the eq. (11) evidence.
+  one elementwise. `gradmod.functional.zeta_evidence` turns it into the eq. (11) evidence.
 
 Paper files are those in ``shared/papers`` (``002`` = SimAM² and decoupling-free modulation).
 """
@@ -119,7 +119,7 @@ class SimAM2(nn.Module):
       ``[B, D]`` feature vector, or the spatial positions of one channel of a ``[B, C, *spatial]`` map
       (as in SimAM). So the attention is batch-independent: evaluation with batch 1 is well defined.
     * **Inverse energy.** Eqs. (5)–(8) are applied to the importances ``ι = 1/e*`` of
-      :func:`simam_inverse_energy`, not to ``e*``: SimAM's code feeds ``sigmoid(1/e*)``, and low energy
+      `simam_inverse_energy`, not to ``e*``: SimAM's code feeds ``sigmoid(1/e*)``, and low energy
       marks the distinctive neurons that §2 says deserve priority; ``sigmoid(e*)`` would favour the least
       distinctive ones.
     * **Gates.** ``ζ_u`` is ``[B, C]``: one weight per feature of a vector, per channel of a map (eq. (4):
@@ -131,7 +131,7 @@ class SimAM2(nn.Module):
       ``state_dict``), updated before ``r`` is computed and only in training mode; evaluation uses the
       stored record. ``r`` is a measured statistic: no gradient flows through it.
     * **Degenerate cases.** ``λ > 0`` is required, so ``r`` is defined when the gates do not vary; a
-      constant channel has importance ``½``; ``ζ ∈ {0, 1}`` needs no division (:func:`simam2_energy`).
+      constant channel has importance ``½``; ``ζ ∈ {0, 1}`` needs no division (`simam2_energy`).
       The output is finite for any finite input.
 
     Args:
@@ -209,11 +209,11 @@ class Fusion(nn.Module, ABC):
     """Base of the fusion heads: named ``[B, D_u]`` features → ``[B, C]`` logits.
 
     Subclasses set ``decouplable`` and implement ``forward``; decouplable heads override
-    :meth:`unimodal_logits`. Inputs are checked: a missing or unknown modality, a tensor that is not
+    `unimodal_logits`. Inputs are checked: a missing or unknown modality, a tensor that is not
     ``[B, D_u]``, a width other than the head's or unequal batch sizes raise ``ValueError``.
     """
 
-    #: Whether per-modality logits are defined (:meth:`unimodal_logits`).
+    #: Whether per-modality logits are defined (`unimodal_logits`).
     decouplable: ClassVar[bool] = False
 
     def __init__(self, in_features: Mapping[str, int], num_classes: int) -> None:
@@ -247,7 +247,7 @@ class Fusion(nn.Module, ABC):
         return {first: zeta, second: 1.0 - zeta}
 
     def ordered(self, features: Mapping[str, Tensor]) -> list[Tensor]:
-        """Check ``features`` and return its tensors in :attr:`modalities` order."""
+        """Check ``features`` and return its tensors in `modalities` order."""
         if not isinstance(features, Mapping):
             raise ValueError(f"features must be a mapping modality name -> [batch, width] tensor, got {type(features).__name__}")
         missing = [name for name in self.modalities if name not in features]
@@ -288,7 +288,7 @@ class ConcatFusion(Fusion):
     """One linear layer on the concatenated features: ``logits = [f_1, …, f_M]·Wᵀ + b``.
 
     Decoupled logits (OGM-GE official ``train_epoch``): ``f_u·W[:, block_u]ᵀ + b/M`` with column blocks in
-    :attr:`modalities` order, so they sum to the forward logits.
+    `modalities` order, so they sum to the forward logits.
     """
 
     decouplable = True
@@ -377,7 +377,7 @@ class GatedSumFusion(Fusion):
     concatenated features; for two modalities this is eq. (4), ``U = ζ·X₁ + (1 − ζ)·X₂`` with
     ``ζ = sigmoid(l₁ − l₂)``, and for ``M > 2`` its generalisation (gates sum to one elementwise). With ``learn_gate=False`` the gates are
     fixed at ``1/M`` ("direct summation ... letting ζ = 0.5", paper 002 §2.2). With ``simam=True``,
-    :class:`SimAM2` replaces ``U`` by ``sigmoid(E*) ⊙ U``. Logits ``= Linear(dim, num_classes)(U)``.
+    `SimAM2` replaces ``U`` by ``sigmoid(E*) ⊙ U``. Logits ``= Linear(dim, num_classes)(U)``.
 
     ``zeta`` holds the last gate (see the module docstring); with a fixed gate it is the constant ``1/M``.
     """
@@ -414,15 +414,15 @@ class FiLMFusion(Fusion):
 
     * ``zeta=False``: ``γ ⊙ F + β`` (eq. (9));
     * ``zeta=True``: ``ζ·(γ ⊙ F) + (1 − ζ)·β`` (eq. (10)) with ``ζ`` a learnable per-channel gate on
-      ``[γ ⊙ F, β]`` (as in :class:`GatedSumFusion`). The two terms are treated as two modalities: the
+      ``[γ ⊙ F, β]`` (as in `GatedSumFusion`). The two terms are treated as two modalities: the
       first term carries the modulated modality, ``β`` only the condition, so **ζ weights the modulated
       modality** and ``1 − ζ`` the condition modality;
-    * ``simam=True``: :class:`SimAM2` on the two terms; without a learnable ζ they get the fixed weight
+    * ``simam=True``: `SimAM2` on the two terms; without a learnable ζ they get the fixed weight
       ``½`` (the §2.2 reading for fixed-weight fusion), i.e. ``U = ½(γ ⊙ F + β)`` before the attention,
       the factor ``½`` being absorbed by the classifier.
 
-    :attr:`modalities` is stored as ``(modulated, condition)`` whatever the order given, so that ``zeta``
-    always weights ``modalities[0]``, as :func:`gradmod.functional.zeta_evidence` expects. ``zeta`` stays
+    `modalities` is stored as ``(modulated, condition)`` whatever the order given, so that ``zeta``
+    always weights ``modalities[0]``, as `gradmod.functional.zeta_evidence` expects. ``zeta`` stays
     ``None`` without a learnable gate. Logits ``= Linear(dim, num_classes)(fused)``.
     """
 

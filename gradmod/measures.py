@@ -1,7 +1,7 @@
 """Measures: what a batch produced → one non-negative evidence value per modality.
 
-A measure names the inputs it needs from :meth:`gradmod.Modulator.observe` and turns them into a
-``{modality: 0-d tensor}`` mapping. All work stays on the device; :meth:`Measure.problems` returns
+A measure names the inputs it needs from `gradmod.Modulator.observe` and turns them into a
+``{modality: 0-d tensor}`` mapping. All work stays on the device; `Measure.problems` returns
 device-side flags that the modulator checks with a single host synchronisation.
 """
 
@@ -60,7 +60,7 @@ def _class_index_problems(name: str, logits: Tensor, target: Tensor) -> dict[str
 
 
 class SoftmaxScore(Measure):
-    """OGM-GE's score: ``s_u = Σ_i softmax(z_u,i)[y_i]`` (:func:`gradmod.functional.ogm_scores`).
+    """OGM-GE's score: ``s_u = Σ_i softmax(z_u,i)[y_i]`` (`gradmod.functional.ogm_scores`).
 
     ``observe(logits={name: [B, C]}, target=[B])`` with the per-modality (decoupled) logits.
     """
@@ -81,7 +81,7 @@ class SoftmaxScore(Measure):
 
 
 class DGMScore(Measure):
-    """DGM's evidence (paper 003, eq. (6)): :func:`gradmod.functional.dgm_evidence` per modality.
+    """DGM's evidence (paper 003, eq. (6)): `gradmod.functional.dgm_evidence` per modality.
 
     ``observe(scores={name: [B, C] in [0, 1]}, target=...)`` with multi-hot ``[B, C]`` or index ``[B]``
     targets; or ``observe(logits=..., target=...)``: logits become sigmoid scores for multi-hot targets and
@@ -121,7 +121,7 @@ class DGMScore(Measure):
 
 
 class ZetaGate(Measure):
-    """Decoupling-free evidence from the fusion gate ζ (paper 002, eq. (11)): :func:`gradmod.functional.zeta_evidence`.
+    """Decoupling-free evidence from the fusion gate ζ (paper 002, eq. (11)): `gradmod.functional.zeta_evidence`.
 
     ``observe(zeta=ζ)``: a tensor in ``[0, 1]`` weighting the first modality (two modalities), or a mapping
     name → gate for M ≥ 2 gates summing to one.

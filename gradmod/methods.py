@@ -1,12 +1,12 @@
-"""Method presets: each a named composition of measure, policy and apply mode over :class:`Modulator`.
+"""Method presets: each a named composition of measure, policy and apply mode over `Modulator`.
 
 | preset | measure (``observe`` inputs) | policy | noise |
 | --- | --- | --- | --- |
-| :func:`OGM` | softmax score of decoupled logits | ``1 − tanh(α·ρ)`` if ``ρ > 1`` | none |
-| :func:`OGMGE` | same | same | GE: ``N(0, σ(g)²)`` on every modality |
-| :func:`DGM` | paper 003 eq. (6) (scores + Δs̄) | eq. (7) ``1 − tanh(γ·ω)`` | eq. (9): ``"restore"`` |
-| :func:`DecouplingFree` | fusion gate ζ, paper 002 eq. (11) | OGM-GE's | GE |
-| :func:`PDMP` | softmax score (or static metrics) | gradmod's reading of paper 000 | none |
+| `OGM` | softmax score of decoupled logits | ``1 − tanh(α·ρ)`` if ``ρ > 1`` | none |
+| `OGMGE` | same | same | GE: ``N(0, σ(g)²)`` on every modality |
+| `DGM` | paper 003 eq. (6) (scores + Δs̄) | eq. (7) ``1 − tanh(γ·ω)`` | eq. (9): ``"restore"`` |
+| `DecouplingFree` | fusion gate ζ, paper 002 eq. (11) | OGM-GE's | GE |
+| `PDMP` | softmax score (or static metrics) | gradmod's reading of paper 000 | none |
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def OGM(modalities: Mapping[str, Modality], alpha: float, **options: Any) -> Mod
 
     ``k_u = 1 − tanh(α·ρ_u)`` for ``ρ_u = s_u / mean_{v≠u} s_v > 1``, else 1; ``s_u = Σ_i softmax(z_u,i)[y_i]``.
     ``observe(logits={name: decoupled logits}, target=labels)``. ``alpha`` has no default, as in the
-    official script (``--alpha`` is required). ``options`` go to :class:`Modulator`.
+    official script (``--alpha`` is required). ``options`` go to `Modulator`.
     """
     return Modulator(modalities, measure=SoftmaxScore(), policy=TanhDamping(alpha), **options)
 
@@ -64,7 +64,7 @@ def DecouplingFree(
     ``ρ_1 = Σ_i ζ_i / Σ_i (1 − ζ_i)``, ``ρ_2 = 1/ρ_1`` (eq. 11), then OGM-GE's coefficient and noise.
     ``observe(zeta=fusion.zeta)`` — ζ weights the first modality (``U = ζX₁ + (1−ζ)X₂``, eq. 4); for
     M > 2 modalities pass ``{name: gate}`` with gates summing to one. Works with heads that cannot be split
-    per modality (gated sum, FiLM with ζ: :mod:`gradmod.fusion`).
+    per modality (gated sum, FiLM with ζ: `gradmod.fusion`).
     """
     return Modulator(modalities, measure=ZetaGate(), policy=TanhDamping(alpha), noise=noise, **options)
 
@@ -79,7 +79,7 @@ def PDMP(
 ) -> Modulator:
     """Performance-dominant modality prioritization — **gradmod's reading** of paper 000 (no equations published).
 
-    ``ranking`` (best first, from :func:`gradmod.rank_modalities` over independently trained unimodal
+    ``ranking`` (best first, from `gradmod.rank_modalities` over independently trained unimodal
     models) fixes the dominant modality ``d``. Per step, with batch evidence ``e`` (softmax scores):
     ``k_d = 1 + γp·tanh(max(max_{u≠d} e_u/e_d − 1, 0))`` and ``k_u = 1 − tanh(γr·e_u/e_d)``.
     With ``static_metrics`` (the unimodal metrics), the evidence is those metrics: fixed coefficients, no

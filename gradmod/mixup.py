@@ -1,11 +1,11 @@
 """Multimodal Mixup (MM) and Balanced Multimodal Mixup (B-MM), paper ``001`` (sections 3.2–3.3).
 
 MM and B-MM act on data, not on gradients: they build virtual (input, soft-label) pairs and are trained
-with :func:`soft_cross_entropy`. The imbalance factor κ and the mixing strength come from
-:func:`gradmod.functional.imbalance_factor` (eqs. (5)–(6)) and :func:`gradmod.functional.bmm_strength`
+with `soft_cross_entropy`. The imbalance factor κ and the mixing strength come from
+`gradmod.functional.imbalance_factor` (eqs. (5)–(6)) and `gradmod.functional.bmm_strength`
 (eq. (7)).
 
-**MM** (:class:`MultimodalMixup`, eq. (3), after Zhang et al. 2017) mixes the *fused* multimodal feature
+**MM** (`MultimodalMixup`, eq. (3), after Zhang et al. 2017) mixes the *fused* multimodal feature
 of each sample with that of a partner ``π(i)`` drawn by a random permutation of the batch, and the one-hot
 labels with the same weight. Modelling choices:
 
@@ -18,14 +18,14 @@ labels with the same weight. Modelling choices:
   torch has no public Beta sampler that takes a generator, so each call draws one 62-bit seed from that
   generator and samples ``w`` with ``numpy.random.default_rng(seed).beta(α, α)`` (numpy's documented
   Beta sampler). The whole stream is therefore a function of the torch generator's state alone, which is
-  what :meth:`MultimodalMixup.state_dict` saves.
+  what `MultimodalMixup.state_dict` saves.
 
-**B-MM** (:class:`BalancedMixup`, eqs. (5)–(8)) mixes only the *weaker* modality's input across samples;
+**B-MM** (`BalancedMixup`, eqs. (5)–(8)) mixes only the *weaker* modality's input across samples;
 the stronger modality's input is left as it is, and the label follows the mix. (Spherical interpolation
 between one sample's audio and visual features is a different method and is not done here.)
 
 * After every training epoch the caller passes the training-set accuracy of each unimodal branch (the
-  other modalities masked to zero, eqs. (5)–(6)) to :meth:`BalancedMixup.update`, which computes
+  other modalities masked to zero, eqs. (5)–(6)) to `BalancedMixup.update`, which computes
   ``κ_u = acc_u / mean_{v≠u} acc_v``.
 * The strength for the next epoch is ``λ = tanh(β·(κ_max − 1))`` (eq. (7), gradmod's reading via
   ``bmm_strength``; ``β`` = ``degree``), ``κ_max`` the strongest modality's factor. Each batch draws a
@@ -44,7 +44,7 @@ between one sample's audio and visual features is a different method and is not 
   modalities (``κ_u ≥ 1``) are never mixed. For two modalities this is exactly eq. (8).
 * Reproducibility: ``π`` comes from a CPU ``torch.Generator`` seeded with ``seed`` (or, if ``seed`` is
   None, with a seed drawn from torch's global RNG, so ``torch.manual_seed`` fixes it).
-  :meth:`BalancedMixup.state_dict` saves the epoch count, κ and the generator state, so a resumed run
+  `BalancedMixup.state_dict` saves the epoch count, κ and the generator state, so a resumed run
   mixes exactly as an uninterrupted one. Under ``torch.distributed`` every rank permutes only its local
   batch; equal seeds on all ranks are harmless because the ranks hold different samples.
 
@@ -187,7 +187,7 @@ class MultimodalMixup:
         return {"alpha": self.alpha, "generator": self._generator.get_state()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; ``alpha`` must match this object's."""
+        """Restore a `state_dict`; ``alpha`` must match this object's."""
         if float(state["alpha"]) != self.alpha:
             raise ValueError(f"state was saved with alpha={state['alpha']}, this MultimodalMixup has alpha={self.alpha}")
         self._generator.set_state(state["generator"])
@@ -196,7 +196,7 @@ class MultimodalMixup:
 class BalancedMixup:
     """B-MM (paper 001, eqs. (5)–(8)): mixup of the weaker modality's input, driven by the imbalance factor.
 
-    Call :meth:`update` once after each training epoch with every modality's unimodal training accuracy,
+    Call `update` once after each training epoch with every modality's unimodal training accuracy,
     and call the object on each training batch. See the module docstring for the warm-up rule and M > 2.
 
     Args:
@@ -245,17 +245,17 @@ class BalancedMixup:
 
     @property
     def epochs_seen(self) -> int:
-        """Number of :meth:`update` calls so far."""
+        """Number of `update` calls so far."""
         return self._epochs_seen
 
     @property
     def kappa(self) -> dict[str, float]:
-        """Imbalance factor of each modality from the latest :meth:`update` (empty before the first)."""
+        """Imbalance factor of each modality from the latest `update` (empty before the first)."""
         return dict(self._kappa)
 
     @property
     def weak_modalities(self) -> tuple[str, ...]:
-        """Modalities with ``κ < 1`` by the latest :meth:`update` while some ``κ > 1``; mixed once active.
+        """Modalities with ``κ < 1`` by the latest `update` while some ``κ > 1``; mixed once active.
 
         Requiring a ``κ > 1`` keeps equal accuracies balanced even where rounding puts every ``κ`` at 1 − ε.
         """
@@ -298,7 +298,7 @@ class BalancedMixup:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a :meth:`state_dict` saved by a B-MM over the same modalities."""
+        """Restore a `state_dict` saved by a B-MM over the same modalities."""
         if list(state["modalities"]) != list(self.modalities):
             raise ValueError(f"state was saved for modalities {list(state['modalities'])}, not {list(self.modalities)}")
         kappa = {str(m): float(k) for m, k in state["kappa"].items()}

@@ -1,4 +1,4 @@
-"""The :class:`Modulator`: named modalities → measure → policy → apply, attached to an optimizer by a hook."""
+"""The `Modulator`: named modalities → measure → policy → apply, attached to an optimizer by a hook."""
 
 from __future__ import annotations
 
@@ -51,33 +51,33 @@ def _named_parameters(modality: Modality) -> list[tuple[str, nn.Parameter]]:
 class Modulator:
     """Imbalance-aware gradient modulation for named modalities.
 
-    Each optimizer step (through :meth:`attach`, or a manual :meth:`step`): the evidence gathered by
-    :meth:`observe` since the last step goes through the policy to one coefficient ``k_u`` per modality,
+    Each optimizer step (through `attach`, or a manual `step`): the evidence gathered by
+    `observe` since the last step goes through the policy to one coefficient ``k_u`` per modality,
     and ``apply`` puts it onto the gradients:
 
     * ``apply="params"`` — every selected parameter gradient of modality ``u`` becomes
       ``k_u·g + ε``, ``ε ~ N(0, (c_u·(σ(g)+1e-8))²)`` with ``c_u`` from ``noise`` (see
-      :func:`gradmod.functional.noise_scale`; ``noise=None``: no ε);
-    * ``apply="features"`` — :meth:`observe` hooks the modality's feature tensor so the gradient leaving
+      `gradmod.functional.noise_scale`; ``noise=None``: no ε);
+    * ``apply="features"`` — `observe` hooks the modality's feature tensor so the gradient leaving
       it is scaled by ``k_u`` inside backward (every encoder parameter gets ``k_u·g``, no extra pass, no noise).
 
-    Use the method presets (:func:`gradmod.OGMGE`, :func:`gradmod.DGM`, …) rather than this constructor.
+    Use the method presets (`gradmod.OGMGE`, `gradmod.DGM`, …) rather than this constructor.
 
     Args:
         modalities: name → ``nn.Module`` or iterable of parameters, two or more, no parameter shared.
-        measure: turns ``observe()`` inputs into evidence (:mod:`gradmod.measures`).
-        policy: evidence → coefficients (:mod:`gradmod.policies`).
+        measure: turns ``observe()`` inputs into evidence (`gradmod.measures`).
+        policy: evidence → coefficients (`gradmod.policies`).
         noise: ``None``, ``"ge"``, ``"restore"`` or ``"paper"``; ``apply="params"`` only.
         apply: ``"params"`` or ``"features"``.
         param_filter: ``(name, parameter) -> bool``; default: every parameter that requires grad.
         start_step: first modulated optimizer step.
-        stop_step: modulation stops before this step (``None``: never); see :func:`epoch_window`.
+        stop_step: modulation stops before this step (``None``: never); see `epoch_window`.
         backend: kernel for ``apply="params"``: ``"auto"``, ``"reference"``, ``"foreach"``, ``"triton"``.
         seed: seed of the counter-based noise (a step's noise depends only on seed, step and modality); ``None``
             draws one from torch's global RNG (rank 0's under ``torch.distributed``, broadcast so every replica
             draws the same noise).
-        history_size: how many steps :attr:`history` keeps.
-        validate: check inputs and evidence in :meth:`observe` (one host sync per call); ``False`` never syncs,
+        history_size: how many steps `history` keeps.
+        validate: check inputs and evidence in `observe` (one host sync per call); ``False`` never syncs,
             and degenerate evidence (zero, negative) then gives coefficients that are still finite and in the
             policy's range (e.g. OGM: evidence 0 for one modality damps the other to k = 0) instead of an error.
     """
@@ -263,7 +263,7 @@ class Modulator:
 
     # ------------------------------------------------------------------ step
     def attach(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
-        """Run :meth:`step` before every ``optimizer.step()``; returns a handle whose ``remove()`` detaches.
+        """Run `step` before every ``optimizer.step()``; returns a handle whose ``remove()`` detaches.
 
         Under ``torch.amp.GradScaler`` a step with ``inf``/``NaN`` gradients is skipped by the scaler and is
         not seen here (fused optimizers: the hook reads the scaler's ``found_inf`` and skips as well).
@@ -283,7 +283,7 @@ class Modulator:
         """Modulate the current gradients (``apply="params"``) and advance the step counter.
 
         Returns the coefficients applied, or ``None`` when this step was not modulated (outside the
-        window, or no fresh :meth:`observe` — the latter warns once).
+        window, or no fresh `observe` — the latter warns once).
         """
         pending, self._pending = self._pending, None
         coefficients, self._coefficients = self._coefficients, None
@@ -343,7 +343,7 @@ class Modulator:
 
     @property
     def last(self) -> dict[str, Any] | None:
-        """The record of the last modulated step (as in :attr:`history`), or ``None``."""
+        """The record of the last modulated step (as in `history`), or ``None``."""
         return self._record(*self._history[-1]) if self._history else None
 
     def _record(self, step: int, evidence: Tensor, ratios: Tensor, coefficients: Tensor) -> dict[str, Any]:
@@ -376,7 +376,7 @@ class Modulator:
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; the modality names must match."""
+        """Restore a `state_dict`; the modality names must match."""
         if list(state["names"]) != list(self.names):
             raise ValueError(f"state_dict is for modalities {state['names']}, this modulator has {list(self.names)}")
         self._step = int(state["step"])

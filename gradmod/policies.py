@@ -1,4 +1,4 @@
-"""Policies: evidence → one coefficient per modality. Thin, stateless wrappers over :mod:`gradmod.functional`."""
+"""Policies: evidence → one coefficient per modality. Thin, stateless wrappers over `gradmod.functional`."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ class TanhDamping:
 
 @dataclass
 class PDMPPolicy:
-    """PDMP (gradmod's reading): :func:`gradmod.functional.pdmp_coefficients` with a fixed ranking."""
+    """PDMP (gradmod's reading): `gradmod.functional.pdmp_coefficients` with a fixed ranking."""
 
     ranking: Sequence[str]
     gamma_p: float

@@ -1,12 +1,12 @@
 """Evaluation metrics of the reference benchmarks (CREMA-D, AVE, LLP), as their papers report them.
 
-* CREMA-D (papers 000, 001, 003): :func:`accuracy` and :func:`macro_f1` over clips.
-* AVE (paper 003 follows PSP / AVE-ECCV18 ``compute_acc``): :func:`ave_segment_accuracy`, the
+* CREMA-D (papers 000, 001, 003): `accuracy` and `macro_f1` over clips.
+* AVE (paper 003 follows PSP / AVE-ECCV18 ``compute_acc``): `ave_segment_accuracy`, the
   fraction of the N×10 one-second segments whose predicted class (background included) is right.
 * LLP / AVVP (paper 003, "Evaluation Metrics"; official code YapengTian/AVVP-ECCV20
   ``utils/eval_metrics.py`` and ``main_avvp.py``): segment- and event-level F-scores of audio,
-  visual and audio-visual events, Type@AV and Event@AV — :func:`avvp_video_scores` for one video,
-  :class:`AVVPEvaluator` to accumulate them.
+  visual and audio-visual events, Type@AV and Event@AV — `avvp_video_scores` for one video,
+  `AVVPEvaluator` to accumulate them.
 
 AVVP protocol, as the official evaluation computes it (our own code, same numbers):
 
@@ -42,7 +42,7 @@ __all__ = [
     "AVVP_KEYS",
 ]
 
-#: Keys of :func:`avvp_video_scores` and :meth:`AVVPEvaluator.compute`.
+#: Keys of `avvp_video_scores` and `AVVPEvaluator.compute`.
 AVVP_KEYS: tuple[str, ...] = tuple(
     f"{level}_{kind}"
     for level in ("segment", "event")
@@ -198,7 +198,7 @@ def binarize_avvp(
 def avvp_video_scores(
     pred_audio: Tensor, pred_visual: Tensor, target_audio: Tensor, target_visual: Tensor
 ) -> dict[str, float]:
-    """The ten AVVP scores of one video (keys :data:`AVVP_KEYS`) from 0/1 matrices [C, T]."""
+    """The ten AVVP scores of one video (keys `AVVP_KEYS`) from 0/1 matrices [C, T]."""
     pred_audio, pred_visual = _binary(pred_audio, "pred_audio"), _binary(pred_visual, "pred_visual")
     target_audio, target_visual = _binary(target_audio, "target_audio"), _binary(target_visual, "target_visual")
     scores: dict[str, float] = {}
@@ -218,7 +218,7 @@ def avvp_video_scores(
 
 
 class AVVPEvaluator:
-    """Accumulates :func:`avvp_video_scores` over videos and averages them (the official protocol)."""
+    """Accumulates `avvp_video_scores` over videos and averages them (the official protocol)."""
 
     def __init__(self) -> None:
         self._sums = dict.fromkeys(AVVP_KEYS, 0.0)

@@ -58,7 +58,7 @@ class Task:
 
     @torch.no_grad()
     def evaluate(self, loader: DataLoader, device: torch.device) -> dict[str, Any]:
-        """Fused and per-modality (other modalities zeroed) metrics on ``loader`` (built on :class:`IndexedDataset`)."""
+        """Fused and per-modality (other modalities zeroed) metrics on ``loader`` (built on `IndexedDataset`)."""
         was_training = self.model.training
         self.model.eval()
         try:
@@ -127,7 +127,7 @@ def build_task(
 ) -> Task:
     """Splits and a freshly initialised model (seeded by ``seed``) for dataset ``name``.
 
-    AV-digits is generated in memory (``avdigits_options`` go to :func:`make_avdigits`); the others read
+    AV-digits is generated in memory (``avdigits_options`` go to `make_avdigits`); the others read
     the real on-disk formats under ``data_root`` (see each loader for its layout). ``max_items`` caps each
     split (smoke runs).
     """

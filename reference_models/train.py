@@ -47,7 +47,7 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
 
 @dataclass
 class TrainConfig:
-    """Everything that defines a run; ``None`` fields take the dataset's :data:`DATASET_DEFAULTS`."""
+    """Everything that defines a run; ``None`` fields take the dataset's `DATASET_DEFAULTS`."""
 
     dataset: str = "avdigits"
     method: str = "baseline"

@@ -310,3 +310,11 @@ def test_bmm_strength_monotone_bounded(k1, k2, degree):
     s_lo, s_hi = F.bmm_strength(lo, degree), F.bmm_strength(hi, degree)
     assert 0.0 <= s_lo <= s_hi <= 1.0
     assert F.bmm_strength(1.0, degree) == 0.0
+
+
+@pytest.mark.parametrize("m", [2, 3, 4, 7])
+def test_equal_float32_evidence_is_exactly_balanced(m):
+    """Regression: a mean of equal float32 values rounded one ulp high and damped a balanced modality."""
+    evidence = {f"m{i}": torch.tensor(341.87737198210226) for i in range(m)}
+    assert all(r.item() == 1.0 for r in F.discrepancy_ratios(evidence).values())
+    assert all(k.item() == 1.0 for k in F.ogm_coefficients(evidence, 1.0).values())

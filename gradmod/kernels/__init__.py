@@ -1,6 +1,6 @@
 """Kernels that apply a modality's coefficient and noise to its gradients, in place.
 
-Every backend implements one contract, that of :func:`gradmod.kernels.reference.modulate_`::
+Every backend implements one contract, that of `gradmod.kernels.reference.modulate_`::
 
     modulate_(grads, coefficient, noise_scale, generator) -> None
 

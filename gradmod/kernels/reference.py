@@ -4,9 +4,9 @@ For every gradient ``g`` of one modality, in list order::
 
     g ← k·g + c·(σ(g) + 1e-8)·z,   z ~ N(0, I) drawn from ``generator``
 
-with ``σ(g)`` the unbiased std of the *unscaled* gradient (:func:`gradmod.functional.ge_noise_std`;
+with ``σ(g)`` the unbiased std of the *unscaled* gradient (`gradmod.functional.ge_noise_std`;
 0 for one element), ``k`` the modality's coefficient and ``c`` its noise scale
-(:func:`gradmod.functional.noise_scale`). ``noise_scale=None`` adds no noise and draws nothing.
+(`gradmod.functional.noise_scale`). ``noise_scale=None`` adds no noise and draws nothing.
 Noise is drawn with ``torch.randn`` in the gradient's dtype, one tensor after the other, so a given
 generator state reproduces the same noise bit for bit.
 """

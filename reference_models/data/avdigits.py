@@ -14,7 +14,7 @@ A fraction of the samples of each modality can be made uninformative (``audio_un
 
 The defaults reproduce the imbalance the papers study: the tones (5 dB SNR) are learnt within one
 epoch, the noisy, rotated glyphs over several, so in joint training the audio branch dominates and the
-visual branch stays under-trained. Measured with :class:`~reference_models.models.AVDigitsModel`
+visual branch stays under-trained. Measured with `reference_models.models.AVDigitsModel`
 (concat head, SGD lr 0.01, momentum 0.9, batch 64, 6 epochs, seed 0, 6000/2000 samples; test accuracy,
 unimodal = fused head with the other modality's features zeroed): joint training 89.5 % fused,
 81.7 % audio-only, 54.7 % visual-only, while the same visual encoder trained alone reaches 86.8 % (audio

@@ -130,7 +130,7 @@ class LLP(Dataset):
     """LLP videos: ``dataset[i] -> ({"audio": [10, 128], "visual": [10, 2560]}, target [25])``.
 
     ``target`` is the video-level multi-hot label (float). For ``val``/``test``,
-    :meth:`segment_labels` gives the dense audio and visual ground truth of the AVVP evaluation.
+    `segment_labels` gives the dense audio and visual ground truth of the AVVP evaluation.
     ``max_items`` keeps only the first videos of the split (smoke runs).
     """
 

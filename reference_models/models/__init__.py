@@ -1,4 +1,4 @@
-"""Reference models for AV-digits, CREMA-D, AVE and LLP, sharing one encode → head protocol (see :mod:`.common`)."""
+"""Reference models for AV-digits, CREMA-D, AVE and LLP, sharing one encode → head protocol (see `.common`)."""
 
 from reference_models.models.ave import AVEModel
 from reference_models.models.avdigits import AVDigitsModel

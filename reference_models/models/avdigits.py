@@ -1,4 +1,4 @@
-"""The AV-digits reference model: a small CNN per modality, then a :mod:`gradmod.fusion` head."""
+"""The AV-digits reference model: a small CNN per modality, then a `gradmod.fusion` head."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ class SmallCNN(nn.Module):
 
 class AVDigitsModel(FusedClassifier):
     """Audio spectrogram ``[B, 1, 40, 32]`` and digit image ``[B, 1, 28, 28]``, each through a
-    :class:`SmallCNN` to ``dim`` features, fused by ``fusion`` (a :data:`~reference_models.models.common.FUSION_KINDS` kind)
+    `SmallCNN` to ``dim`` features, fused by ``fusion`` (a `reference_models.models.common.FUSION_KINDS` kind)
     into 10 logits."""
 
     def __init__(self, fusion: str = "concat", dim: int = 64, num_classes: int = 10) -> None:

@@ -8,12 +8,12 @@ Inputs (the AVE-ECCV18 pre-extracted features): audio ``[B, T, 128]`` (VGGish), 
   bidirectional LSTM over the segments. The guide is the raw audio *input* feature, so no audio-encoder
   parameter receives gradient through the visual branch: the two encoders' parameters stay disjoint.
 * **Audio encoder**: a bidirectional LSTM over the segments.
-* **Head**: a :mod:`gradmod.fusion` head applied to every segment independently (features flattened
+* **Head**: a `gradmod.fusion` head applied to every segment independently (features flattened
   to ``[B·T, D]``), logits ``[B, T, 29]``.
 
 For the modulators' measure, ``unimodal_logits`` (decouplable heads) and ``zeta`` (gated heads) are the
 head's per-segment values flattened to ``[B·T, ·]``: every segment is one OGM-GE "sample", and
-:meth:`AVEModel.measure_target` flattens the ``[B, T]`` segment labels to match. The loss is the
+`AVEModel.measure_target` flattens the ``[B, T]`` segment labels to match. The loss is the
 cross-entropy over all segments.
 """
 
@@ -66,7 +66,7 @@ class TemporalEncoder(nn.Module):
 
 
 class GuidedVisualEncoder(nn.Module):
-    """Audio-guided spatial attention, then a :class:`TemporalEncoder`: ``[B, T, H, W, C_v] -> [B, T, 2·hidden]``."""
+    """Audio-guided spatial attention, then a `TemporalEncoder`: ``[B, T, H, W, C_v] -> [B, T, 2·hidden]``."""
 
     def __init__(self, visual_dim: int, audio_dim: int, attention_dim: int, hidden: int) -> None:
         super().__init__()

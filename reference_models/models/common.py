@@ -1,12 +1,12 @@
 """What every reference model shares: its output record, the encode → head protocol, fusion-head choice.
 
-A model maps named inputs to a :class:`ModelOutput` in two cheap-to-separate stages:
+A model maps named inputs to a `ModelOutput` in two cheap-to-separate stages:
 
 * ``encode(inputs) -> dict[str, Tensor]``: per-modality features (the modality's own encoder only);
 * ``head(features) -> ModelOutput``: the fused prediction from (possibly masked) features.
 
 ``forward(inputs) == head(encode(inputs))``. The unimodal prediction of modality ``u`` — the fused head
-evaluated with every other modality's features zeroed — is :meth:`MultimodalModel.masked_logits`, which
+evaluated with every other modality's features zeroed — is `MultimodalModel.masked_logits`, which
 reuses one encoding for all modalities. Call it in ``eval()`` mode: heads with running statistics
 (SimAM²'s ``var_max``) update them in training mode, and every call overwrites a gated head's ``.zeta``
 attribute (``ModelOutput.zeta`` keeps the gates of the call that produced it).
@@ -38,7 +38,7 @@ __all__ = [
     "FUSION_KINDS",
 ]
 
-#: Fusion heads :func:`make_fusion` builds: concat / sum (decouplable, OGM-GE), ζ-gated sum with or
+#: Fusion heads `make_fusion` builds: concat / sum (decouplable, OGM-GE), ζ-gated sum with or
 #: without SimAM² (paper 002 eqs. (4), (8)), FiLM plain (eq. (9)) or ζ-weighted (eq. (10)).
 FUSION_KINDS = ("concat", "sum", "gated", "gated_simam", "film", "film_zeta")
 
@@ -53,7 +53,7 @@ class ModelOutput:
             prediction ``P`` is an attention-weighted mean of sigmoid outputs).
         features: the per-modality encoder features the head consumed.
         unimodal_logits: decoupled per-modality logits ``[N, C]`` of a decouplable head (OGM-GE's
-            measure), ``None`` otherwise. Rows match :meth:`MultimodalModel.measure_target`.
+            measure), ``None`` otherwise. Rows match `MultimodalModel.measure_target`.
         zeta: a gated head's fusion gates by modality name (``Fusion.gates``: ``{first: ζ, second: 1 − ζ}``
             for ``U = ζ·X_first + (1 − ζ)·X_second``, paper 002 eq. (4)), attached to the graph, else ``None``.
             Named, so that a head which reorders its modalities (FiLM) cannot credit the wrong one.
@@ -95,7 +95,7 @@ def mask_features(features: Mapping[str, Tensor], keep: str) -> dict[str, Tensor
 
 
 class MultimodalModel(nn.Module, ABC):
-    """Base of the reference models: ``encoders`` (one per modality) then a subclass-defined :meth:`head`."""
+    """Base of the reference models: ``encoders`` (one per modality) then a subclass-defined `head`."""
 
     def __init__(self, encoders: Mapping[str, nn.Module]) -> None:
         super().__init__()
@@ -134,7 +134,7 @@ class MultimodalModel(nn.Module, ABC):
 
 
 class FusedClassifier(MultimodalModel):
-    """Encoders whose ``[B, D_u]`` features go into a :mod:`gradmod.fusion` head."""
+    """Encoders whose ``[B, D_u]`` features go into a `gradmod.fusion` head."""
 
     def __init__(self, encoders: Mapping[str, nn.Module], fusion: Fusion) -> None:
         super().__init__(encoders)
@@ -151,7 +151,7 @@ class FusedClassifier(MultimodalModel):
 
 
 def make_fusion(kind: str, dims: Mapping[str, int] | int, num_classes: int, modalities: tuple[str, ...]) -> Fusion:
-    """Build the fusion head ``kind`` (one of :data:`FUSION_KINDS`) over ``modalities``.
+    """Build the fusion head ``kind`` (one of `FUSION_KINDS`) over ``modalities``.
 
     ``dims`` is one width for all modalities or a mapping name → width; the gated and FiLM heads need
     one common width. FiLM conditions the first modality on the second (``γ, β`` from ``modalities[1]``).

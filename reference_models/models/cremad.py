@@ -1,4 +1,4 @@
-"""The OGM-GE CREMA-D model: a ResNet-18 per modality, 512-d features, a :mod:`gradmod.fusion` head.
+"""The OGM-GE CREMA-D model: a ResNet-18 per modality, 512-d features, a `gradmod.fusion` head.
 
 Audio: ``log|STFT|`` spectrogram ``[B, 1, 257, 188]`` through a ResNet-18 whose first convolution takes
 one channel. Visual: frames ``[B, 3, T, 224, 224]`` folded into the batch (``B·T`` images) through a

@@ -4,10 +4,10 @@ modality-separated decision unit (MSDU), eq. (11).
 Inputs: audio ``[B, T, 128]`` (VGGish), visual ``[B, T, 2560]`` (ResNet-152 appearance ⊕ R(2+1)D motion),
 ``T = 10`` one-second snippets; target: video-level multi-hot ``[B, 25]``. Pipeline (eq. (11)):
 
-* ``e_u = ψ_u(x_u)``: per-modality snippet encoders (Linear → ReLU → Linear to ``dim``) — :meth:`encode`;
+* ``e_u = ψ_u(x_u)``: per-modality snippet encoders (Linear → ReLU → Linear to ``dim``) — `encode`;
 * MSDU: ``P^ms_u = sigmoid(φ^ms_u(e_u))``, ``A^ms_u = softmax_T(Atn^ms_u(e_u))`` on the pure unimodal
   features; the video-level score ``s_u = Σ_t A^ms_u ⊙ P^ms_u ∈ [0, 1]`` per class is what DGM measures
-  (eq. (6), :func:`gradmod.functional.dgm_evidence`): ``ModelOutput.unimodal_scores`` (the paper says
+  (eq. (6), `gradmod.functional.dgm_evidence`): ``ModelOutput.unimodal_scores`` (the paper says
   ``P^ms`` and ``A^ms`` give ``s`` without a formula; this is the same attention pooling as ``P``'s);
 * ``f_a, f_v = cro_att(e_a, e_v)``: a HAN hybrid-attention layer per modality (self-attention plus
   attention over the other modality, residual, LayerNorm, feed-forward), both computed from the
@@ -20,7 +20,7 @@ Inputs: audio ``[B, T, 128]`` (VGGish), visual ``[B, T, 2560]`` (ResNet-152 appe
   modality softmax: both make ``P`` a convex combination of snippet probabilities). ``ModelOutput.logits = logit(P)`` with ``P`` clipped to ``[1e-6, 1 − 1e-6]``
   (so ``sigmoid(logits)`` gives ``P`` back and ``BCE`` can be taken with logits).
 
-Loss (:meth:`LLPModel.loss`): ``BCE(P, Y) + msdu_weight · Σ_u BCE(s_u, Y)`` (eq. (1) on ``P``; the paper
+Loss (`LLPModel.loss`): ``BCE(P, Y) + msdu_weight · Σ_u BCE(s_u, Y)`` (eq. (1) on ``P``; the paper
 does not state how the MSDU heads are supervised: gradmod gives them the same video-level BCE, weight
 1 by default, so their scores track each encoder's own evidence).
 """

@@ -330,7 +330,7 @@ class Modulator:
             for device, group in by_device.items():
                 kernel = get_kernel(self.backend, device)
                 generator = self._generator(device, step, index) if scale is not None else None
-                kernel(group, k.to(device), None if scale is None else scale.to(device), generator)
+                kernel(group, k, scale, generator)  # the kernels move scalars without a host sync
 
     # ------------------------------------------------------------------ history and state
     @property

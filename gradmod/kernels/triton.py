@@ -1,6 +1,6 @@
 """Fused Triton kernels: the OGM-GE update over all gradients of a device/dtype group in two launches.
 
-Same contract as :mod:`gradmod.kernels.reference` (``g ← k·g + c·(σ(g) + 1e-8)·z``, Peng et al., CVPR
+Same contract as `gradmod.kernels.reference` (``g ← k·g + c·(σ(g) + 1e-8)·z``, Peng et al., CVPR
 2022; ``shared/papers/README.md``). Every tensor is cut into chunks; one program per chunk:
 
 1. ``_moments_kernel`` — each program reads its chunk once and writes the chunk's count, mean and centred
@@ -15,19 +15,23 @@ Without noise only the update kernel runs (one launch). Statistics and arithmeti
 for float64 gradients); the coefficient is rounded to the gradient dtype first, as the reference does,
 so the deterministic part matches it exactly.
 
-**Noise.** ``z`` is Philox (``tl.randn4x``): element ``e`` of the tensor at list position ``i`` uses
-counter ``i·2⁴⁰ + B·⌊e/B⌋/4 + (e mod B/4)``, output ``(e mod B)/(B/4)``, with ``B`` = :data:`BLOCK` — fixed
-by the seed, the list position and the element index alone, so it does not depend on chunking, grouping or
-the GPU. The 64-bit seed is drawn per call with ``torch.randint`` from ``generator`` (the default
-generator of the gradients' device when ``None``), so the generator's state reproduces the run; the
-kernel loads it from device memory, so there is **no host synchronisation** when the generator lives on
-the gradients' device (a CPU generator, coefficient or noise scale goes through a pinned, non-blocking
-copy). The stream differs from the reference's ``torch.randn`` stream: tests compare distributions.
+**Noise.** ``z`` is Philox-4x32-10 (``tl.randn4x``, Box–Muller): element ``e`` of the tensor at position
+``i`` of ``grads`` takes output ``⌊(e mod B)/(B/4)⌋`` of counter ``i·2⁴⁰ + ⌊e/B⌋·B/4 + (e mod B/4)``, with
+``B`` = `BLOCK` — fixed by the seed, the list position and the element index alone, so it does not
+depend on chunking, grouping, the other tensors or the GPU model. The 63-bit seed is drawn per call with
+``torch.randint`` from ``generator`` (the default generator of the gradients' device when ``None``), so
+the generator's state reproduces the run; the kernel loads it from device memory, so there is **no host
+synchronisation** when the generator lives on the gradients' device (a CPU generator, coefficient or noise
+scale goes through a pinned, non-blocking copy). The stream differs from the reference's ``torch.randn``
+stream: tests compare distributions.
 
 Pointers, sizes and chunk boundaries are passed in one small int64 table, uploaded once per distinct
-set of gradient buffers and cached. Importing this module raises ``ImportError`` when Triton is missing
-(the dispatcher in :mod:`gradmod.kernels` then falls back to ``foreach``); :func:`is_available` says
-whether the kernels can run here.
+set of gradient buffers and cached. Dense tensors in any dimension order (e.g. channels-last) are
+modulated where they lie; other strided views through a contiguous copy written back.
+
+Importing this module raises ``ImportError`` when Triton is missing (the dispatcher in
+`gradmod.kernels` then falls back to ``foreach``); `is_available` says whether the kernels
+can run here.
 """
 
 from __future__ import annotations
@@ -40,14 +44,16 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.runtime.interpreter import InterpretedFunction
 
-from gradmod.kernels.foreach import check_arguments, group_by_device_and_dtype, to_device
+from gradmod.kernels.foreach import check_scalars, group_by_device_and_dtype, to_device
 
 #: Elements per block (a power of two, a multiple of 4: each Philox call yields 4 normals).
 BLOCK = 2048
 #: A chunk spans at least this many blocks …
 MIN_BLOCKS_PER_CHUNK = 4
-#: … and a tensor is cut into at most this many chunks (a power of two; the update kernel combines them in one vector).
+#: … and a tensor is cut into at most this many chunks (a power of two: the update kernel combines the
+#: chunk statistics of a tensor in one vector).
 MAX_CHUNKS_PER_TENSOR = 1024
 #: The GE noise floor added to σ (``grad.std() + 1e-8`` in the official OGM-GE code).
 STD_EPS = 1e-8
@@ -55,10 +61,22 @@ STD_EPS = 1e-8
 _POSITION_SHIFT = 40
 _PLAN_CACHE_SIZE = 16
 
-# The plan tables (int64): one row per tensor ``[data_ptr, numel, chunk_length, first_chunk, num_chunks,
-# list_position]`` and one row per chunk ``[tensor_row, start_element]``.
+# The plan (int64): a tensor table, one row per tensor, with the columns below, and a chunk table, one
+# row ``[tensor_row, start_element]`` per chunk.
+_COLUMNS = tl.constexpr(6)
+_PTR = tl.constexpr(0)
+_NUMEL = tl.constexpr(1)
+_CHUNK_LEN = tl.constexpr(2)
+_FIRST_CHUNK = tl.constexpr(3)
+_NUM_CHUNKS = tl.constexpr(4)
+_POSITION = tl.constexpr(5)
 
-_TRITON_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
+_TRITON_DTYPES = {
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float32: tl.float32,
+    torch.float64: tl.float64,
+}
 
 
 @triton.jit
@@ -67,9 +85,9 @@ def _moments_kernel(tensor_table, chunk_table, partials, DTYPE: tl.constexpr, AC
     chunk = tl.program_id(0)
     tensor = tl.load(chunk_table + 2 * chunk)
     start = tl.load(chunk_table + 2 * chunk + 1)
-    row = tensor_table + tensor * 6
-    ptr = tl.load(row + 0).to(tl.pointer_type(DTYPE))
-    end = tl.minimum(start + tl.load(row + 2), tl.load(row + 1))
+    row = tensor_table + tensor * _COLUMNS
+    ptr = tl.load(row + _PTR).to(tl.pointer_type(DTYPE))
+    end = tl.minimum(start + tl.load(row + _CHUNK_LEN), tl.load(row + _NUMEL))
     count = tl.zeros((), ACC)
     mean = tl.zeros((), ACC)
     m2 = tl.zeros((), ACC)
@@ -122,17 +140,17 @@ def _update_kernel(
     chunk = tl.program_id(0)
     tensor = tl.load(chunk_table + 2 * chunk)
     start = tl.load(chunk_table + 2 * chunk + 1)
-    row = tensor_table + tensor * 6
-    ptr = tl.load(row + 0).to(tl.pointer_type(DTYPE))
-    numel = tl.load(row + 1)
-    end = tl.minimum(start + tl.load(row + 2), numel)
+    row = tensor_table + tensor * _COLUMNS
+    ptr = tl.load(row + _PTR).to(tl.pointer_type(DTYPE))
+    numel = tl.load(row + _NUMEL)
+    end = tl.minimum(start + tl.load(row + _CHUNK_LEN), numel)
     k = tl.load(coefficient_ptr).to(DTYPE).to(ACC)
     scale = tl.zeros((), ACC)
     seed = tl.zeros((), tl.int64)
     if HAS_NOISE:
-        first = tl.load(row + 3)
+        first = tl.load(row + _FIRST_CHUNK)
         j = tl.arange(0, MAX_CHUNKS)
-        valid = j < tl.load(row + 4)
+        valid = j < tl.load(row + _NUM_CHUNKS)
         counts = tl.load(partials + 3 * (first + j), mask=valid, other=0.0)
         means = tl.load(partials + 3 * (first + j) + 1, mask=valid, other=0.0)
         m2s = tl.load(partials + 3 * (first + j) + 2, mask=valid, other=0.0)
@@ -144,7 +162,7 @@ def _update_kernel(
         seed = tl.load(seed_ptr)
     QUARTER: tl.constexpr = BLOCK // 4
     lanes = tl.arange(0, QUARTER)
-    stream = tl.load(row + 5) << POSITION_SHIFT
+    stream = tl.load(row + _POSITION) << POSITION_SHIFT
     for block_start in range(start, end, BLOCK):
         z0 = tl.zeros((QUARTER,), tl.float32)
         z1 = z0
@@ -158,22 +176,23 @@ def _update_kernel(
         _scale_add_quarter(ptr, block_start + 3 * QUARTER + lanes, end, k, scale, z3, DTYPE, ACC, HAS_NOISE)
 
 
+#: Whether ``TRITON_INTERPRET=1`` was set when this module was imported (the kernels then run on CPU tensors).
+INTERPRETED = isinstance(_update_kernel, InterpretedFunction)
+
+
 def is_available() -> tuple[bool, str]:
     """Whether the kernels can run here, and why (or why not)."""
-    if isinstance(_update_kernel, triton.runtime.interpreter.InterpretedFunction):
+    if INTERPRETED:
         return True, "Triton interpreter (TRITON_INTERPRET=1): runs on CPU tensors"
     if not torch.cuda.is_available():
         return False, "no CUDA device (set TRITON_INTERPRET=1 before importing gradmod to run the kernels on CPU)"
     return True, f"CUDA device {torch.cuda.get_device_name()} with Triton {triton.__version__}"
 
 
-def _kernel_device_type() -> str:
-    """``"cpu"`` under the interpreter, else ``"cuda"``."""
-    return "cpu" if isinstance(_update_kernel, triton.runtime.interpreter.InterpretedFunction) else "cuda"
-
-
 def _is_dense(tensor: Tensor) -> bool:
     """Whether ``tensor`` covers exactly ``numel`` consecutive elements from its data pointer (any dim order)."""
+    if tensor.is_contiguous():
+        return True
     expected = 1
     for stride, size in sorted((st, s) for s, st in zip(tensor.shape, tensor.stride()) if s > 1):
         if stride != expected:
@@ -183,7 +202,7 @@ def _is_dense(tensor: Tensor) -> bool:
 
 
 def _chunk_length(numel: int) -> int:
-    """Elements per chunk for a tensor of ``numel`` elements: a multiple of :data:`BLOCK`."""
+    """Elements per chunk for a tensor of ``numel`` elements: a multiple of `BLOCK`."""
     blocks = max(MIN_BLOCKS_PER_CHUNK, math.ceil(numel / (BLOCK * MAX_CHUNKS_PER_TENSOR)))
     return blocks * BLOCK
 
@@ -192,7 +211,10 @@ _plan_cache: OrderedDict[tuple, tuple[Tensor, Tensor, int]] = OrderedDict()
 
 
 def _plan(tensors: Sequence[Tensor], positions: Sequence[int], device: torch.device) -> tuple[Tensor, Tensor, int]:
-    """The per-tensor table, the chunk table and the number of chunks, on ``device`` (cached by buffer)."""
+    """The tensor table, the chunk table and the number of chunks, on ``device``.
+
+    Cached by (pointer, size, list position) of every tensor, which determine the tables entirely.
+    """
     key = (device, tensors[0].dtype, tuple((t.data_ptr(), t.numel(), p) for t, p in zip(tensors, positions)))
     if key in _plan_cache:
         _plan_cache.move_to_end(key)
@@ -231,14 +253,15 @@ def modulate_(
     Two launches per device/dtype group with noise (statistics, update), one without. Tensors must live
     on CUDA (on the CPU under ``TRITON_INTERPRET=1``).
     """
-    check_arguments(grads, coefficient, noise_scale)
+    check_scalars(coefficient, noise_scale)
     groups = group_by_device_and_dtype(grads)
-    kernel_device = _kernel_device_type()
+    kernel_device = "cpu" if INTERPRETED else "cuda"
     seed = None
     for (device, dtype), members in groups.items():
         if device.type != kernel_device:
             raise ValueError(
-                f"the triton kernel runs on {kernel_device} tensors here, got a gradient on {device}; use backend='foreach'"
+                f"the triton kernel runs on {kernel_device} tensors here, got a gradient on {device}; "
+                "use backend='foreach'"
             )
         if seed is None and noise_scale is not None:
             seed = _seed(generator, device)

@@ -103,19 +103,21 @@ def decouple_linear(weight: Tensor, bias: Tensor | None, features: Mapping[str, 
     return logits
 
 
-def _stack(evidence: Mapping[str, Tensor]) -> Tensor:
-    """Evidence as one ``[M]`` float64 tensor (float32 on MPS, which has no float64).
+def _stack(evidence: Mapping[str, Tensor]) -> tuple[Tensor, torch.dtype]:
+    """Evidence as one ``[M]`` float64 tensor (float32 on MPS, which has no float64), and the dtype to return.
 
     Sums of a few float32 values are exact in float64, so equal evidence gives ratios of exactly 1 — the
     policies jump at ``ρ = 1``, where a rounding error of one ulp would otherwise damp a balanced modality.
+    Results are returned in the evidence's dtype promoted to at least float32.
     """
     values = [torch.as_tensor(e).detach().reshape(()) for e in evidence.values()]
+    out_dtype = torch.promote_types(torch.float32, torch.result_type(torch.stack(values), 1.0))
     dtype = torch.float32 if values[0].device.type == "mps" else torch.float64
-    return torch.stack([v.to(dtype) for v in values])
+    return torch.stack([v.to(dtype) for v in values]), out_dtype
 
 
-def _unstack(names: Sequence[str], values: Tensor) -> dict[str, Tensor]:
-    return dict(zip(names, values.unbind(0)))
+def _unstack(names: Sequence[str], values: Tensor, dtype: torch.dtype) -> dict[str, Tensor]:
+    return dict(zip(names, values.to(dtype).unbind(0)))
 
 
 def discrepancy_ratios(evidence: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -125,11 +127,11 @@ def discrepancy_ratios(evidence: Mapping[str, Tensor]) -> dict[str, Tensor]:
     evidence is DGM evidence). A zero denominator gives ``+inf`` (handled by the policies, never NaN).
     """
     _check_names(evidence, "discrepancy_ratios")
-    e = _stack(evidence)
+    e, out_dtype = _stack(evidence)
     m = e.numel()
     not_self = 1.0 - torch.eye(m, dtype=e.dtype, device=e.device)
     others = (not_self @ e) / (m - 1)  # Σ_{v≠u} e_v without the cancellation of (Σ e) − e_u
-    return _unstack(list(evidence), e / others)
+    return _unstack(list(evidence), e / others, out_dtype)
 
 
 def tanh_damping(ratio: Tensor, strength: float) -> Tensor:
@@ -311,7 +313,7 @@ def pdmp_coefficients(
     names = list(evidence)
     if sorted(ranking) != sorted(names):
         raise ValueError(f"ranking {list(ranking)} must name exactly the modalities {names}")
-    e = _stack(evidence)
+    e, out_dtype = _stack(evidence)
     d = names.index(ranking[0])
     rel = e / e[d]
     rel = torch.where(e[d] > 0, rel, torch.full_like(rel, math.inf))
@@ -320,7 +322,7 @@ def pdmp_coefficients(
     boost = 1.0 + gamma_p * torch.tanh((others.max() - 1.0).clamp_min(0.0))
     damped = 1.0 - torch.tanh(gamma_r * rel)
     k = torch.where(torch.arange(len(names), device=e.device) == d, boost, damped)
-    return _unstack(names, k)
+    return _unstack(names, k, out_dtype)
 
 
 def imbalance_factor(unimodal_accuracy: Mapping[str, float]) -> dict[str, float]:

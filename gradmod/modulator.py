@@ -185,9 +185,10 @@ class Modulator:
         """Number of optimizer steps seen (modulated or not; skipped ``inf`` steps excluded)."""
         return self._step
 
-    def in_window(self) -> bool:
-        """Whether the next optimizer step is inside ``[start_step, stop_step)``."""
-        return self.start_step <= self._step and (self.stop_step is None or self._step < self.stop_step)
+    def in_window(self, step: int | None = None) -> bool:
+        """Whether optimizer step ``step`` (default: the next one) is inside ``[start_step, stop_step)``."""
+        step = self._step if step is None else step
+        return self.start_step <= step and (self.stop_step is None or step < self.stop_step)
 
     def _gradients_cleared(self) -> bool:
         return all(p.grad is None for params in self.params.values() for p in params)
@@ -289,9 +290,9 @@ class Modulator:
         coefficients, self._coefficients = self._coefficients, None
         step = self._step
         self._step += 1
-        if not (self.start_step <= step and (self.stop_step is None or step < self.stop_step)):
+        if not self.in_window(step):
             return None
-        if self.measure.needs_observe and pending is None:
+        if pending is None and (self.measure.needs_observe or self.apply == "features"):
             if not self._warned_no_observe:
                 warnings.warn(
                     "gradmod: optimizer step without observe() since the last step: not modulated "

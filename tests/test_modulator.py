@@ -385,3 +385,20 @@ def test_reset_and_state_dict_name_check():
     other = gradmod.OGM({"a": nn.Linear(1, 1), "b": nn.Linear(1, 1)}, alpha=0.1)
     with pytest.raises(ValueError, match="modalities"):
         other.load_state_dict(mod.state_dict())
+
+
+def test_pdmp_static_in_features_mode_hooks_through_observe():
+    model, _ = make("OGM")
+    metrics = {"audio": 0.8, "visual": 0.4}
+    mod = gradmod.PDMP(
+        {n: model.encoders[n] for n in model.names}, ("audio", "visual"), 0.5, 1.0,
+        static_metrics=metrics, apply="features",
+    )
+    (inputs, y), = batches(1)
+    logits, _, features, _ = model(inputs)
+    mod.observe(features=features)  # no evidence inputs: the metrics are the evidence
+    nn.functional.cross_entropy(logits, y).backward()
+    k = mod.step()
+    assert k["audio"].item() == 1.0 and k["visual"].item() == pytest.approx(1 - math.tanh(0.5))
+    with pytest.warns(RuntimeWarning, match="without observe"):
+        assert mod.step() is None  # features mode needs observe() to place its hooks

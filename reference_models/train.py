@@ -174,7 +174,7 @@ def unimodal_metrics(task: Task, config: TrainConfig, device: torch.device) -> d
         optimizer = _optimizer(config, task.model)
         loader = DataLoader(fit, config.batch_size, shuffle=True, generator=torch.Generator().manual_seed(config.seed))
         for _ in range(config.pdmp_budget):
-            for inputs, target in tqdm(loader, desc=f"PDMP unimodal {name}", leave=False, disable=not config.progress):
+            for inputs, target in tqdm(loader, desc=f"PDMP unimodal {name}", leave=False, disable=None if config.progress else True):
                 optimizer.zero_grad(set_to_none=True)
                 inputs = {n: x.to(device) for n, x in inputs.items()}
                 task.unimodal_loss(inputs, target.to(device), keep=name).backward()
@@ -252,7 +252,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         first_step = epoch * steps_per_epoch
         loader = DataLoader(task.train_set, shuffle=True, generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch), **loader_args)
         total_loss, batches = 0.0, 0
-        for inputs, target in tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, disable=not config.progress):
+        for inputs, target in tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, disable=None if config.progress else True):
             inputs, target = {n: x.to(device) for n, x in inputs.items()}, target.to(device)
             optimizer.zero_grad(set_to_none=True)
             soft = None

@@ -13,6 +13,7 @@ Every backend implements one contract, that of `gradmod.kernels.reference.modula
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -43,8 +44,12 @@ def _triton_kernel() -> Kernel | None:
     return None
 
 
+@functools.cache
 def get_kernel(backend: str, device: torch.device) -> Kernel:
-    """The kernel for ``backend`` on ``device`` (``"auto"`` resolved as documented above)."""
+    """The kernel for ``backend`` on ``device`` (``"auto"`` resolved as documented above).
+
+    Resolved once per (backend, device) and cached: the modulator asks on every step.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     if backend == "reference":

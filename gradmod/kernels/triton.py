@@ -46,7 +46,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.interpreter import InterpretedFunction
 
-from gradmod.kernels.foreach import check_scalars, group_by_device_and_dtype, to_device
+from gradmod.kernels._common import check_scalars, group_by_device_and_dtype, to_device
 
 #: Elements per block (a power of two, a multiple of 4: each Philox call yields 4 normals).
 BLOCK = 2048

@@ -126,8 +126,8 @@ class Modulator:
         self._generators: dict[str, torch.Generator] = {}
         self._step = 0
         self._pending: Tensor | None = None
-        self._coefficients: dict[str, Tensor] | None = None
-        self._reduced_evidence: Tensor | None = None
+        # features mode: the (all-reduced evidence, coefficients) that observe() hooked for the next step
+        self._hooked: tuple[Tensor, dict[str, Tensor]] | None = None
         self._warned_no_observe = False
         self._history: deque[tuple[int, Tensor, Tensor, Tensor]] = deque(maxlen=history_size)
 
@@ -212,8 +212,7 @@ class Modulator:
             raise ValueError("apply='features' needs observe(..., features={name: feature_tensor})")
         if self.apply == "params" and features is not None:
             raise ValueError("features= is only used with apply='features'")
-        evidence, problems = self.measure.evidence(self.names, **inputs)
-        stacked = torch.stack([evidence[n].float() for n in self.names])
+        stacked, problems = self._evidence(**inputs)
         if self.validate:
             self._check(stacked, problems)
         if self._pending is not None and self._gradients_cleared():
@@ -221,6 +220,11 @@ class Modulator:
         self._pending = stacked if self._pending is None else self._pending + stacked.to(self._pending.device)
         if self.apply == "features":
             self._hook_features(features)
+
+    def _evidence(self, **inputs: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        """The measure's evidence as one ``[M]`` float tensor in modality order, and its problem flags."""
+        evidence, problems = self.measure.evidence(self.names, **inputs)
+        return torch.stack([evidence[n].float() for n in self.names]), problems
 
     def _check(self, evidence: Tensor, problems: Mapping[str, Tensor]) -> None:
         messages = list(problems)
@@ -241,26 +245,25 @@ class Modulator:
         unknown = [n for n in features if n not in self.names]
         if missing or unknown:
             raise ValueError(f"features must name exactly {list(self.names)}: missing {missing}, unknown {unknown}")
-        self._coefficients = None
+        self._hooked = None
         if not self.in_window():
             return
-        coefficients = self._coefficients_from(self._pending)
+        evidence, coefficients = self._coefficients_from(self._pending)
         for name in self.names:
             feature = features[name]
             if not feature.requires_grad:
                 raise ValueError(f"features[{name!r}] does not require grad: pass the encoder's output tensor")
             k = coefficients[name]
             feature.register_hook(lambda grad, k=k: grad * k.to(device=grad.device, dtype=grad.dtype))
-        self._coefficients = coefficients
+        self._hooked = (evidence, coefficients)
 
-    def _coefficients_from(self, evidence: Tensor) -> dict[str, Tensor]:
-        """The policy's coefficients; observed evidence is first summed over all ``torch.distributed`` ranks."""
+    def _coefficients_from(self, evidence: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """The evidence summed over all ``torch.distributed`` ranks (observed evidence only), and the policy's
+        coefficients for it."""
         if self.measure.needs_observe and dist.is_available() and dist.is_initialized():
             evidence = evidence.clone()
             dist.all_reduce(evidence, op=dist.ReduceOp.SUM)
-        coefficients = self.policy(dict(zip(self.names, evidence.unbind(0))))
-        self._reduced_evidence = evidence
-        return coefficients
+        return evidence, self.policy(dict(zip(self.names, evidence.unbind(0))))
 
     # ------------------------------------------------------------------ step
     def attach(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
@@ -287,7 +290,7 @@ class Modulator:
         window, or no fresh `observe` — the latter warns once).
         """
         pending, self._pending = self._pending, None
-        coefficients, self._coefficients = self._coefficients, None
+        hooked, self._hooked = self._hooked, None
         step = self._step
         self._step += 1
         if not self.in_window(step):
@@ -302,15 +305,13 @@ class Modulator:
                 )
                 self._warned_no_observe = True
             return None
-        if pending is None:
-            pending, _ = self.measure.evidence(self.names)
-            pending = torch.stack([pending[n] for n in self.names])
         if self.apply == "params":
-            coefficients = self._coefficients_from(pending)
+            evidence, coefficients = self._coefficients_from(pending if pending is not None else self._evidence()[0])
             self._apply_to_params(coefficients, step)
-        elif coefficients is None:  # features mode, observed while outside the window
+        elif hooked is None:  # features mode, observed while outside the window
             return None
-        evidence = self._reduced_evidence
+        else:
+            evidence, coefficients = hooked
         ratios = torch.stack(list(F.discrepancy_ratios(dict(zip(self.names, evidence.unbind(0)))).values()))
         stacked = torch.stack([coefficients[n].to(evidence.device) for n in self.names])
         self._history.append((step, evidence.detach(), ratios.detach(), stacked.detach()))
@@ -357,7 +358,7 @@ class Modulator:
         """Forget pending evidence, history and the step counter (the noise restarts with the counter)."""
         self._step = 0
         self._pending = None
-        self._coefficients = None
+        self._hooked = None
         self._history.clear()
         self._warned_no_observe = False
 
@@ -383,7 +384,7 @@ class Modulator:
         self._step = int(state["step"])
         self.seed = int(state["seed"])
         self._pending = None if state["pending"] is None else state["pending"].clone()
-        self._coefficients = None
+        self._hooked = None
         self._history.clear()
         self._history.extend((int(s), e.clone(), r.clone(), c.clone()) for s, e, r, c in state["history"])
         self._warned_no_observe = bool(state["warned_no_observe"])

@@ -7,12 +7,14 @@ Three lines in an existing loop::
     mod.observe(logits={"audio": la, "visual": lv}, target=y)   # each step, before optimizer.step()
 """
 
-from gradmod import filters, functional, fusion, kernels, measures, mixup, policies
+from gradmod import appliers, filters, functional, fusion, history, kernels, measures, mixup, policies
+from gradmod.appliers import FeaturesApplier, ParamsApplier, scale_grad
 from gradmod.functional import rank_modalities
-from gradmod.methods import DGM, OGM, OGMGE, PDMP, DecouplingFree
+from gradmod.methods import DGM, METHODS, OGM, OGMGE, PDMP, DecouplingFree
 from gradmod.modulator import Modulator, epoch_window
+from gradmod.policies import PolicyError
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 __all__ = [
     "Modulator",
@@ -21,11 +23,18 @@ __all__ = [
     "DGM",
     "DecouplingFree",
     "PDMP",
+    "METHODS",
+    "ParamsApplier",
+    "FeaturesApplier",
+    "PolicyError",
+    "scale_grad",
     "rank_modalities",
     "epoch_window",
+    "appliers",
     "filters",
     "functional",
     "fusion",
+    "history",
     "kernels",
     "mixup",
     "measures",

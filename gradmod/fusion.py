@@ -1,4 +1,4 @@
-"""Late-fusion heads that the modulation methods need, and the SimAM² energy attention (paper 002).
+"""Late-fusion heads that the modulation methods need, and the SimAM² energy attention.
 
 Every head maps named per-modality feature vectors ``features[u]: [B, D_u]`` to class logits ``[B, C]``
 and shares one interface, `Fusion`:
@@ -8,10 +8,12 @@ and shares one interface, `Fusion`:
   (OGM-GE, DGM) or raises ``TypeError`` that names the alternative;
 * gated heads record their last gate in ``zeta`` (attached to the graph, ``None`` before the first
   forward): for two modalities the ``[B, D]`` tensor ζ that weights ``modalities[0]`` in
-  ``U = ζ·X₁ + (1 − ζ)·X₂`` (paper 002 eq. (4)); for ``M > 2`` a dict name → gate whose gates sum to
+  ``U = ζ·X₁ + (1 − ζ)·X₂`` (SimAM² eq. (4)); for ``M > 2`` a dict name → gate whose gates sum to
   one elementwise. `gradmod.functional.zeta_evidence` turns it into the eq. (11) evidence.
 
-Paper files are those in ``shared/papers`` (``002`` = SimAM² and decoupling-free modulation).
+SimAM² and the decoupling-free modulation are from Sun et al., *More than Vanilla Fusion: a Simple,
+Decoupling-free, Attention Module for Multimodal Fusion Based on Signal Theory* (ICASSP 2024); equation
+numbers below are that paper's.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from gradmod._internal import real_scalar
 from gradmod.functional import decouple_linear
 
 __all__ = [
@@ -48,18 +51,17 @@ def _wide(x: Tensor) -> Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
-def _check_positive(value: float, name: str) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+def _check_positive(value: float, name: str) -> float:
+    return real_scalar(value, name, strict=True)
 
 
 # --------------------------------------------------------------------------------------------------
-# SimAM² math (paper 002, section 2.1), pure functions
+# SimAM² math (section 2.1), pure functions
 # --------------------------------------------------------------------------------------------------
 
 
 def simam_inverse_energy(x: Tensor, lambda_: float) -> Tensor:
-    """Importance ``1/e_t*`` of every neuron: the inverse of the minimal energy, paper 002 eq. (3).
+    """Importance ``1/e_t*`` of every neuron: the inverse of the minimal energy, eq. (3).
 
     ``1/e_t*(λ) = ((t − μ̂)² + 2σ̂² + 2λ) / (4(σ̂² + λ)) = (t − μ̂)² / (4(σ̂² + λ)) + ½``, the SimAM closed
     form, with ``μ̂`` and ``σ̂² = Σ(x − μ̂)² / (n − 1)`` taken over the ``n`` neurons of one channel of one
@@ -80,7 +82,7 @@ def simam_inverse_energy(x: Tensor, lambda_: float) -> Tensor:
 
 
 def degradation_factor(gate_variance: Tensor, gate_variance_max: Tensor, scale: float, lambda_: float) -> Tensor:
-    """Degradation factor, paper 002 eq. (6): ``r = tanh((s·Σ_i var(ζ_i) + λ) / (Σ_i var_max(ζ_i) + λ))``.
+    """Degradation factor, eq. (6): ``r = tanh((s·Σ_i var(ζ_i) + λ) / (Σ_i var_max(ζ_i) + λ))``.
 
     ``gate_variance`` holds each gate neuron's variance within the batch, ``gate_variance_max`` its
     highest recorded variance (same shape); both are summed over all their elements. ``r ∈ (0, 1)`` for
@@ -92,7 +94,7 @@ def degradation_factor(gate_variance: Tensor, gate_variance_max: Tensor, scale: 
 
 
 def simam2_energy(fused: Tensor, parts: Sequence[Tensor], gates: Sequence[Tensor], r: Tensor) -> Tensor:
-    """Degraded fusion energy, paper 002 eq. (7), on inverse energies: ``E* = (2 − r)·ι_U − Σ_u ζ_u²·ι_u``.
+    """Degraded fusion energy, eq. (7), on inverse energies: ``E* = (2 − r)·ι_U − Σ_u ζ_u²·ι_u``.
 
     Eq. (7) reads ``E* = e_U − ζ²e₁ − (1 − ζ)²e₂ + (1 − r)e_U``, whose first three terms are, by eq. (5),
     the mutual-energy term ``2ζ(1 − ζ)·E(x₁, x₂)``. Using that product instead of ``E`` itself never
@@ -107,7 +109,7 @@ def simam2_energy(fused: Tensor, parts: Sequence[Tensor], gates: Sequence[Tensor
 
 
 class SimAM2(nn.Module):
-    """SimAM², the energy attention on a gated superposition of modalities (paper 002, eqs. (1)–(8)).
+    """SimAM², the energy attention on a gated superposition of modalities (eqs. (1)–(8)).
 
     ``forward(signals, gates)`` fuses ``U = Σ_u ζ_u·X_u`` (eq. (4); two modalities: ``gates = (ζ, 1 − ζ)``)
     and returns ``sigmoid(E*) ⊙ U`` (eq. (8)) with ``E*`` of eq. (7) from the per-modality energies
@@ -178,7 +180,7 @@ class SimAM2(nn.Module):
                 raise ValueError(f"gate {i} must be [batch, channels] = {tuple(shape[:2])}, got {tuple(gate.shape)}")
 
     def forward(self, signals: Sequence[Tensor], gates: Sequence[Tensor]) -> Tensor:
-        """Return ``sigmoid(E*) ⊙ Σ_u ζ_u·X_u`` (paper 002 eqs. (4), (8)), in the signals' dtype."""
+        """Return ``sigmoid(E*) ⊙ Σ_u ζ_u·X_u`` (eqs. (4), (8)), in the signals' dtype."""
         self._check_inputs(signals, gates)
         spatial = (1,) * (signals[0].dim() - 2)
         wide_gates = [_wide(g).reshape(*g.shape, *spatial) for g in gates]
@@ -279,8 +281,8 @@ class Fusion(nn.Module, ABC):
         raise TypeError(
             f"{type(self).__name__} mixes modalities non-linearly, so it has no per-modality logits. Measure "
             "the imbalance from its fusion gate ζ (`.zeta`; GatedSumFusion, or FiLMFusion(zeta=True)) with "
-            "gradmod.DecouplingFree (paper 002 eq. (11)), or train unimodal auxiliary heads on the features "
-            "(paper 003's modality-separated decision unit) and pass their logits instead."
+            "gradmod.DecouplingFree (SimAM² eq. (11)), or train unimodal auxiliary heads on the features "
+            "(DGM's modality-separated decision unit) and pass their logits instead."
         )
 
 
@@ -309,7 +311,7 @@ class SumFusion(Fusion):
     """A linear layer per modality, summed: ``logits = Σ_u (f_u·W_uᵀ + b_u)`` (OGM-GE's sum head).
 
     Decoupled logits are each branch's own output with its **full** bias ``b_u`` (the official
-    ``train_epoch``; ``papers/README.md``, "Checked facts"), so they sum exactly to the forward logits.
+    ``train_epoch``), so they sum exactly to the forward logits.
     """
 
     decouplable = True
@@ -358,12 +360,12 @@ def _same_width(modalities: Sequence[str], dim: int) -> dict[str, int]:
 
 
 def _fixed_gates(like: Tensor, num_inputs: int, dim: int) -> Tensor:
-    """``[B, M, D]`` gates all equal to ``1/M``: fixed-weight fusion (paper 002 §2.2, "letting ζ = 0.5")."""
+    """``[B, M, D]`` gates all equal to ``1/M``: fixed-weight fusion (§2.2, "letting ζ = 0.5")."""
     return like.new_full((like.shape[0], num_inputs, dim), 1.0 / num_inputs)
 
 
 def _superpose(inputs: Sequence[Tensor], gates: Tensor, simam: SimAM2 | None) -> Tensor:
-    """``U = Σ_u ζ_u·X_u`` (paper 002 eq. (4)), passed through SimAM² (eq. (8)) when given."""
+    """``U = Σ_u ζ_u·X_u`` (SimAM² eq. (4)), passed through SimAM² (eq. (8)) when given."""
     per_input = gates.unbind(dim=1)
     if simam is None:
         return sum(gate * x for gate, x in zip(per_input, inputs))
@@ -371,12 +373,12 @@ def _superpose(inputs: Sequence[Tensor], gates: Tensor, simam: SimAM2 | None) ->
 
 
 class GatedSumFusion(Fusion):
-    """ζ-weighted sum of equally wide features, then a linear classifier (paper 002 eqs. (4), (8)).
+    """ζ-weighted sum of equally wide features, then a linear classifier (eqs. (4), (8)).
 
     ``U = Σ_u ζ_u·X_u`` with per-channel gates from a softmax over the modalities of a linear map of the
     concatenated features; for two modalities this is eq. (4), ``U = ζ·X₁ + (1 − ζ)·X₂`` with
     ``ζ = sigmoid(l₁ − l₂)``, and for ``M > 2`` its generalisation (gates sum to one elementwise). With ``learn_gate=False`` the gates are
-    fixed at ``1/M`` ("direct summation ... letting ζ = 0.5", paper 002 §2.2). With ``simam=True``,
+    fixed at ``1/M`` ("direct summation ... letting ζ = 0.5", §2.2). With ``simam=True``,
     `SimAM2` replaces ``U`` by ``sigmoid(E*) ⊙ U``. Logits ``= Linear(dim, num_classes)(U)``.
 
     ``zeta`` holds the last gate (see the module docstring); with a fixed gate it is the constant ``1/M``.
@@ -407,7 +409,7 @@ class GatedSumFusion(Fusion):
 
 
 class FiLMFusion(Fusion):
-    """FiLM fusion (paper 002 eq. (9)), optionally ζ-weighted (eq. (10)) and with SimAM², two modalities.
+    """FiLM fusion (eq. (9)), optionally ζ-weighted (eq. (10)) and with SimAM², two modalities.
 
     ``γ, β = f(x_c), h(x_c)`` (one linear layer ``dim → 2·dim``) from the ``condition`` modality ``c``;
     ``F`` is the other, modulated, modality. Fused representation:

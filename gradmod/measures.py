@@ -1,8 +1,14 @@
 """Measures: what a batch produced → one non-negative evidence value per modality.
 
-A measure names the inputs it needs from `gradmod.Modulator.observe` and turns them into a
-``{modality: 0-d tensor}`` mapping. All work stays on the device; `Measure.problems` returns
-device-side flags that the modulator checks with a single host synchronisation.
+A measure names the inputs it reads from `gradmod.Modulator.observe` and turns them into a
+``{modality: 0-d tensor}`` mapping with `Measure.evidence`. Shapes, dtypes and names are checked there
+(on the host, no synchronisation); `Measure.problems` returns device-side flags for bad *values* (NaN
+logits, targets out of range, scores outside ``[0, 1]``), which the modulator reads with one host
+synchronisation when it validates (``validate=True``) and never computes otherwise.
+
+Evidence may be zero for a batch (an empty micro-batch, every target ignored, a softmax score that
+underflows): that is a *degenerate* batch, not bad input; the modulator decides what to do with it
+after summing the evidence of a step.
 """
 
 from __future__ import annotations
@@ -15,15 +21,18 @@ import torch
 from torch import Tensor
 
 from gradmod import functional as F
+from gradmod._internal import check_logits_target, check_names, per_modality, real_scalar
 
 #: How far scores may stray outside [0, 1] through floating-point rounding before they count as bad input.
 _SCORE_TOLERANCE = 1e-5
+#: ``torch.nn.functional.cross_entropy``'s default ``ignore_index``.
+IGNORE_INDEX = -100
 
-__all__ = ["Measure", "SoftmaxScore", "DGMScore", "ZetaGate", "StaticMetrics"]
+__all__ = ["Measure", "SoftmaxScore", "DGMScore", "ZetaGate", "StaticMetrics", "IGNORE_INDEX"]
 
 
 class Measure(ABC):
-    """Base class: ``evidence(names, **inputs)`` and the names of the ``observe()`` inputs it needs."""
+    """Base class: `evidence` per modality from the ``observe()`` inputs named in `inputs`."""
 
     #: keyword arguments of ``observe()`` this measure reads
     inputs: tuple[str, ...] = ()
@@ -31,100 +40,143 @@ class Measure(ABC):
     needs_observe: bool = True
 
     @abstractmethod
-    def evidence(self, names: Sequence[str], **inputs: Any) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """Evidence per modality, and named boolean 0-d tensors that are ``True`` for bad input."""
+    def evidence(self, names: Sequence[str], **inputs: Any) -> dict[str, Tensor]:
+        """Evidence per modality (0-d tensors, ``>= 0`` for valid input); raises on bad shapes or names."""
+
+    def problems(self, names: Sequence[str], **inputs: Any) -> dict[str, Tensor]:
+        """Message → 0-d bool tensor that is ``True`` when the input values are bad (checked on the device)."""
+        return {}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
 
-def _per_modality(names: Sequence[str], mapping: Mapping[str, Tensor] | None, what: str) -> Mapping[str, Tensor]:
-    if mapping is None:
-        raise ValueError(f"observe() needs {what}={{name: tensor}} for the modalities {list(names)}")
-    missing = [n for n in names if n not in mapping]
-    unknown = [n for n in mapping if n not in names]
-    if missing or unknown:
-        raise ValueError(
-            f"observe({what}=...) must name exactly the modalities {list(names)}: "
-            f"missing {missing}, unknown {unknown}"
-        )
-    return mapping
-
-
-def _class_index_problems(name: str, logits: Tensor, target: Tensor) -> dict[str, Tensor]:
+def _target_problems(name: str, logits: Tensor, target: Tensor, ignore_index: int | None) -> dict[str, Tensor]:
     classes = logits.shape[1]
+    outside = (target < 0) | (target >= classes)
+    if ignore_index is not None:
+        outside &= target != ignore_index
     return {
         f"logits of modality {name!r} contain NaN or inf": ~torch.isfinite(logits.detach()).all(),
-        f"target holds class indices outside [0, {classes})": ((target < 0) | (target >= classes)).any(),
+        f"target holds class indices outside [0, {classes})": outside.any(),
     }
+
+
+def _ignore_index(value: int | None) -> int | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise TypeError(f"ignore_index must be an int or None, got {value!r}")
+    return value
 
 
 class SoftmaxScore(Measure):
     """OGM-GE's score: ``s_u = Σ_i softmax(z_u,i)[y_i]`` (`gradmod.functional.ogm_scores`).
 
-    ``observe(logits={name: [B, C]}, target=[B])`` with the per-modality (decoupled) logits.
+    ``observe(logits={name: [B, C]}, target=[B])`` with the per-modality (decoupled) logits. Samples whose
+    target is ``ignore_index`` (default −100, as in ``cross_entropy``) add nothing.
     """
 
     inputs = ("logits", "target")
 
-    def evidence(self, names, logits=None, target=None, **_):
-        logits = _per_modality(names, logits, "logits")
+    def __init__(self, ignore_index: int | None = IGNORE_INDEX) -> None:
+        self.ignore_index = _ignore_index(ignore_index)
+
+    def _checked(self, names: Sequence[str], logits: Any, target: Any) -> Mapping[str, Tensor]:
+        logits = per_modality(logits, names, "observe(logits=...)")
         if target is None:
             raise ValueError("observe() needs target=[batch] class indices")
-        evidence, problems = {}, {}
         for name in names:
-            z = logits[name]
-            F._check_logits_target(z, target, name=f"logits[{name!r}]")
-            problems.update(_class_index_problems(name, z, target))
-            evidence[name] = F.ogm_scores(z, target.clamp(0, z.shape[1] - 1))
-        return evidence, problems
+            check_logits_target(logits[name], target, name=f"logits[{name!r}]")
+        return logits
+
+    def evidence(self, names, logits=None, target=None, **_):
+        logits = self._checked(names, logits, target)
+        return {name: F.ogm_scores(logits[name], target, self.ignore_index) for name in names}
+
+    def problems(self, names, logits=None, target=None, **_):
+        logits = self._checked(names, logits, target)
+        flags: dict[str, Tensor] = {}
+        for name in names:
+            flags.update(_target_problems(name, logits[name], target, self.ignore_index))
+        return flags
+
+    def __repr__(self) -> str:
+        return f"SoftmaxScore(ignore_index={self.ignore_index})"
 
 
 class DGMScore(Measure):
-    """DGM's evidence (paper 003, eq. (6)): `gradmod.functional.dgm_evidence` per modality.
+    """DGM's evidence (Fu, Gao & Xu, eq. (6)): `gradmod.functional.dgm_evidence` per modality.
 
     ``observe(scores={name: [B, C] in [0, 1]}, target=...)`` with multi-hot ``[B, C]`` or index ``[B]``
     targets; or ``observe(logits=..., target=...)``: logits become sigmoid scores for multi-hot targets and
-    softmax probabilities for index targets (the single-label form).
+    softmax probabilities for index targets (the single-label form). Index targets equal to
+    ``ignore_index`` (default −100) add nothing.
     """
 
     inputs = ("scores", "logits", "target")
 
-    def evidence(self, names, scores=None, logits=None, target=None, **_):
+    def __init__(self, ignore_index: int | None = IGNORE_INDEX) -> None:
+        self.ignore_index = _ignore_index(ignore_index)
+
+    def _checked(self, names, scores, logits, target) -> tuple[str, Mapping[str, Tensor]]:
         if (scores is None) == (logits is None):
             raise ValueError("observe() for DGM needs exactly one of scores= or logits=")
         if target is None:
             raise ValueError("observe() for DGM needs target= (multi-hot [B, C] or class indices [B])")
-        given = _per_modality(names, scores if scores is not None else logits, "scores" if scores is not None else "logits")
-        evidence, problems = {}, {}
+        kind = "scores" if scores is not None else "logits"
+        given = per_modality(scores if scores is not None else logits, names, f"observe({kind}=...)")
+        for name in names:
+            x = given[name]
+            if not isinstance(x, Tensor) or x.dim() != 2:
+                shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+                raise ValueError(f"{kind}[{name!r}] must be a [batch, classes] tensor, got {shape}")
+            if target.dim() == 1:
+                check_logits_target(x, target, name=f"{kind}[{name!r}]")
+            elif target.shape != x.shape:
+                raise ValueError(
+                    f"target must be [batch] indices or multi-hot of {kind}[{name!r}]'s shape {tuple(x.shape)}, "
+                    f"got {tuple(target.shape)}"
+                )
+        return kind, given
+
+    def evidence(self, names, scores=None, logits=None, target=None, **_):
+        kind, given = self._checked(names, scores, logits, target)
+        ignore = self.ignore_index if target.dim() == 1 else None
+        evidence = {}
+        for name in names:
+            x = given[name].detach().float()
+            if kind == "logits":
+                x = torch.softmax(x, 1) if target.dim() == 1 else torch.sigmoid(x)
+            else:  # pooled probabilities may overshoot [0, 1] by rounding: `problems` tolerates that; clamp
+                x = x.clamp(0.0, 1.0)
+            evidence[name] = F.dgm_evidence(x, target, ignore)
+        return evidence
+
+    def problems(self, names, scores=None, logits=None, target=None, **_):
+        kind, given = self._checked(names, scores, logits, target)
+        flags: dict[str, Tensor] = {}
         for name in names:
             x = given[name].detach()
-            if x.dim() != 2:
-                raise ValueError(f"{'scores' if scores is not None else 'logits'}[{name!r}] must be [batch, classes], got {tuple(x.shape)}")
             if target.dim() == 1:
-                F._check_logits_target(x, target, name=f"[{name!r}]")
-                problems.update(_class_index_problems(name, x, target))
-                target_used = target.clamp(0, x.shape[1] - 1)
+                flags.update(_target_problems(name, x, target, self.ignore_index))
             else:
-                target_used = target
-                problems["multi-hot target holds values outside [0, 1]"] = ((target < 0) | (target > 1)).any()
-            if logits is not None:
-                problems[f"logits of modality {name!r} contain NaN or inf"] = ~torch.isfinite(x).all()
-                x = torch.softmax(x.float(), 1) if target.dim() == 1 else torch.sigmoid(x.float())
-            else:  # pooled probabilities may overshoot [0, 1] by rounding: tolerate that, then clamp
-                problems[f"scores of modality {name!r} lie outside [0, 1] or are not finite"] = ~(
+                flags["multi-hot target holds values outside [0, 1]"] = ((target < 0) | (target > 1)).any()
+            if kind == "logits":
+                flags[f"logits of modality {name!r} contain NaN or inf"] = ~torch.isfinite(x).all()
+            else:
+                flags[f"scores of modality {name!r} lie outside [0, 1] or are not finite"] = ~(
                     (x >= -_SCORE_TOLERANCE) & (x <= 1 + _SCORE_TOLERANCE)
                 ).all()
-                x = x.clamp(0.0, 1.0)
-            evidence[name] = F.dgm_evidence(x, target_used)
-        return evidence, problems
+        return flags
+
+    def __repr__(self) -> str:
+        return f"DGMScore(ignore_index={self.ignore_index})"
 
 
 class ZetaGate(Measure):
-    """Decoupling-free evidence from the fusion gate ζ (paper 002, eq. (11)): `gradmod.functional.zeta_evidence`.
+    """Decoupling-free evidence from the fusion gate ζ (SimAM², eq. (11)): `gradmod.functional.zeta_evidence`.
 
     ``observe(zeta=ζ)``: a tensor in ``[0, 1]`` weighting the first modality (two modalities), or a mapping
-    name → gate for M ≥ 2 gates summing to one.
+    name → gate for M ≥ 2 gates summing to one. An empty ζ (empty batch) gives zero evidence.
     """
 
     inputs = ("zeta",)
@@ -132,10 +184,12 @@ class ZetaGate(Measure):
     def evidence(self, names, zeta=None, **_):
         if zeta is None:
             raise ValueError("observe() for the decoupling-free method needs zeta= (the fusion gate)")
-        evidence = F.zeta_evidence(zeta, names)
-        gates = [zeta] if isinstance(zeta, Tensor) else list(zeta.values())
+        return F.zeta_evidence(zeta, names)
+
+    def problems(self, names, zeta=None, **_):
+        gates = [zeta] if isinstance(zeta, Tensor) else list(per_modality(zeta, names, "observe(zeta=...)").values())
         bad = torch.stack([~((g.detach() >= 0) & (g.detach() <= 1)).all() for g in gates]).any()
-        return evidence, {"zeta lies outside [0, 1] or is not finite": bad}
+        return {"zeta lies outside [0, 1] or is not finite": bad}
 
 
 class StaticMetrics(Measure):
@@ -144,12 +198,13 @@ class StaticMetrics(Measure):
     needs_observe = False
 
     def __init__(self, metrics: Mapping[str, float]):
-        self.metrics = {name: float(value) for name, value in metrics.items()}
+        if not isinstance(metrics, Mapping):
+            raise TypeError(f"metrics must be a mapping modality name -> number, got {type(metrics).__name__}")
+        self.metrics = {name: real_scalar(value, f"metric of modality {name!r}") for name, value in metrics.items()}
 
     def evidence(self, names, **_):
-        if set(names) != set(self.metrics):
-            raise ValueError(f"static metrics name {sorted(self.metrics)}, the modalities are {sorted(names)}")
-        return {n: torch.tensor(self.metrics[n]) for n in names}, {}
+        check_names(self.metrics, names, "static metrics")
+        return {n: torch.tensor(self.metrics[n]) for n in names}
 
     def __repr__(self) -> str:
         return f"StaticMetrics({self.metrics})"

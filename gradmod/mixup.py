@@ -1,4 +1,5 @@
-"""Multimodal Mixup (MM) and Balanced Multimodal Mixup (B-MM), paper ``001`` (sections 3.2–3.3).
+"""Multimodal Mixup (MM) and Balanced Multimodal Mixup (B-MM): Ma, Ding & Chen, *Mixup Helps Understanding
+Multimodal Video Better* (2025), sections 3.2–3.3.
 
 MM and B-MM act on data, not on gradients: they build virtual (input, soft-label) pairs and are trained
 with `soft_cross_entropy`. The imbalance factor κ and the mixing strength come from
@@ -64,7 +65,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gradmod.functional import _check_strength, bmm_strength, imbalance_factor
+from gradmod._internal import real_scalar
+from gradmod.functional import bmm_strength, imbalance_factor
 
 __all__ = ["MultimodalMixup", "BalancedMixup", "soft_cross_entropy"]
 
@@ -113,7 +115,7 @@ def _check_features(x: Tensor, name: str) -> int:
 
 
 def _mix_with_partner(x: Tensor, permutation: Tensor, partner_weight: float) -> Tensor:
-    """``(1 − w)·x + w·x[π]`` along the batch dimension (paper 001, eqs. (3) and (8))."""
+    """``(1 − w)·x + w·x[π]`` along the batch dimension (eqs. (3) and (8))."""
     return torch.lerp(x, x[permutation.to(x.device)], partner_weight)
 
 
@@ -153,7 +155,7 @@ def soft_cross_entropy(logits: Tensor, soft_target: Tensor, reduction: str = "me
 
 
 class MultimodalMixup:
-    """MM (paper 001, eq. (3)): mixup of the fused multimodal features and their labels across the batch.
+    """MM (eq. (3)): mixup of the fused multimodal features and their labels across the batch.
 
     Args:
         alpha: ``α ≥ 0`` of ``Beta(α, α)``; ``0`` disables mixing (ERM).
@@ -162,7 +164,7 @@ class MultimodalMixup:
     """
 
     def __init__(self, alpha: float, generator: torch.Generator | None = None) -> None:
-        _check_strength(alpha, "alpha")
+        alpha = real_scalar(alpha, "alpha")
         if generator is not None and not (isinstance(generator, torch.Generator) and generator.device.type == "cpu"):
             raise ValueError(f"generator must be a CPU torch.Generator, got {generator!r}")
         self.alpha = float(alpha)
@@ -194,7 +196,7 @@ class MultimodalMixup:
 
 
 class BalancedMixup:
-    """B-MM (paper 001, eqs. (5)–(8)): mixup of the weaker modality's input, driven by the imbalance factor.
+    """B-MM (eqs. (5)–(8)): mixup of the weaker modality's input, driven by the imbalance factor.
 
     Call `update` once after each training epoch with every modality's unimodal training accuracy,
     and call the object on each training batch. See the module docstring for the warm-up rule and M > 2.
@@ -220,7 +222,7 @@ class BalancedMixup:
         names = tuple(modalities)
         if len(names) < 2 or len(set(names)) != len(names):
             raise ValueError(f"modalities must name at least two distinct modalities, got {list(names)}")
-        _check_strength(degree, "degree")
+        degree = real_scalar(degree, "degree")
         self.modalities = names
         self.num_classes = _check_int(num_classes, "num_classes", 1)
         self.degree = float(degree)

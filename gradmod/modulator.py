@@ -1,11 +1,11 @@
-"""The `Modulator`: named modalities → measure → policy → apply, attached to an optimizer by a hook."""
+"""The `Modulator`: named modalities → measure → policy → applier, attached to an optimizer by a hook."""
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import weakref
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -13,17 +13,16 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from gradmod import functional as F
-from gradmod.kernels import BACKENDS, get_kernel
+from gradmod._backward import BackwardMonitor
+from gradmod.appliers import Applier, FeaturesApplier, Modality, ParamFilter, ParamsApplier
+from gradmod.history import APPLIED, DEGENERATE, INVALID, History
 from gradmod.measures import Measure
+from gradmod.policies import Policy, PolicyError, check_coefficients, coefficient_range, range_message
 
-__all__ = ["Modulator", "ParamFilter", "epoch_window"]
+__all__ = ["Modulator", "ParamFilter", "epoch_window", "make_applier"]
 
-#: ``param_filter(name, parameter) -> bool`` selects the parameters of a modality to modulate.
-ParamFilter = Callable[[str, nn.Parameter], bool]
-Policy = Callable[[Mapping[str, Tensor]], dict[str, Tensor]]
-Modality = nn.Module | Iterable[Tensor]
-
+#: Version of `Modulator.state_dict`'s format (version 1 had no ``"version"`` key).
+STATE_VERSION = 2
 APPLY_MODES = ("params", "features")
 
 
@@ -40,46 +39,58 @@ def epoch_window(start_epoch: int, end_epoch: int, steps_per_epoch: int) -> tupl
     return start_epoch * steps_per_epoch, (end_epoch + 1) * steps_per_epoch
 
 
-def _named_parameters(modality: Modality) -> list[tuple[str, nn.Parameter]]:
-    if isinstance(modality, nn.Module):
-        return list(modality.named_parameters())
-    if isinstance(modality, Tensor):
-        raise TypeError("a modality must be an nn.Module or an iterable of parameters, not a single tensor")
-    return [(str(i), p) for i, p in enumerate(modality)]
+def make_applier(apply: str | Applier) -> Applier:
+    """``"params"`` → ``ParamsApplier()`` (no noise), ``"features"`` → ``FeaturesApplier()``; an applier as is."""
+    if isinstance(apply, Applier):
+        return apply
+    if apply == "params":
+        return ParamsApplier()
+    if apply == "features":
+        return FeaturesApplier()
+    raise ValueError(f"apply must be one of {APPLY_MODES} or an Applier, got {apply!r}")
+
+
+def _default_seed() -> int:
+    """A noise seed derived from ``torch.initial_seed()``: fixed by ``torch.manual_seed``, drawing nothing."""
+    return (torch.initial_seed() * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) % (2**63 - 1)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
 class Modulator:
     """Imbalance-aware gradient modulation for named modalities.
 
-    Each optimizer step (through `attach`, or a manual `step`): the evidence gathered by
-    `observe` since the last step goes through the policy to one coefficient ``k_u`` per modality,
-    and ``apply`` puts it onto the gradients:
-
-    * ``apply="params"`` — every selected parameter gradient of modality ``u`` becomes
-      ``k_u·g + ε``, ``ε ~ N(0, (c_u·(σ(g)+1e-8))²)`` with ``c_u`` from ``noise`` (see
-      `gradmod.functional.noise_scale`; ``noise=None``: no ε);
-    * ``apply="features"`` — `observe` hooks the modality's feature tensor so the gradient leaving
-      it is scaled by ``k_u`` inside backward (every encoder parameter gets ``k_u·g``, no extra pass, no noise).
+    Each optimizer step (through `attach`, or a manual `step`): the evidence gathered by `observe` since
+    the last step (summed over micro-batches, and over ``torch.distributed`` ranks) goes through the
+    policy to one coefficient ``k_u`` per modality, checked against the policy contract
+    (`gradmod.policies`), and the applier puts it onto the gradients (`gradmod.appliers`).
 
     Use the method presets (`gradmod.OGMGE`, `gradmod.DGM`, …) rather than this constructor.
 
     Args:
         modalities: name → ``nn.Module`` or iterable of parameters, two or more, no parameter shared.
         measure: turns ``observe()`` inputs into evidence (`gradmod.measures`).
-        policy: evidence → coefficients (`gradmod.policies`).
-        noise: ``None``, ``"ge"``, ``"restore"`` or ``"paper"``; ``apply="params"`` only.
-        apply: ``"params"`` or ``"features"``.
-        param_filter: ``(name, parameter) -> bool``; default: every parameter that requires grad.
+        policy: evidence → coefficients; any callable that keeps the policy contract (`gradmod.policies`).
+        apply: ``"params"`` (``ParamsApplier()``: scale parameter gradients, no noise), ``"features"``
+            (``FeaturesApplier()``), or an applier; noise, kernel backend and parameter filter are options
+            of `gradmod.ParamsApplier`.
         start_step: first modulated optimizer step.
         stop_step: modulation stops before this step (``None``: never); see `epoch_window`.
-        backend: kernel for ``apply="params"``: ``"auto"``, ``"reference"``, ``"foreach"``, ``"triton"``.
-        seed: seed of the counter-based noise (a step's noise depends only on seed, step and modality); ``None``
-            draws one from torch's global RNG (rank 0's under ``torch.distributed``, broadcast so every replica
-            draws the same noise).
-        history_size: how many steps `history` keeps.
-        validate: check inputs and evidence in `observe` (one host sync per call); ``False`` never syncs,
-            and degenerate evidence (zero, negative) then gives coefficients that are still finite and in the
-            policy's range (e.g. OGM: evidence 0 for one modality damps the other to k = 0) instead of an error.
+        seed: seed of the counter-based noise (a step's noise depends only on seed, step and modality).
+            ``None``: derived from ``torch.initial_seed()`` without drawing from torch's RNG (so
+            ``torch.manual_seed`` fixes it and adding a modulator leaves the rest of a run unchanged), and
+            broadcast from rank 0 when ``torch.distributed`` is initialised; the ranks' seeds are compared
+            at the first noisy step, and differing seeds raise.
+        history_size: ``None`` keeps every step in `history`; an int keeps the last ones (`gradmod.history`).
+        validate: check inputs in `observe` and evidence and coefficients in `step` on the host (one host
+            synchronisation each). ``False`` never synchronises: the checks run on the device, and a step
+            with degenerate evidence or an out-of-range coefficient is left unmodulated and marked in the
+            history, without a warning.
+        strict: raise on a degenerate step (a modality's evidence is zero, negative or not finite, e.g. an
+            empty batch or a softmax score that underflowed) instead of leaving it unmodulated with a
+            warning (shown once). Needs ``validate=True``.
     """
 
     def __init__(
@@ -88,101 +99,70 @@ class Modulator:
         *,
         measure: Measure,
         policy: Policy,
-        noise: str | None = None,
-        apply: str = "params",
-        param_filter: ParamFilter | None = None,
+        apply: str | Applier = "params",
         start_step: int = 0,
         stop_step: int | None = None,
-        backend: str = "auto",
         seed: int | None = None,
-        history_size: int = 10_000,
+        history_size: int | None = None,
         validate: bool = True,
+        strict: bool = False,
     ) -> None:
         if not isinstance(modalities, (Mapping, nn.ModuleDict)) or len(modalities) < 2:
             raise ValueError("modalities must be a mapping of two or more names to modules or parameter lists")
-        if apply not in APPLY_MODES:
-            raise ValueError(f"apply must be one of {APPLY_MODES}, got {apply!r}")
-        if noise is not None and noise not in F.NOISE_KINDS:
-            raise ValueError(f"noise must be None or one of {F.NOISE_KINDS}, got {noise!r}")
-        if apply == "features" and noise is not None:
-            raise ValueError("apply='features' adds no noise: use apply='params' for noise, or noise=None")
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+        if not isinstance(measure, Measure):
+            raise TypeError(f"measure must be a gradmod.measures.Measure, got {type(measure).__name__}")
+        if not callable(policy):
+            raise TypeError(f"policy must be callable (evidence mapping -> coefficient mapping), got {type(policy).__name__}")
         if start_step < 0 or (stop_step is not None and stop_step < start_step):
             raise ValueError(f"need 0 <= start_step <= stop_step, got {start_step}, {stop_step}")
-        if history_size < 1:
-            raise ValueError(f"history_size must be >= 1, got {history_size}")
+        if strict and not validate:
+            raise ValueError("strict=True raises on degenerate steps, which needs validate=True to see them on the host")
         self.names: tuple[str, ...] = tuple(modalities)
         self.measure = measure
         self.policy = policy
-        self.noise = noise
-        self.apply = apply
+        self.applier = make_applier(apply)
+        self.applier.bind(modalities)
         self.start_step = start_step
         self.stop_step = stop_step
-        self.backend = backend
         self.validate = validate
-        self.params = self._select_parameters(modalities, param_filter)
-        self.seed = self._shared_seed(seed)
-        self._generators: dict[str, torch.Generator] = {}
+        self.strict = strict
+        self.seed = int(seed) if seed is not None else self._broadcast(_default_seed())
+        self._seeds_checked = False
         self._step = 0
         self._pending: Tensor | None = None
-        # features mode: the (all-reduced evidence, coefficients) that observe() hooked for the next step
-        self._hooked: tuple[Tensor, dict[str, Tensor]] | None = None
-        self._warned_no_observe = False
-        self._history: deque[tuple[int, Tensor, Tensor, Tensor]] = deque(maxlen=history_size)
+        # features mode: (all-reduced evidence, coefficients, status) computed by the last observe()
+        self._prepared: tuple[Tensor, Tensor, int | Tensor] | None = None
+        self._observed_since_pass = False
+        self._warned: set[str] = set()
+        self._history = History(self.names, history_size)
+        self._monitor = BackwardMonitor(self._pass_ended)
+        self._monitor.watch(self.applier.parameter_groups())
+        self._handle: RemovableHandle | None = None
+        self._optimizer: weakref.ReferenceType | None = None
 
     # ------------------------------------------------------------------ set-up
-    def _select_parameters(
-        self, modalities: Mapping[str, Modality], param_filter: ParamFilter | None
-    ) -> dict[str, list[nn.Parameter]]:
-        owner: dict[int, tuple[str, str]] = {}
-        selected: dict[str, list[nn.Parameter]] = {}
-        for modality, source in modalities.items():
-            chosen = []
-            for pname, p in _named_parameters(source):
-                if not isinstance(p, Tensor):
-                    raise TypeError(f"modality {modality!r}: {pname!r} is a {type(p).__name__}, not a parameter")
-                if id(p) in owner:
-                    other, other_name = owner[id(p)]
-                    raise ValueError(
-                        f"parameter {pname!r} of modality {modality!r} is also {other_name!r} of modality "
-                        f"{other!r}: a parameter can belong to one modality only"
-                    )
-                owner[id(p)] = (modality, pname)
-                if p.requires_grad and (param_filter is None or param_filter(pname, p)):
-                    chosen.append(p)
-            if not chosen and self.apply == "params":
-                raise ValueError(f"modality {modality!r} has no parameter to modulate (after param_filter)")
-            selected[modality] = chosen
-        return selected
-
     @staticmethod
-    def _shared_seed(seed: int | None) -> int:
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, ()).item())
-            if dist.is_available() and dist.is_initialized():
-                shared = [seed]
-                dist.broadcast_object_list(shared, src=0)
-                seed = shared[0]
-        return int(seed)
+    def _broadcast(seed: int) -> int:
+        if _distributed():
+            shared = [seed]
+            dist.broadcast_object_list(shared, src=0)
+            seed = int(shared[0])
+        return seed
 
-    def _generator(self, device: torch.device, step: int, modality: int) -> torch.Generator:
-        """The device's generator, re-seeded from ``(seed, step, modality)``: counter-based noise.
+    @property
+    def params(self) -> dict[str, list[Tensor]]:
+        """The parameters each modality's gradients are modulated on (resolved now)."""
+        return dict(zip(self.names, self.applier.parameter_groups()))
 
-        The noise of a step is a pure function of the seed and the step counter, so a resumed run, a
-        replica on another rank or another GPU, and an uninterrupted run all draw the same noise, and
-        there is no generator state to save.
-        """
-        key = str(device)
-        if key not in self._generators:
-            self._generators[key] = torch.Generator(device=device)
-        stream = (self.seed * 1_000_003 + step * len(self.names) + modality) % (2**63 - 1)
-        return self._generators[key].manual_seed(stream)
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(f"gradmod: {message} (this warning is shown once)", RuntimeWarning, stacklevel=4)
 
     # ------------------------------------------------------------------ observe
     @property
     def step_count(self) -> int:
-        """Number of optimizer steps seen (modulated or not; skipped ``inf`` steps excluded)."""
+        """Number of optimizer steps seen (modulated or not; steps skipped by ``GradScaler`` excluded)."""
         return self._step
 
     def in_window(self, step: int | None = None) -> bool:
@@ -190,210 +170,354 @@ class Modulator:
         step = self._step if step is None else step
         return self.start_step <= step and (self.stop_step is None or step < self.stop_step)
 
-    def _gradients_cleared(self) -> bool:
-        return all(p.grad is None for params in self.params.values() for p in params)
-
     def observe(self, *, features: Mapping[str, Tensor] | None = None, **inputs: Any) -> None:
         """Record a batch's evidence for the next optimizer step.
 
-        Call after the forward pass and before ``optimizer.step()``. Inputs depend on the method:
-        ``logits={name: [B, C]}, target=[B]`` (OGM, OGM-GE, PDMP), ``scores=``/``logits=`` with a multi-hot or
-        index ``target`` (DGM), ``zeta=`` (decoupling-free). With ``apply="features"``, also
-        ``features={name: tensor}``: the tensors whose gradients are scaled during backward.
+        Call after the forward pass and before ``optimizer.step()`` — in features mode before
+        ``backward()``. Inputs depend on the method: ``logits={name: [B, C]}, target=[B]`` (OGM, OGM-GE,
+        PDMP), ``scores=``/``logits=`` with a multi-hot or index ``target`` (DGM), ``zeta=``
+        (decoupling-free). In features mode, ``features={name: tensor}`` are the tensors whose gradients
+        are scaled during backward (or route them with `scale_grad` inside ``forward``).
 
-        Several calls before one step (gradient accumulation) add their evidence up. Evidence left by a
-        step that never happened (e.g. skipped by ``GradScaler``) is dropped once the gradients it belonged
-        to are gone: when every modulated parameter's ``.grad`` is ``None`` at the next ``observe()``.
+        Every ``observe()`` before one step adds to that step's evidence (micro-batches: several forwards and
+        one summed loss, or one backward each). Evidence whose gradients were discarded without a step —
+        ``zero_grad()`` after a step that ``GradScaler`` skipped — is dropped.
         """
         unknown = set(inputs) - set(self.measure.inputs)
         if unknown:
             raise TypeError(f"observe() got unexpected inputs {sorted(unknown)}; {self.measure!r} reads {self.measure.inputs}")
-        if self.apply == "features" and features is None:
-            raise ValueError("apply='features' needs observe(..., features={name: feature_tensor})")
-        if self.apply == "params" and features is not None:
-            raise ValueError("features= is only used with apply='features'")
-        stacked, problems = self._evidence(**inputs)
-        if self.validate:
-            self._check(stacked, problems)
-        if self._pending is not None and self._gradients_cleared():
-            self._pending = None
+        if features is not None and not self.applier.before_backward:
+            raise ValueError(f"features= is only used by the features applier; this modulator uses {self.applier!r}")
+        stacked = self._evidence(**inputs)
+        if self._monitor.discarded():  # the gradients of the last pass are gone, and with them their evidence
+            self._drop_pending()
         self._pending = stacked if self._pending is None else self._pending + stacked.to(self._pending.device)
-        if self.apply == "features":
-            self._hook_features(features)
+        self._observed_since_pass = True
+        if self.applier.before_backward:
+            self._prepare_features(features)
 
-    def _evidence(self, **inputs: Any) -> tuple[Tensor, dict[str, Tensor]]:
-        """The measure's evidence as one ``[M]`` float tensor in modality order, and its problem flags."""
-        evidence, problems = self.measure.evidence(self.names, **inputs)
-        return torch.stack([evidence[n].float() for n in self.names]), problems
+    def _evidence(self, **inputs: Any) -> Tensor:
+        """The measure's evidence as one float32 ``[M]`` tensor in modality order (inputs checked first)."""
+        if self.validate:
+            problems = self.measure.problems(self.names, **inputs)
+            if problems:
+                device = next(iter(problems.values())).device
+                flags = torch.stack([flag.reshape(()).to(device) for flag in problems.values()]).tolist()
+                for message, flag in zip(problems, flags):
+                    if flag:
+                        raise ValueError(message)
+        evidence = self.measure.evidence(self.names, **inputs)
+        return torch.stack([evidence[name].float() for name in self.names])
 
-    def _check(self, evidence: Tensor, problems: Mapping[str, Tensor]) -> None:
-        messages = list(problems)
-        flags = torch.stack([problems[m].reshape(()).to(evidence.device) for m in messages]) if messages else None
-        values = evidence.detach().cpu() if flags is None else torch.cat([evidence.detach(), flags.float()]).cpu()
-        for message, flag in zip(messages, values[len(self.names) :].tolist()):
-            if flag:
-                raise ValueError(message)
-        for name, value in zip(self.names, values[: len(self.names)].tolist()):
-            if not math.isfinite(value) or value <= 0:
-                raise ValueError(
-                    f"evidence of modality {name!r} is {value}: it must be finite and > 0 for the ratios to be "
-                    f"defined ({self.measure!r})"
-                )
+    def _drop_pending(self) -> None:
+        self._pending = None
+        self._monitor.forget()
 
-    def _hook_features(self, features: Mapping[str, Tensor]) -> None:
-        missing = [n for n in self.names if n not in features]
-        unknown = [n for n in features if n not in self.names]
-        if missing or unknown:
-            raise ValueError(f"features must name exactly {list(self.names)}: missing {missing}, unknown {unknown}")
-        self._hooked = None
+    def _pass_ended(self, reached: frozenset[int], discarded: bool) -> None:
+        """A backward pass reached the modulated parameters (`gradmod._backward.BackwardMonitor`)."""
+        if discarded:  # gradients of an earlier pass were discarded since the last observe(): so is its evidence
+            self._drop_pending()
+        if isinstance(self.applier, FeaturesApplier):
+            self.applier.after_pass(reached, self._observed_since_pass, self.in_window())
+        self._observed_since_pass = False
+
+    def _prepare_features(self, features: Mapping[str, Tensor] | None) -> None:
+        applier = self.applier
+        self._prepared = None
         if not self.in_window():
-            return
-        evidence, coefficients = self._coefficients_from(self._pending)
-        for name in self.names:
-            feature = features[name]
-            if not feature.requires_grad:
-                raise ValueError(f"features[{name!r}] does not require grad: pass the encoder's output tensor")
-            k = coefficients[name]
-            feature.register_hook(lambda grad, k=k: grad * k.to(device=grad.device, dtype=grad.dtype))
-        self._hooked = (evidence, coefficients)
+            applier.set_coefficients(None)
+        else:
+            evidence, coefficients, status = self._coefficients(self._pending)
+            self._prepared = (evidence, coefficients, status)
+            applier.set_coefficients(self._neutral_where_inactive(coefficients, status))
+        if features is not None:
+            applier.hook(features)
 
-    def _coefficients_from(self, evidence: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """The evidence summed over all ``torch.distributed`` ranks (observed evidence only), and the policy's
-        coefficients for it."""
-        if self.measure.needs_observe and dist.is_available() and dist.is_initialized():
+    def scale_grad(self, feature: Tensor, name: str) -> Tensor:
+        """``feature`` unchanged, with its gradient scaled by modality ``name``'s coefficient (features mode).
+
+        Call inside ``forward`` on each modality's feature tensor, instead of passing the features to
+        `observe`; the coefficient is read during backward, so `observe` may come after the forward pass as
+        usual. Traceable by ``torch.compile``.
+        """
+        if not isinstance(self.applier, FeaturesApplier):
+            raise ValueError(f"scale_grad() needs apply='features'; this modulator uses {self.applier!r}")
+        return self.applier.scale(feature, name)
+
+    # ------------------------------------------------------------------ policy
+    def _all_reduced(self, evidence: Tensor) -> Tensor:
+        if self.measure.needs_observe and _distributed():
             evidence = evidence.clone()
             dist.all_reduce(evidence, op=dist.ReduceOp.SUM)
-        return evidence, self.policy(dict(zip(self.names, evidence.unbind(0))))
+        return evidence
+
+    def _coefficients(self, pending: Tensor | None) -> tuple[Tensor, Tensor, int | Tensor]:
+        """``(evidence, coefficients, status)`` for the step: the policy called and its output checked.
+
+        With ``validate=True`` everything is decided on the host (the evidence is read once); otherwise on
+        the evidence's device, with the status a 0-d tensor. Raises `PolicyError` (validate=True) before any
+        state changes.
+        """
+        evidence = self._all_reduced(pending) if pending is not None else self._static_evidence()
+        if not self.validate:
+            return self._coefficients_on_device(evidence)
+        evidence = evidence.detach().cpu()
+        values = evidence.tolist()
+        degenerate = [name for name, value in zip(self.names, values) if not (math.isfinite(value) and value > 0)]
+        if degenerate:
+            return evidence, torch.ones(len(self.names)), self._degenerate(degenerate, values)
+        coefficients = check_coefficients(self._call_policy(evidence), self.names, self.policy, evidence.device)
+        problem = range_message(self.policy, self.names, coefficients.tolist())
+        if problem is not None:
+            raise PolicyError(problem)
+        return evidence, coefficients, APPLIED
+
+    def _coefficients_on_device(self, evidence: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        coefficients = check_coefficients(self._call_policy(evidence), self.names, self.policy, evidence.device)
+        low, high = coefficient_range(self.policy)
+        usable = torch.isfinite(evidence).all() & (evidence > 0).all()
+        valid = torch.isfinite(coefficients).all() & (coefficients >= low).all() & (coefficients <= high).all()
+        status = torch.where(usable, torch.where(valid, APPLIED, INVALID), DEGENERATE)
+        return evidence, coefficients, status
+
+    def _call_policy(self, evidence: Tensor) -> Any:
+        return self.policy(dict(zip(self.names, evidence.unbind(0))))
+
+    def _static_evidence(self) -> Tensor:
+        evidence = self.measure.evidence(self.names)
+        return torch.stack([evidence[name].float() for name in self.names])
+
+    def _degenerate(self, names: list[str], values: list[float]) -> int:
+        described = ", ".join(f"{name!r} = {value}" for name, value in zip(self.names, values) if name in names)
+        message = (
+            f"degenerate step {self._step}: the evidence of {described} is not finite and > 0 (e.g. an empty batch, "
+            "every target ignored, or a score that underflowed)"
+        )
+        if self.strict:
+            raise ValueError(f"gradmod: {message}")
+        self._warn_once("degenerate", f"{message}; such steps are left unmodulated and marked 'degenerate' in the history")
+        return DEGENERATE
+
+    @staticmethod
+    def _neutral_where_inactive(coefficients: Tensor, status: int | Tensor) -> Tensor | None:
+        if isinstance(status, Tensor):
+            return torch.where(status == APPLIED, coefficients.to(status.device), torch.ones_like(coefficients, device=status.device))
+        return coefficients if status == APPLIED else None
 
     # ------------------------------------------------------------------ step
     def attach(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
-        """Run `step` before every ``optimizer.step()``; returns a handle whose ``remove()`` detaches.
+        """Run `step` before every ``optimizer.step()``; returns the hook's handle (`detach` removes it).
 
-        Under ``torch.amp.GradScaler`` a step with ``inf``/``NaN`` gradients is skipped by the scaler and is
-        not seen here (fused optimizers: the hook reads the scaler's ``found_inf`` and skips as well).
+        Checks that the optimizer holds the modulated parameters: none held raises ``ValueError``, some not
+        held warns with their names. One modulator attaches to one optimizer, once. Under
+        ``torch.amp.GradScaler`` a step with ``inf``/``NaN`` gradients is skipped by the scaler and not seen
+        here (fused optimizers: the hook reads the scaler's ``found_inf`` and skips as well); its evidence is
+        dropped. Optimizers whose ``step()`` takes a closure (LBFGS) compute gradients inside ``step()``,
+        after the hook: they raise a ``RuntimeError`` at the first step.
         """
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"attach() needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if self.attached_to is not None:
+            where = "this optimizer" if self.attached_to is optimizer else "another optimizer"
+            raise ValueError(
+                f"this modulator is already attached to {where}; a modulator steps with one optimizer, once "
+                "(detach() first; for per-modality learning rates use parameter groups of one optimizer)"
+            )
+        self._check_optimizer_holds_parameters(optimizer)
+        self._handle = optimizer.register_step_pre_hook(self._pre_step)
+        self._optimizer = weakref.ref(optimizer)
+        return self._handle
 
-        def pre_hook(opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-            found_inf = getattr(opt, "found_inf", None)
-            if found_inf is not None and bool(found_inf.item()):
-                self._pending = None
-                return
-            self.step()
+    @property
+    def attached_to(self) -> torch.optim.Optimizer | None:
+        """The optimizer this modulator is attached to (``None`` when detached or its handle was removed)."""
+        if self._handle is None or self._optimizer is None:
+            return None
+        hooks = self._handle.hooks_dict_ref()
+        optimizer = self._optimizer()
+        if hooks is None or self._handle.id not in hooks or optimizer is None:
+            return None
+        return optimizer
 
-        return optimizer.register_step_pre_hook(pre_hook)
+    def detach(self) -> None:
+        """Remove the optimizer hook installed by `attach` (no-op when not attached)."""
+        if self._handle is not None:
+            self._handle.remove()
+        self._handle = self._optimizer = None
+
+    def _check_optimizer_holds_parameters(self, optimizer: torch.optim.Optimizer) -> None:
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        named = self.applier.named_parameters()
+        missing = [f"{name}: {pname}" for name, params in named.items() for pname, p in params if id(p) not in held]
+        total = sum(len(params) for params in named.values())
+        if total and len(missing) == total:
+            raise ValueError(
+                "the optimizer holds none of the modulated parameters: attach the modulator to the optimizer that "
+                "steps the modalities' encoders"
+            )
+        if missing:
+            shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+            warnings.warn(
+                f"gradmod: the optimizer does not hold {len(missing)} of the {total} modulated parameters ({shown}); "
+                "their gradients are modulated but another optimizer (or none) steps them",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def _pre_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)  # args[0] is the optimizer
+        if closure is not None:
+            raise RuntimeError(
+                f"gradmod: {type(optimizer).__name__}.step() was given a closure, which computes the gradients "
+                "after gradmod's pre-step hook has run: modulation cannot apply to them. Call step() without a "
+                "closure, or detach() and call mod.step() yourself after backward() inside the closure"
+            )
+        found_inf = getattr(optimizer, "found_inf", None)
+        if found_inf is not None and bool(found_inf.item()):
+            self._drop_pending()  # GradScaler skips this step: so does modulation, and its evidence goes
+            self._prepared = None
+            return
+        self.step()
 
     @torch.no_grad()
     def step(self) -> dict[str, Tensor] | None:
-        """Modulate the current gradients (``apply="params"``) and advance the step counter.
+        """Modulate the current gradients and advance the step counter.
 
-        Returns the coefficients applied, or ``None`` when this step was not modulated (outside the
-        window, or no fresh `observe` — the latter warns once).
+        Returns the coefficients applied, or ``None`` when this step was not modulated: outside the
+        window, without a fresh `observe` (warned once), or degenerate (warned once; see ``strict``).
+        On `PolicyError` nothing changes: gradients, step counter and pending evidence stay as they were.
         """
-        pending, self._pending = self._pending, None
-        hooked, self._hooked = self._hooked, None
+        if isinstance(self.applier, FeaturesApplier):
+            self.applier.check()
         step = self._step
-        self._step += 1
-        if not self.in_window(step):
+        if not self.in_window(step) or (self._pending is None and self.measure.needs_observe):
+            if self.in_window(step):
+                self._warn_once("no_observe", "optimizer step without observe() since the last step: not modulated")
+            self._finish_step()
             return None
-        if pending is None and (self.measure.needs_observe or self.apply == "features"):
-            if not self._warned_no_observe:
-                warnings.warn(
-                    "gradmod: optimizer step without observe() since the last step: not modulated "
-                    "(this warning is shown once)",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-                self._warned_no_observe = True
-            return None
-        if self.apply == "params":
-            evidence, coefficients = self._coefficients_from(pending if pending is not None else self._evidence()[0])
-            self._apply_to_params(coefficients, step)
-        elif hooked is None:  # features mode, observed while outside the window
-            return None
+        if self.applier.before_backward:
+            if self._prepared is None:  # features mode, static evidence, no observe() to place the hooks
+                self._warn_once("no_observe", "optimizer step without observe() since the last step: not modulated")
+                self._finish_step()
+                return None
+            evidence, coefficients, status = self._prepared
         else:
-            evidence, coefficients = hooked
-        ratios = torch.stack(list(F.discrepancy_ratios(dict(zip(self.names, evidence.unbind(0)))).values()))
-        stacked = torch.stack([coefficients[n].to(evidence.device) for n in self.names])
-        self._history.append((step, evidence.detach(), ratios.detach(), stacked.detach()))
-        return coefficients
+            evidence, coefficients, status = self._coefficients(self._pending)
+            self._check_seeds(evidence.device)
+            if isinstance(status, Tensor):
+                self.applier.apply(coefficients, step, self.seed, active=status == APPLIED)
+            elif status == APPLIED:
+                self.applier.apply(coefficients, step, self.seed)
+        self._history.append(step, evidence, self._neutral_or(coefficients, status), status)
+        self._finish_step()
+        if isinstance(status, int) and status != APPLIED:
+            return None
+        return dict(zip(self.names, coefficients.unbind(0)))
 
-    def _apply_to_params(self, coefficients: Mapping[str, Tensor], step: int) -> None:
-        for index, name in enumerate(self.names):
-            grads = [p.grad for p in self.params[name] if p.grad is not None]
-            if not grads:
-                continue
-            if any(g.is_sparse for g in grads):
-                raise ValueError(f"modality {name!r} has sparse gradients, which gradmod does not modulate")
-            by_device: dict[torch.device, list[Tensor]] = {}
-            for g in grads:
-                by_device.setdefault(g.device, []).append(g)
-            k = coefficients[name]
-            scale = F.noise_scale(self.noise, k)
-            for device, group in by_device.items():
-                kernel = get_kernel(self.backend, device)
-                generator = self._generator(device, step, index) if scale is not None else None
-                kernel(group, k, scale, generator)  # the kernels move scalars without a host sync
+    @staticmethod
+    def _neutral_or(coefficients: Tensor, status: int | Tensor) -> Tensor:
+        if isinstance(status, Tensor):
+            return torch.where(status == APPLIED, coefficients, torch.ones_like(coefficients))
+        return coefficients if status == APPLIED else torch.ones_like(coefficients)
+
+    def _finish_step(self) -> None:
+        self._step += 1
+        self._pending = None
+        self._prepared = None
+        self._monitor.forget()
+        self._monitor.watch(self.applier.parameter_groups())
+        if isinstance(self.applier, FeaturesApplier):
+            self.applier.finish_step()
+
+    def _check_seeds(self, device: torch.device) -> None:
+        """Once, under ``torch.distributed`` with noise: every rank must hold the same seed (or noise differs)."""
+        if self._seeds_checked or not self.applier.draws_noise or not _distributed():
+            return
+        self._seeds_checked = True
+        backend_device = device if dist.get_backend() != "nccl" else torch.device("cuda", torch.cuda.current_device())
+        bounds = torch.tensor([self.seed, -self.seed], dtype=torch.int64, device=backend_device)
+        dist.all_reduce(bounds, op=dist.ReduceOp.MAX)
+        if bounds[0].item() != -bounds[1].item():
+            raise RuntimeError(
+                "gradmod: the ranks hold different noise seeds, so replicas would draw different noise: the modulator "
+                "was built before torch.distributed.init_process_group with per-rank torch seeds (or seed= differs). "
+                "Build it after init_process_group, or pass the same seed= on every rank"
+            )
 
     # ------------------------------------------------------------------ history and state
     @property
     def history(self) -> list[dict[str, Any]]:
-        """The last ``history_size`` modulated steps: ``{"step", "evidence", "ratios", "coefficients"}``.
+        """The recorded steps, oldest first: ``{"step", "status", "evidence", "ratios", "coefficients"}``.
 
-        Values are Python floats per modality (reading this property synchronises with the device).
+        Every step inside the window that had evidence is recorded, with status ``"applied"``,
+        ``"degenerate"`` or ``"invalid"`` (`gradmod.history.STATUSES`). Values are Python floats per
+        modality; reading synchronises with the device once.
         """
-        return [self._record(*entry) for entry in self._history]
+        return self._history.records()
 
     @property
     def last(self) -> dict[str, Any] | None:
-        """The record of the last modulated step (as in `history`), or ``None``."""
-        return self._record(*self._history[-1]) if self._history else None
+        """The record of the last recorded step (as in `history`), or ``None``."""
+        return self._history.last()
 
-    def _record(self, step: int, evidence: Tensor, ratios: Tensor, coefficients: Tensor) -> dict[str, Any]:
-        def named(values: Tensor) -> dict[str, float]:
-            return dict(zip(self.names, values.tolist()))
-
-        return {"step": step, "evidence": named(evidence), "ratios": named(ratios), "coefficients": named(coefficients)}
+    @property
+    def history_dropped(self) -> int:
+        """How many old steps the history dropped to keep ``history_size`` (0 with the default ``None``)."""
+        return self._history.dropped
 
     def reset(self) -> None:
         """Forget pending evidence, history and the step counter (the noise restarts with the counter)."""
         self._step = 0
-        self._pending = None
-        self._hooked = None
+        self._drop_pending()
+        self._prepared = None
         self._history.clear()
-        self._warned_no_observe = False
+        self._warned.clear()
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything that changes results: step counter, seed (noise is counter-based), pending evidence, history,
-        policy state (PDMP's ranking)."""
+        """Everything that changes results: step counter, seed (noise is counter-based), pending evidence,
+        history, policy state (PDMP's ranking); with a ``"version"`` key."""
         state: dict[str, Any] = {
+            "version": STATE_VERSION,
             "names": list(self.names),
             "step": self._step,
             "seed": self.seed,
             "pending": None if self._pending is None else self._pending.detach().cpu(),
-            "history": [(s, e.cpu(), r.cpu(), c.cpu()) for s, e, r, c in self._history],
-            "warned_no_observe": self._warned_no_observe,
+            "history": self._history.state_dict(),
+            "warned": sorted(self._warned),
         }
         if hasattr(self.policy, "state_dict"):
             state["policy"] = self.policy.state_dict()
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a `state_dict`; the modality names must match."""
+        """Restore a `state_dict` (any earlier version); the modality names must match."""
+        version = int(state.get("version", 1))
+        if version > STATE_VERSION:
+            raise ValueError(f"state_dict version {version} is newer than this gradmod understands ({STATE_VERSION})")
         if list(state["names"]) != list(self.names):
-            raise ValueError(f"state_dict is for modalities {state['names']}, this modulator has {list(self.names)}")
+            raise ValueError(f"state_dict is for modalities {list(state['names'])}, this modulator has {list(self.names)}")
+        if "policy" in state:
+            if not hasattr(self.policy, "load_state_dict"):
+                raise ValueError(f"state_dict holds policy state, but {self.policy!r} has no load_state_dict()")
+            self.policy.load_state_dict(state["policy"])
+        history = state["history"] if version >= 2 else _history_from_version_1(state["history"])
+        self._history.load_state_dict(history)
         self._step = int(state["step"])
         self.seed = int(state["seed"])
         self._pending = None if state["pending"] is None else state["pending"].clone()
-        self._hooked = None
-        self._history.clear()
-        self._history.extend((int(s), e.clone(), r.clone(), c.clone()) for s, e, r, c in state["history"])
-        self._warned_no_observe = bool(state["warned_no_observe"])
-        if "policy" in state and hasattr(self.policy, "load_state_dict"):
-            self.policy.load_state_dict(state["policy"])
+        self._prepared = None
+        self._monitor.forget()
+        self._warned = set(state["warned"]) if version >= 2 else ({"no_observe"} if state.get("warned_no_observe") else set())
 
     def __repr__(self) -> str:
         return (
             f"Modulator(modalities={list(self.names)}, measure={self.measure!r}, policy={self.policy!r}, "
-            f"noise={self.noise!r}, apply={self.apply!r}, window=[{self.start_step}, {self.stop_step}), "
-            f"backend={self.backend!r})"
+            f"apply={self.applier!r}, window=[{self.start_step}, {self.stop_step}))"
         )
+
+
+def _history_from_version_1(entries: list[tuple[int, Tensor, Tensor, Tensor]]) -> dict[str, Any]:
+    """Version 1 kept ``(step, evidence, ratios, coefficients)`` tuples of applied steps; ratios are derived now."""
+    rows = [torch.cat([e.float(), c.float(), torch.tensor([float(APPLIED)])]) for _, e, _, c in entries]
+    width = rows[0].numel() if rows else 0
+    return {"steps": [int(s) for s, *_ in entries], "rows": torch.stack(rows) if rows else torch.empty(0, width), "dropped": 0}

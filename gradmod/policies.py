@@ -1,26 +1,107 @@
-"""Policies: evidence → one coefficient per modality. Thin, stateless wrappers over `gradmod.functional`."""
+"""Policies: evidence → one coefficient per modality.
+
+**The policy contract.** Any callable is a policy::
+
+    policy(evidence: Mapping[str, Tensor]) -> Mapping[str, Tensor | float]
+
+It receives one 0-d evidence tensor per modality (the evidence of the whole step: every ``observe()``
+since the last step, summed over ``torch.distributed`` ranks) and returns a mapping with **exactly the
+modality names**, each value a **finite real 0-d tensor or Python/numpy real** inside the policy's range:
+``policy.coefficient_range`` when the policy defines it, else ``[0, inf)``. The modulator checks this
+once per step, before any gradient is touched (`check_coefficients`); a policy that breaks it raises
+`PolicyError` and leaves the gradients, the step counter and the pending evidence as they were.
+
+Policies may keep state (e.g. a ranking) by defining ``state_dict()`` / ``load_state_dict()``; the
+modulator saves it with its own. The built-in policies are thin wrappers over `gradmod.functional`.
+"""
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from gradmod import functional as F
+from gradmod._internal import check_names, real_scalar
 
-__all__ = ["TanhDamping", "PDMPPolicy"]
+__all__ = ["Policy", "OGMPolicy", "PDMPPolicy", "PolicyError", "coefficient_range", "check_coefficients"]
+
+Policy = Any  # any callable ``(Mapping[str, Tensor]) -> Mapping[str, Tensor | float]``
+
+#: The range of a policy that does not declare ``coefficient_range``.
+DEFAULT_RANGE = (0.0, math.inf)
+
+
+class PolicyError(ValueError):
+    """A policy's output broke the policy contract (names, type, shape, finiteness or range)."""
+
+
+def coefficient_range(policy: Policy) -> tuple[float, float]:
+    """``policy.coefficient_range`` if declared (a ``(low, high)`` pair), else ``[0, inf)``."""
+    low, high = getattr(policy, "coefficient_range", DEFAULT_RANGE)
+    return float(low), float(high)
+
+
+def check_coefficients(output: Any, names: Sequence[str], policy: Policy, device: torch.device) -> Tensor:
+    """The policy's ``output`` as one float32 ``[M]`` tensor in ``names`` order, its *structure* checked.
+
+    Raises `PolicyError` unless ``output`` is a mapping with exactly ``names``, each value a real 0-d
+    tensor or real number. Values (finite, in `coefficient_range`) are checked by the caller, on the host
+    or on the device (no synchronisation here).
+    """
+    if not isinstance(output, Mapping):
+        raise PolicyError(f"policy {policy!r} returned {type(output).__name__}, not a mapping modality name -> coefficient")
+    try:
+        check_names(output, names, f"the output of policy {policy!r}")
+    except ValueError as error:
+        raise PolicyError(str(error)) from None
+    values = []
+    for name in names:
+        value = output[name]
+        if isinstance(value, Tensor):
+            if value.dim() != 0 or value.is_complex() or value.dtype == torch.bool:
+                raise PolicyError(
+                    f"policy {policy!r} gave modality {name!r} a {value.dtype} tensor of shape {tuple(value.shape)}: "
+                    "a coefficient is a real 0-d tensor or a number"
+                )
+            values.append(value.detach().to(device=device, dtype=torch.float32))
+        elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+            values.append(torch.tensor(float(value), device=device))
+        else:
+            raise PolicyError(f"policy {policy!r} gave modality {name!r} a {type(value).__name__}: a coefficient is a real number")
+    return torch.stack(values)
+
+
+def range_message(policy: Policy, names: Sequence[str], coefficients: Sequence[float]) -> str | None:
+    """Why host-side ``coefficients`` break the contract's value rules, or ``None`` when they do not."""
+    low, high = coefficient_range(policy)
+    for name, value in zip(names, coefficients):
+        if not math.isfinite(value) or not low <= value <= high:
+            return (
+                f"policy {policy!r} gave modality {name!r} the coefficient {value}, outside its range "
+                f"[{low:g}, {high:g}] or not finite; no gradient was changed"
+            )
+    return None
 
 
 @dataclass
-class TanhDamping:
-    """``k_u = 1 − tanh(strength·ρ_u)`` if ``ρ_u > 1`` else ``1``: OGM-GE (α) and DGM eq. (7) (γ)."""
+class OGMPolicy:
+    """``k_u = 1 − tanh(strength·ρ_u)`` if ``ρ_u > 1`` else ``1`` (`gradmod.functional.ogm_coefficients`).
+
+    OGM-GE's coefficient with ``strength = α``; DGM's eq. (7) with ``strength = γ`` (Fu, Gao & Xu); the
+    decoupling-free method uses it with ζ evidence. Coefficients lie in ``[0, 1]``.
+    """
 
     strength: float
+    coefficient_range = (0.0, 1.0)
 
     def __post_init__(self) -> None:
-        F._check_strength(self.strength, "alpha/gamma")
+        self.strength = real_scalar(self.strength, "alpha/gamma (the policy's strength)")
 
     def __call__(self, evidence: Mapping[str, Tensor]) -> dict[str, Tensor]:
         return F.ogm_coefficients(evidence, self.strength)
@@ -28,7 +109,10 @@ class TanhDamping:
 
 @dataclass
 class PDMPPolicy:
-    """PDMP (gradmod's reading): `gradmod.functional.pdmp_coefficients` with a fixed ranking."""
+    """PDMP (gradmod's reading): `gradmod.functional.pdmp_coefficients` with a fixed ranking.
+
+    Coefficients lie in ``[0, 1 + γp]``: the dominant modality in ``[1, 1 + γp]``, the others in ``[0, 1]``.
+    """
 
     ranking: Sequence[str]
     gamma_p: float
@@ -36,8 +120,14 @@ class PDMPPolicy:
 
     def __post_init__(self) -> None:
         self.ranking = tuple(self.ranking)
-        F._check_strength(self.gamma_p, "gamma_p")
-        F._check_strength(self.gamma_r, "gamma_r")
+        if len(self.ranking) < 2 or len(set(self.ranking)) != len(self.ranking):
+            raise ValueError(f"ranking must name two or more distinct modalities, got {list(self.ranking)}")
+        self.gamma_p = real_scalar(self.gamma_p, "gamma_p")
+        self.gamma_r = real_scalar(self.gamma_r, "gamma_r")
+
+    @property
+    def coefficient_range(self) -> tuple[float, float]:
+        return (0.0, 1.0 + self.gamma_p)
 
     def __call__(self, evidence: Mapping[str, Tensor]) -> dict[str, Tensor]:
         return F.pdmp_coefficients(evidence, self.ranking, self.gamma_p, self.gamma_r)
@@ -46,4 +136,6 @@ class PDMPPolicy:
         return {"ranking": list(self.ranking)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the ranking; it must rank the same modalities (in any order)."""
+        check_names(state["ranking"], self.ranking, "the saved PDMP ranking")
         self.ranking = tuple(state["ranking"])

@@ -9,6 +9,11 @@ Every backend implements one contract, that of `gradmod.kernels.reference.modula
 * ``"triton"`` — fused CUDA kernels with counter-based (Philox) noise.
 
 ``"auto"`` picks ``"triton"`` for CUDA gradients when Triton imports, else ``"foreach"``.
+
+`modulate_modalities_` applies one step to every modality: the gradients of modality ``m`` on one device
+get that backend's kernel with a generator re-seeded from ``(seed, step, m)`` (`noise_generator`), so the
+noise of a step is a pure function of the seed, the step and the modality — the same on every rank, after
+a resume, and on any device.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -67,4 +73,51 @@ def get_kernel(backend: str, device: torch.device) -> Kernel:
     return modulate_
 
 
-__all__ = ["BACKENDS", "Kernel", "get_kernel"]
+@dataclass(frozen=True)
+class NoiseKey:
+    """What a step's noise is a function of: the modulator's seed and its step counter."""
+
+    seed: int
+    step: int
+
+
+_generators: dict[str, torch.Generator] = {}
+
+
+def noise_generator(device: torch.device, key: NoiseKey, modality: int, num_modalities: int) -> torch.Generator:
+    """The generator of ``device``, re-seeded for modality ``modality`` at ``key``: counter-based noise.
+
+    Stream ``(seed·1,000,003 + step·M + modality) mod (2⁶³ − 1)``: distinct for every (step, modality) of a
+    seed, and the generator carries no state between steps, so there is nothing to save or synchronise.
+    """
+    name = str(device)
+    if name not in _generators:
+        _generators[name] = torch.Generator(device=device)
+    stream = (key.seed * 1_000_003 + key.step * num_modalities + modality) % (2**63 - 1)
+    return _generators[name].manual_seed(stream)
+
+
+def modulate_modalities_(
+    groups: Sequence[Sequence[Tensor]],
+    coefficients: Tensor,
+    noise_scales: Tensor | None,
+    key: NoiseKey | None,
+    backend: str = "auto",
+) -> None:
+    """One step for every modality: ``groups[m]`` scaled by ``coefficients[m]`` plus noise of scale ``noise_scales[m]``.
+
+    ``noise_scales=None`` adds no noise (and ``key`` may be ``None``). Gradients of one modality may live on
+    several devices; each device's share gets the kernel of ``backend`` there and its own re-seeded generator.
+    """
+    for index, grads in enumerate(groups):
+        by_device: dict[torch.device, list[Tensor]] = {}
+        for grad in grads:
+            by_device.setdefault(grad.device, []).append(grad)
+        k = coefficients[index]
+        scale = None if noise_scales is None else noise_scales[index]
+        for device, group in by_device.items():
+            generator = None if scale is None else noise_generator(device, key, index, len(groups))
+            get_kernel(backend, device)(group, k, scale, generator)
+
+
+__all__ = ["BACKENDS", "Kernel", "NoiseKey", "get_kernel", "modulate_modalities_", "noise_generator"]

@@ -1,7 +1,7 @@
 """The multi-tensor kernel: ``torch._foreach_*`` ops over gradients grouped by device and dtype.
 
 Same contract and same arithmetic as `gradmod.kernels.reference` (the OGM-GE update of Peng et
-al., CVPR 2022, ``g ← k·g + c·(σ(g) + 1e-8)·z``, see ``shared/papers/README.md``), without a host
+al., CVPR 2022, ``g ← k·g + c·(σ(g) + 1e-8)·z``), without a host
 synchronisation, and with multi-tensor launches where they pay:
 
 1. per tensor, ``z ← torch.randn(g.shape)·(c·(σ(g) + 1e-8))`` with σ from

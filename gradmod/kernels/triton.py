@@ -1,7 +1,7 @@
 """Fused Triton kernels: the OGM-GE update over all gradients of a device/dtype group in two launches.
 
 Same contract as `gradmod.kernels.reference` (``g ← k·g + c·(σ(g) + 1e-8)·z``, Peng et al., CVPR
-2022; ``shared/papers/README.md``). Every tensor is cut into chunks; one program per chunk:
+2022). Every tensor is cut into chunks; one program per chunk:
 
 1. ``_moments_kernel`` — each program reads its chunk once and writes the chunk's count, mean and centred
    sum of squares ``M2``, combining its blocks with the parallel-variance update of Chan, Golub and
@@ -46,6 +46,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.interpreter import InterpretedFunction
 
+from gradmod._internal import STD_EPS
 from gradmod.kernels._common import check_scalars, group_by_device_and_dtype, to_device
 
 #: Elements per block (a power of two, a multiple of 4: each Philox call yields 4 normals).
@@ -55,8 +56,6 @@ MIN_BLOCKS_PER_CHUNK = 4
 #: … and a tensor is cut into at most this many chunks (a power of two: the update kernel combines the
 #: chunk statistics of a tensor in one vector).
 MAX_CHUNKS_PER_TENSOR = 1024
-#: The GE noise floor added to σ (``grad.std() + 1e-8`` in the official OGM-GE code).
-STD_EPS = 1e-8
 #: Bits of the Philox counter below the tensor's list position.
 _POSITION_SHIFT = 40
 _PLAN_CACHE_SIZE = 16

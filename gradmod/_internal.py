@@ -1,0 +1,78 @@
+"""Checks and constants shared by gradmod's modules (not public API).
+
+Every error names what was wrong: the argument, the modality, the expected shape or range.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+#: Added to a gradient's standard deviation before it scales the GE noise: ``grad.std() + 1e-8`` in the
+#: official OGM-GE code. One constant for every kernel.
+STD_EPS = 1e-8
+
+
+def real_scalar(value: Any, name: str, *, minimum: float = 0.0, strict: bool = False) -> float:
+    """``value`` as a Python float: a finite real ``>= minimum`` (``> minimum`` when ``strict``).
+
+    Accepts Python and numpy reals and 0-d real tensors. ``bool`` is rejected with a ``TypeError`` (``True``
+    is an ``int`` to Python, but never a strength anyone meant), as are complex numbers and tensors that
+    are not 0-d reals.
+    """
+    if isinstance(value, bool) or (isinstance(value, Tensor) and value.dtype == torch.bool):
+        raise TypeError(f"{name} must be a real number, got the bool {value!r}")
+    if isinstance(value, Tensor):
+        if value.dim() != 0 or value.is_complex():
+            raise TypeError(f"{name} must be a real number or a 0-d real tensor, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    number = float(value)
+    if not math.isfinite(number) or number < minimum or (strict and number == minimum):
+        bound = "" if minimum == -math.inf else f" > {minimum:g}" if strict else f" >= {minimum:g}"
+        raise ValueError(f"{name} must be a finite number{bound}, got {value!r} (not finite or out of range)")
+    return number
+
+
+def check_names(given: Iterable[str], expected: Iterable[str], what: str) -> None:
+    """Raise ``ValueError`` unless ``given`` names exactly the modalities ``expected`` (any order)."""
+    given, expected = list(given), list(expected)
+    missing = [name for name in expected if name not in given]
+    unknown = [name for name in given if name not in expected]
+    if missing or unknown:
+        raise ValueError(f"{what} must name exactly the modalities {expected}: missing {missing}, unknown {unknown}")
+
+
+def per_modality(value: Any, names: Iterable[str], what: str) -> Mapping[str, Any]:
+    """``value`` checked to be a mapping that names exactly ``names``; a tensor or list gets a ``TypeError``."""
+    names = list(names)
+    if not isinstance(value, Mapping):
+        raise TypeError(
+            f"{what} must be a mapping modality name -> tensor for the modalities {names}, "
+            f"got {type(value).__name__}"
+        )
+    check_names(value, names, what)
+    return value
+
+
+def check_logits_target(logits: Tensor, target: Tensor, name: str = "logits") -> None:
+    """``logits`` ``[batch, classes]`` and ``target`` ``[batch]`` integer class indices (shapes and dtypes only)."""
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(logits).__name__}")
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a tensor of class indices, got {type(target).__name__}")
+    if logits.dim() != 2:
+        raise ValueError(f"{name} must be [batch, classes], got shape {tuple(logits.shape)}")
+    if target.dim() != 1 or target.shape[0] != logits.shape[0]:
+        raise ValueError(
+            f"target must be [batch] class indices matching {name} batch {logits.shape[0]}, "
+            f"got shape {tuple(target.shape)}"
+        )
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise ValueError(f"target must hold integer class indices, got dtype {target.dtype}")

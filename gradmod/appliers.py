@@ -244,28 +244,43 @@ class FeaturesApplier(Applier):
 
     def __init__(self) -> None:
         self._selection = None
-        self._buffers: dict[torch.device, Tensor] = {}
+        # one 0-d tensor per modality and device: views of one shared buffer would be saved for backward by
+        # a compiled graph (with a version check), separate tensors are read when backward runs
+        self._buffers: dict[torch.device, list[Tensor]] = {}
         self._current: Tensor | None = None
         self._fired: set[int] = set()
         self._routed: set[int] = set()
         self._problems: list[str] = []
 
+    def bind(self, modalities: Mapping[str, Modality]) -> None:
+        super().bind(modalities)
+        self.prepare()
+
+    def prepare(self) -> None:
+        """Create the coefficient buffers on the devices of the modalities' parameters (done at bind and attach).
+
+        A buffer created inside a ``torch.compile``-d forward would be saved for backward by the graph and
+        could not be updated afterwards, so the buffers must exist before the first compiled forward.
+        """
+        for params in self.parameter_groups():
+            for p in params:
+                if p.device.type != "meta":
+                    self.coefficient(self.names[0], p.device)
+
     def coefficient(self, name: str, device: torch.device) -> Tensor:
         """The live coefficient of modality ``name`` on ``device`` (a view that `set_coefficients` updates)."""
         device = torch.device(device)
         if device not in self._buffers:
-            buffer = torch.ones(len(self.names), device=device)
-            self._buffers[device] = buffer if self._current is None else buffer.copy_(self._current)
+            values = torch.ones(len(self.names)) if self._current is None else self._current
+            self._buffers[device] = [value.to(device).clone() for value in values.unbind(0)]
         return self._buffers[device][self.names.index(name)]
 
     def set_coefficients(self, coefficients: Tensor | None) -> None:
         """The coefficients the next backward passes apply (``None``: 1 everywhere)."""
         self._current = coefficients
-        for buffer in self._buffers.values():
-            if coefficients is None:
-                buffer.fill_(1.0)
-            else:
-                buffer.copy_(coefficients, non_blocking=True)
+        values = torch.ones(len(self.names)) if coefficients is None else coefficients
+        for device, buffers in self._buffers.items():
+            torch._foreach_copy_(buffers, list(values.to(device, non_blocking=True).unbind(0)))
 
     def scale(self, tensor: Tensor, name: str) -> Tensor:
         """``tensor`` (modality ``name``'s feature, inside ``forward``) routed through the live coefficient."""
@@ -285,7 +300,9 @@ class FeaturesApplier(Applier):
             feature.register_hook(self._hook_for(index, coefficient))
 
     def _hook_for(self, index: int, coefficient: Tensor) -> Callable[[Tensor], Tensor]:
-        def scale(grad: Tensor) -> Tensor:
+        def scale(grad: Tensor | None) -> Tensor | None:
+            if grad is None:  # e.g. a compiled graph's output that only the graph itself consumed
+                return None
             self._fired.add(index)
             return grad * coefficient.to(grad.dtype)
 

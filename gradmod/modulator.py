@@ -324,6 +324,8 @@ class Modulator:
                 "(detach() first; for per-modality learning rates use parameter groups of one optimizer)"
             )
         self._check_optimizer_holds_parameters(optimizer)
+        if isinstance(self.applier, FeaturesApplier):
+            self.applier.prepare()  # the model may have moved to its device since the modulator was built
         self._handle = optimizer.register_step_pre_hook(self._pre_step)
         self._optimizer = weakref.ref(optimizer)
         return self._handle

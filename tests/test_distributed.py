@@ -66,3 +66,50 @@ def test_two_gloo_ranks_match_each_other_and_a_single_process_run(tmp_path):
                 assert dist_record[key][name] == pytest.approx(value, rel=1e-4, abs=1e-6)
     for a, b in zip(r0["params"], model.parameters()):
         torch.testing.assert_close(a, b.detach(), rtol=1e-4, atol=1e-5)
+
+
+def _seams_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.manual_seed(100 + rank)  # per-rank torch seeds, as data-augmentation code often sets them
+    model = TinyModel()
+    early = gradmod.OGMGE({n: model.encoders[n] for n in model.names}, alpha=0.8)  # before init_process_group
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    results = {}
+    (inputs, y), = batches(1, seed=rank)
+    logits, decoupled, _, _ = model(inputs)
+    early.observe(logits=decoupled, target=y)
+    nn.functional.cross_entropy(logits, y).backward()
+    try:
+        early.step()
+    except RuntimeError as error:
+        results["error"] = str(error)
+
+    torch.manual_seed(0)
+    model = TinyModel()
+    ddp = DistributedDataParallel(model, find_unused_parameters=True)
+    mod = gradmod.OGM({n: model.encoders[n] for n in model.names}, alpha=0.8)
+    for micro in batches(2, seed=10 + rank):  # accumulation without no_sync(): DDP writes .grad every pass
+        logits, decoupled, _, _ = ddp(micro[0])
+        mod.observe(logits=decoupled, target=micro[1])
+        nn.functional.cross_entropy(logits, micro[1]).backward()
+    mod.step()
+    results["evidence"] = mod.last["evidence"]
+    torch.save(results, os.path.join(out_dir, f"seams{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_differing_rank_seeds_are_detected_and_ddp_accumulation_keeps_all_evidence(tmp_path):
+    mp.spawn(_seams_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"seams{r}.pt") for r in (0, 1)]
+    for result in results:
+        assert "ranks hold different noise seeds" in result["error"]
+    torch.manual_seed(0)
+    model = TinyModel()
+    expected = {"audio": 0.0, "visual": 0.0}
+    for rank in (0, 1):
+        for inputs, y in batches(2, seed=10 + rank):
+            _, decoupled, _, _ = model(inputs)
+            for name, z in decoupled.items():
+                expected[name] += gradmod.functional.ogm_scores(z, y).item()
+    for result in results:
+        for name, value in expected.items():
+            assert result["evidence"][name] == pytest.approx(value, rel=1e-5)

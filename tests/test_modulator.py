@@ -249,25 +249,65 @@ def test_shared_parameter_and_too_few_modalities():
         gradmod.OGM({"audio": shared, "visual": nn.Linear(2, 2)}, alpha=0.5, param_filter=filters.conv_weights)
 
 
-def test_zero_evidence_is_an_error_with_validation_and_finite_without():
+@pytest.mark.parametrize("validate", [True, False])
+def test_zero_zeta_evidence_is_a_degenerate_step(validate):
     a, v = nn.Linear(2, 2), nn.Linear(2, 2)
-    mod = gradmod.DecouplingFree({"audio": a, "visual": v}, alpha=0.5)
-    with pytest.raises(ValueError, match="evidence of modality 'visual' is 0.0"):
-        mod.observe(zeta=torch.ones(4, 3))
-    mod = gradmod.DecouplingFree({"audio": a, "visual": v}, alpha=0.5, validate=False, noise=None)
+    mod = gradmod.DecouplingFree({"audio": a, "visual": v}, alpha=0.5, validate=validate, seed=0)
     for p in (*a.parameters(), *v.parameters()):
         p.grad = torch.ones_like(p)
-    mod.observe(zeta=torch.ones(4, 3))
-    k = mod.step()
-    assert k["audio"].item() == 0.0 and k["visual"].item() == 1.0
-    assert all(torch.isfinite(p.grad).all() for p in (*a.parameters(), *v.parameters()))
+    mod.observe(zeta=torch.ones(4, 3))  # all weight on audio: visual's evidence is 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mod.step()
+    assert [str(w.message).count("degenerate") > 0 for w in caught] == ([True] if validate else [])
+    assert mod.last["status"] == "degenerate" and mod.last["evidence"]["visual"] == 0.0
+    assert all(torch.equal(p.grad, torch.ones_like(p)) for p in (*a.parameters(), *v.parameters()))
 
 
-def test_dgm_negative_evidence_is_reported():
+def test_dgm_negative_evidence_is_a_degenerate_step():
     mod = gradmod.DGM({"audio": nn.Linear(2, 2), "visual": nn.Linear(2, 2)})
     scores = {"audio": torch.tensor([[0.0, 1.0]]), "visual": torch.tensor([[0.9, 0.1]])}
-    with pytest.raises(ValueError, match="'audio' is -1.0"):
-        mod.observe(scores=scores, target=torch.tensor([[1.0, 0.0]]))
+    mod.observe(scores=scores, target=torch.tensor([[1.0, 0.0]]))
+    with pytest.warns(RuntimeWarning, match="the evidence of 'audio' = -1.0"):
+        assert mod.step() is None
+    assert mod.last["status"] == "degenerate"
+
+
+@pytest.mark.parametrize(
+    "method,inputs,message",
+    [
+        ("DecouplingFree", {"zeta": torch.tensor([0.5, 1.5])}, "zeta lies outside"),
+        ("DecouplingFree", {"zeta": torch.tensor([0.5, float("nan")])}, "zeta lies outside"),
+        ("DGM", {"scores": {"audio": torch.tensor([[1.2, 0.1]]), "visual": torch.tensor([[0.5, 0.5]])},
+                 "target": torch.tensor([[1.0, 0.0]])}, "scores of modality 'audio' lie outside"),
+        ("DGM", {"scores": {"audio": torch.tensor([[0.2, 0.1]]), "visual": torch.tensor([[0.5, 0.5]])},
+                 "target": torch.tensor([[2.0, 0.0]])}, "multi-hot target holds values outside"),
+        ("DGM", {"logits": {"audio": torch.tensor([[float("inf"), 0.1]]), "visual": torch.tensor([[0.5, 0.5]])},
+                 "target": torch.tensor([0])}, "logits of modality 'audio' contain NaN"),
+    ],
+)
+def test_value_checks_of_zeta_and_dgm_inputs(method, inputs, message):
+    _, mod = make(method)
+    with pytest.raises(ValueError, match=message):
+        mod.observe(**inputs)
+    _, unchecked = make(method, validate=False)
+    unchecked.observe(**inputs)  # validate=False reads no value: nothing raises
+
+
+def test_dgm_scores_rounding_slightly_outside_the_unit_interval_is_tolerated():
+    _, mod = make("DGM")
+    scores = {"audio": torch.tensor([[1.0 + 1e-6, -1e-6]]), "visual": torch.tensor([[0.5, 0.5]])}
+    mod.observe(scores=scores, target=torch.tensor([[1.0, 0.0]]))
+
+
+def test_sparse_gradients_are_refused_by_name():
+    emb, other = nn.Embedding(5, 2, sparse=True), nn.Linear(2, 2)
+    mod = gradmod.OGM({"audio": emb, "visual": other}, alpha=0.5)
+    emb(torch.tensor([1, 2])).sum().backward()
+    other.weight.grad = torch.ones(2, 2)
+    mod.observe(logits={"audio": torch.tensor([[2.0, 0.0]]), "visual": torch.tensor([[0.0, 0.0]])}, target=torch.tensor([0]))
+    with pytest.raises(ValueError, match="modality 'audio' has sparse gradients"):
+        mod.step()
 
 
 def test_pdmp_static_needs_no_observe_and_saves_ranking():
@@ -344,16 +384,17 @@ def test_scheduler_and_optimizer_state_untouched_and_detach():
 
 
 def test_unused_branch_has_no_grad_and_is_skipped():
-    model, mod = make("OGMGE")
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    mod.attach(opt)
+    model, mod = make("OGM")
     (inputs, y), = batches(1)
-    opt.zero_grad(set_to_none=True)
     logits, decoupled, features, _ = model(inputs)
     mod.observe(logits=decoupled, target=y)
     nn.functional.cross_entropy(model.head(torch.cat([features["audio"], features["audio"].detach()], 1)), y).backward()
-    opt.step()
+    plain = grads_of(model)
+    k = mod.step()
+    assert k["audio"].item() < 1.0 and mod.last["status"] == "applied"
     assert all(p.grad is None for p in model.encoders["visual"].parameters())
+    for name, p in model.encoders["audio"].named_parameters():
+        torch.testing.assert_close(p.grad, plain[f"encoders.audio.{name}"] * k["audio"])
 
 
 def test_torch_compiled_model_trains_with_modulation():
@@ -379,7 +420,10 @@ def test_ogm_ge_reduces_imbalance_compared_with_plain_training():
 
 def test_reset_and_state_dict_name_check():
     model, mod = make("OGM")
-    _loop(model, mod, torch.optim.SGD(model.parameters(), lr=0.1), batches(1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mod.attach(opt)
+    _loop(model, mod, opt, batches(2))
+    assert mod.step_count == 2 and len(mod.history) == 2
     mod.reset()
     assert mod.step_count == 0 and mod.history == []
     other = gradmod.OGM({"a": nn.Linear(1, 1), "b": nn.Linear(1, 1)}, alpha=0.1)

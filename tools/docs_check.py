@@ -44,6 +44,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+#: Pages (relative to docs/) that another change is rewriting and that follow the site's conventions
+#: once it lands. Their problems are listed but do not fail the check; a pending page that passes
+#: fails it, so that its entry goes. tests/test_docs.py reads this too (its convention tests are
+#: strict xfails for these pages).
+PENDING = {
+    "reference-models.md": "being rewritten; brought to the site's conventions afterwards",
+}
+
 #: prefers-color-scheme → the Material palette it selects (mkdocs.yml)
 SCHEMES = {"light": "default", "dark": "slate"}
 
@@ -88,7 +96,8 @@ INSPECT = r"""
   }
   const math = [];
   for (const el of document.querySelectorAll(".arithmatex")) {
-    if (!el.querySelector(".katex")) math.push(`not rendered: ${describe(el)}`);
+    if (el.dataset.mathError) math.push(`KaTeX error: ${el.dataset.mathError}: ${describe(el)}`);
+    else if (!el.querySelector(".katex")) math.push(`not rendered: ${describe(el)}`);
   }
   for (const el of document.querySelectorAll(".katex-error")) {
     math.push(`KaTeX error: ${el.getAttribute("title") || describe(el)}`);
@@ -124,7 +133,7 @@ SETTLE = r"""
 new Promise((resolve) => {
   const start = Date.now();
   const done = () => [...document.querySelectorAll(".arithmatex")]
-    .every((el) => el.querySelector(".katex, .katex-error"));
+    .every((el) => el.dataset.mathError || el.querySelector(".katex, .katex-error"));
   const poll = () => {
     if (done() || Date.now() - start > 10000) document.fonts.ready.then(() => resolve(true));
     else setTimeout(poll, 50);
@@ -293,6 +302,16 @@ class PageResult:
     equations: int = 0
 
 
+def site_path(page: str) -> str:
+    """The URL path of a page of docs/ (``a/b.md`` → ``a/b/``, ``index.md`` → ``""``)."""
+    stem = page.removesuffix(".md")
+    if stem == "index" or stem.endswith("/index"):
+        stem = stem.removesuffix("index")
+    else:
+        stem += "/"
+    return stem
+
+
 def pages(site: Path) -> Iterator[str]:
     """URL paths of the built pages, home first."""
     found = sorted(p.relative_to(site).as_posix() for p in site.rglob("index.html"))
@@ -385,8 +404,10 @@ def network_problems(browser: Chromium, origin: str) -> list[str]:
             problems.append(f"JavaScript exception: {text}")
         elif method == "Log.entryAdded" and params["entry"]["level"] == "error":
             problems.append(f"console error: {params['entry']['text']}")
-        elif method == "Runtime.consoleAPICalled" and params["type"] == "error":
-            problems.append(f"console error: {' '.join(str(a.get('value')) for a in params['args'])}")
+        elif method == "Runtime.consoleAPICalled" and params["type"] in ("error", "warning"):
+            # KaTeX warns about input that is not portable LaTeX or a glyph it has no metrics for
+            text = " ".join(str(a.get("value", a.get("description"))) for a in params["args"])
+            problems.append(f"console {params['type']}: {text}")
     return sorted(set(problems))
 
 
@@ -417,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(shots)
     shots.mkdir(parents=True)
 
+    pending = {site_path(page): reason for page, reason in PENDING.items()}
     results = []
     with tempfile.TemporaryDirectory(prefix="docs-check-profile-") as profile:
         browser = Chromium(binary, profile)  # before the server's thread starts (preexec_fn)
@@ -430,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
                 result = check_page(browser, origin, path, args.width, shots)
                 results.append(result)
                 status = "ok" if not result.problems else f"{len(result.problems)} problem(s)"
+                if path in pending:
+                    status += f" (pending: {pending[path]})"
                 print(f"{result.path:<40} {result.equations:>4} equations  {status}")
                 for problem in result.problems:
                     print(f"    {problem}")
@@ -442,12 +466,23 @@ def main(argv: list[str] | None = None) -> int:
         "pages": [vars(result) for result in results],
     }
     (args.out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    failed = [result for result in results if result.problems]
-    print(
-        f"docs-check: {len(results)} pages at {args.width}px, light and dark; screenshots in {shots}; "
-        + ("all checks passed" if not failed else f"{len(failed)} page(s) with problems")
-    )
-    return 1 if failed else 0
+    failed = [r.path for r in results if r.problems and r.path.lstrip("/") not in pending]
+    waiting = [r.path for r in results if r.problems and r.path.lstrip("/") in pending]
+    passing = [r.path for r in results if not r.problems and r.path.lstrip("/") in pending]
+    checked = {r.path.lstrip("/") for r in results}
+    missing = sorted(path for path in pending if path not in checked)
+    print(f"docs-check: {len(results)} pages at {args.width}px, light and dark; screenshots in {shots}")
+    if waiting:
+        print(f"docs-check: pending, not counted: {', '.join(waiting)}")
+    for path in passing:
+        print(f"docs-check: {path} passes now: remove it from PENDING in tools/docs_check.py")
+    for path in missing:
+        print(f"docs-check: {path} is in PENDING but not in the site")
+    if failed:
+        print(f"docs-check: problems on {', '.join(failed)}")
+    ok = not (failed or passing or missing)
+    print("docs-check: " + ("all checks passed" if ok else "FAILED"))
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

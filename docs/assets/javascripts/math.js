@@ -3,11 +3,17 @@
 // KaTeX is vendored next to this file (../katex), so no network is needed.
 document$.subscribe(() => {
   for (const element of document.querySelectorAll(".arithmatex")) {
-    if (element.querySelector(".katex")) continue;
+    if (element.querySelector(".katex") || element.dataset.mathError) continue;
     const source = element.textContent.trim();
-    katex.render(source.slice(2, -2), element, {
-      displayMode: element.tagName === "DIV",
-      throwOnError: false, // an error shows as .katex-error, which make docs-check reports
-    });
+    try {
+      katex.render(source.slice(2, -2), element, {
+        displayMode: element.tagName === "DIV",
+        throwOnError: true,
+      });
+    } catch (error) {
+      // leave the source as it is, and say why (make docs-check reports it)
+      element.dataset.mathError = String(error.message || error);
+      console.error("KaTeX:", element.dataset.mathError, source);
+    }
   }
 });

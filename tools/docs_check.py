@@ -52,6 +52,9 @@ PENDING = {
     "reference-models.md": "being rewritten; brought to the site's conventions afterwards",
 }
 
+#: Screenshots stop there (the API page is longer; Chromium's textures are limited to 16384 px).
+MAX_SCREENSHOT_HEIGHT = 16000
+
 #: prefers-color-scheme → the Material palette it selects (mkdocs.yml)
 SCHEMES = {"light": "default", "dark": "slate"}
 
@@ -211,7 +214,9 @@ class Chromium:
         message = {"id": self._next_id, "method": method, "params": params}
         if session and self.session:
             message["sessionId"] = self.session
-        os.write(self._to_browser, json.dumps(message).encode() + b"\0")
+        data = json.dumps(message).encode() + b"\0"
+        while data:
+            data = data[os.write(self._to_browser, data) :]
         deadline = time.monotonic() + timeout
         while True:
             reply = self._read_message(deadline)
@@ -367,8 +372,7 @@ def check_page(browser: Chromium, origin: str, path: str, width: int, out: Path)
             result.problems += [f"image did not load: {src}" for src in found["images"]]
             result.problems += check_links(origin, url, found["links"])
             result.equations = found["equations"]
-        result.problems += [prefix + problem for problem in network_problems(browser, origin)]
-        height = min(found["height"], 16000)
+        height = min(found["height"], MAX_SCREENSHOT_HEIGHT)
         shot = browser.send(
             "Page.captureScreenshot",
             format="png",
@@ -378,6 +382,9 @@ def check_page(browser: Chromium, origin: str, path: str, width: int, out: Path)
         name = (path.strip("/").replace("/", "_") or "index") + f"-{scheme}.png"
         (out / name).write_bytes(base64.b64decode(shot["data"]))
         result.screenshots.append(name)
+        time.sleep(0.2)  # requests the page makes after it has loaded (the search index)
+        browser.evaluate("0")  # reads the events that arrived meanwhile
+        result.problems += [prefix + problem for problem in network_problems(browser, origin)]
     return result
 
 

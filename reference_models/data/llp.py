@@ -46,7 +46,7 @@ from torch.utils.data import Dataset
 
 from reference_models.data.notes import DataNote, warn_notes
 
-__all__ = ["LLP_CLASSES", "NUM_SEGMENTS", "LLP", "multi_hot", "video_id"]
+__all__ = ["LLP_CLASSES", "NUM_SEGMENTS", "FEATURES", "LLP", "multi_hot", "video_id", "feature_shape_problem"]
 
 #: The 25 event classes in the order of the official ``dataloader.py``.
 LLP_CLASSES: tuple[str, ...] = (
@@ -119,6 +119,21 @@ def video_id(filename: str, where: str) -> str:
             "(letters, digits, '-' or '_')"
         )
     return filename[:ID_LENGTH]
+
+
+def feature_shape_problem(name: str, shape: tuple[int, ...]) -> str | None:
+    """What is wrong with a feature array of ``shape`` for feature ``name`` (a key of ``FEATURES``), or ``None``.
+
+    Every feature has 10 rows (one per snippet) of its width; appearance may have any multiple of 10
+    (frames per snippet), averaged per snippet by the loader.
+    """
+    width = FEATURES[name][1]
+    rows = shape[0] if len(shape) == 2 else 0
+    rows_ok = rows == NUM_SEGMENTS or (name == "appearance" and rows > 0 and rows % NUM_SEGMENTS == 0)
+    if rows_ok and shape[1] == width:
+        return None
+    expected_rows = "a multiple of 10" if name == "appearance" else "10"
+    return f"feature shape {list(shape)}, expected {expected_rows} rows of width {width}"
 
 
 def _segment_bound(text: str, where: str) -> float:
@@ -237,14 +252,9 @@ class LLP(Dataset):
     def _feature(self, name: str, video: str) -> np.ndarray:
         path = self.feature_dirs[name] / f"{video}.npy"
         array = np.load(path)
-        width = FEATURES[name][1]
-        rows = array.shape[0] if array.ndim == 2 else 0
-        rows_ok = rows == NUM_SEGMENTS or (name == "appearance" and rows > 0 and rows % NUM_SEGMENTS == 0)
-        if not rows_ok or array.shape[1] != width:
-            expected_rows = "a multiple of 10" if name == "appearance" else "10"
-            raise ValueError(
-                f"{path}: feature shape {list(array.shape)}, expected {expected_rows} rows of width {width}"
-            )
+        problem = feature_shape_problem(name, array.shape)
+        if problem is not None:
+            raise ValueError(f"{path}: {problem}")
         if not np.isfinite(array).all():
             raise ValueError(f"{path} holds non-finite values")
         return array.astype(np.float32, copy=False)

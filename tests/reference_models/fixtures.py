@@ -126,6 +126,28 @@ def _write_tsv(path: Path, header: Sequence[str], rows: Iterable[Sequence[object
         writer.writerows(rows)
 
 
+#: Filenames as in the real CSVs: most are ``<11-char YouTube id>_<start>_<end>``; some train rows carry
+#: decimal times; some ids are shorter, so the official ``filename[:11]`` takes part of the start time.
+LLP_SPLITS = {
+    "train": [("BjCEufrlXm4_20_30", ["Speech", "Dog"]), ("AP0061o0Nvk_101.8_111.8", ["Singing", "Banjo"]),
+              ("0PKI3zo26_4_12_22", ["Clapping"]), ("P7x4FV4lg_570_580", ["Frying_(food)"])],
+    "val": [("4YdbENYcIyE_23_33", ["Baby_cry_infant_cry"]), ("KSRjje7GH44_60_70", ["Blender", "Speech"]),
+            ("8DF2PxdT5tE_390_400", ["Cheering", "Speech"])],
+    "test": [("HK1i4YyF5WU_30_40", ["Motorcycle", "Speech"])],
+}
+LLP_EVAL_AUDIO = [
+    ("4YdbENYcIyE_23_33", 0, 4, "Baby_cry_infant_cry"),
+    ("KSRjje7GH44_60_70", 8, 10, "Blender"),
+    ("KSRjje7GH44_60_70", 0, 8, "Speech"),
+    ("KSRjje7GH44_60_70", 9, 9, "Speech"),  # zero length, as in the real file: marks nothing
+    ("8DF2PxdT5tE_390_400", 9, 0, "Cheering"),  # offset before onset, as in the real file: skipped
+    ("8DF2PxdT5tE_390_400", 0, 5, "Speech"),
+    ("HK1i4YyF5WU_30_40", 1, 7, "Speech"),
+    ("HK1i4YyF5WU_30_40", 9, 10, "Speech"),
+]
+LLP_EVAL_VISUAL = [("KSRjje7GH44_60_70", 2, 5, "Blender"), ("HK1i4YyF5WU_30_40", 4, 6, "Motorcycle")]
+
+
 def llp_features(index: int) -> dict[str, np.ndarray]:
     """Deterministic features of video ``index``: vggish [10, 128], res152 [80, 2048], r2plus1d_18 [10, 512].
 

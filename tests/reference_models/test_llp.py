@@ -9,33 +9,12 @@ import pytest
 import torch
 
 from reference_models.data.llp import LLP, LLP_CLASSES
-from tests.reference_models.fixtures import write_llp
-
-#: Filenames as in the real CSVs: most are ``<11-char YouTube id>_<start>_<end>``; some train rows carry
-#: decimal times; some ids are shorter, so the official ``filename[:11]`` takes part of the start time.
-SPLITS = {
-    "train": [("BjCEufrlXm4_20_30", ["Speech", "Dog"]), ("AP0061o0Nvk_101.8_111.8", ["Singing", "Banjo"]),
-              ("0PKI3zo26_4_12_22", ["Clapping"]), ("P7x4FV4lg_570_580", ["Frying_(food)"])],
-    "val": [("4YdbENYcIyE_23_33", ["Baby_cry_infant_cry"]), ("KSRjje7GH44_60_70", ["Blender", "Speech"]),
-            ("8DF2PxdT5tE_390_400", ["Cheering", "Speech"])],
-    "test": [("HK1i4YyF5WU_30_40", ["Motorcycle", "Speech"])],
-}
-EVAL_AUDIO = [
-    ("4YdbENYcIyE_23_33", 0, 4, "Baby_cry_infant_cry"),
-    ("KSRjje7GH44_60_70", 8, 10, "Blender"),
-    ("KSRjje7GH44_60_70", 0, 8, "Speech"),
-    ("KSRjje7GH44_60_70", 9, 9, "Speech"),  # zero length, as in the real file: marks nothing
-    ("8DF2PxdT5tE_390_400", 9, 0, "Cheering"),  # offset before onset, as in the real file: skipped
-    ("8DF2PxdT5tE_390_400", 0, 5, "Speech"),
-    ("HK1i4YyF5WU_30_40", 1, 7, "Speech"),
-    ("HK1i4YyF5WU_30_40", 9, 10, "Speech"),
-]
-EVAL_VISUAL = [("KSRjje7GH44_60_70", 2, 5, "Blender"), ("HK1i4YyF5WU_30_40", 4, 6, "Motorcycle")]
+from tests.reference_models.fixtures import LLP_EVAL_AUDIO, LLP_EVAL_VISUAL, LLP_SPLITS, write_llp
 
 
 @pytest.fixture
 def llp_root(tmp_path: Path) -> Path:
-    return write_llp(tmp_path, SPLITS, EVAL_AUDIO, EVAL_VISUAL)
+    return write_llp(tmp_path, LLP_SPLITS, LLP_EVAL_AUDIO, LLP_EVAL_VISUAL)
 
 
 def _val(root: Path) -> LLP:
@@ -59,7 +38,7 @@ def test_train_items_shapes_targets_and_features(llp_root: Path) -> None:
     dataset = LLP(llp_root, "train")
     assert len(dataset) == 4
     assert dataset.video_ids == ["BjCEufrlXm4", "AP0061o0Nvk", "0PKI3zo26_4", "P7x4FV4lg_5"]
-    for number, (_, names) in enumerate(SPLITS["train"]):
+    for number, (_, names) in enumerate(LLP_SPLITS["train"]):
         inputs, target = dataset[number]
         assert inputs["audio"].shape == (10, 128) and inputs["audio"].dtype == torch.float32
         assert inputs["visual"].shape == (10, 2560) and inputs["visual"].dtype == torch.float32
@@ -134,7 +113,7 @@ def test_the_reversed_eval_row_is_skipped_counted_and_reported(llp_root: Path) -
 def test_eval_bounds_the_official_code_tolerates(tmp_path: Path) -> None:
     rows = [("4YdbENYcIyE_23_33", 3, 12, "Speech"), ("4YdbENYcIyE_23_33", "1.7", "2.2", "Dog"),
             ("4YdbENYcIyE_23_33", -2, 1, "Cat")]
-    root = write_llp(tmp_path, {"val": SPLITS["val"][:1]}, rows)
+    root = write_llp(tmp_path, {"val": LLP_SPLITS["val"][:1]}, rows)
     with pytest.warns(UserWarning) as record:
         labels = LLP(root, "val").segment_labels(0)["audio"]
     assert len(record) == 2  # two outside [0, 10], one non-integer
@@ -144,10 +123,10 @@ def test_eval_bounds_the_official_code_tolerates(tmp_path: Path) -> None:
 
 
 def test_bad_annotations_are_rejected(tmp_path: Path) -> None:
-    root = write_llp(tmp_path / "b", {"val": SPLITS["val"][:1]}, [("4YdbENYcIyE_23_33", 0, 3, "Speech_x")])
+    root = write_llp(tmp_path / "b", {"val": LLP_SPLITS["val"][:1]}, [("4YdbENYcIyE_23_33", 0, 3, "Speech_x")])
     with pytest.raises(ValueError, match=r"AVVP_eval_audio.csv:2: unknown LLP class 'Speech_x'"):
         LLP(root, "val")
-    root = write_llp(tmp_path / "d", {"val": SPLITS["val"][:1]}, [("4YdbENYcIyE_23_33", "one", 3, "Speech")])
+    root = write_llp(tmp_path / "d", {"val": LLP_SPLITS["val"][:1]}, [("4YdbENYcIyE_23_33", "one", 3, "Speech")])
     with pytest.raises(ValueError, match=r"AVVP_eval_audio.csv:2: onset/offset 'one' is not a number"):
         LLP(root, "val")
     root = write_llp(tmp_path / "c", {"train": [("notanid", ["Speech"])]})

@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.gradmod-installed
 
-.PHONY: demo test test-all docs bench-speed bench-accuracy clean
+.PHONY: demo test test-all docs docs-check bench-speed bench-accuracy clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,13 @@ test-all: $(STAMP)
 
 docs: $(STAMP)
 	$(PY) -m mkdocs build --strict
+
+# The site as a reader sees it: builds it, serves it on 127.0.0.1, screenshots every page in
+# headless Chromium (site-check/screenshots/) and fails on horizontal overflow at 1280 px, broken
+# internal links, unrendered math or requests that need the network. Not part of `make test`.
+docs-check: $(STAMP)
+	command -v chromium >/dev/null || { apt-get update && apt-get install -y chromium; }
+	$(PY) tools/docs_check.py --out site-check
 
 bench-speed: $(STAMP)
 	$(PY) benchmarks/speed.py

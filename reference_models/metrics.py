@@ -1,9 +1,9 @@
 """Evaluation metrics of the reference benchmarks (CREMA-D, AVE, LLP), as their papers report them.
 
-* CREMA-D (papers 000, 001, 003): `accuracy` and `macro_f1` over clips.
-* AVE (paper 003 follows PSP / AVE-ECCV18 ``compute_acc``): `ave_segment_accuracy`, the
+* CREMA-D (OGM-GE's protocol): `accuracy` and `macro_f1` over clips.
+* AVE (Fu, Gao & Xu follow PSP and AVE-ECCV18's ``compute_acc``): `ave_segment_accuracy`, the
   fraction of the N×10 one-second segments whose predicted class (background included) is right.
-* LLP / AVVP (paper 003, "Evaluation Metrics"; official code YapengTian/AVVP-ECCV20
+* LLP / AVVP (Fu, Gao & Xu, "Evaluation Metrics"; official code YapengTian/AVVP-ECCV20
   ``utils/eval_metrics.py`` and ``main_avvp.py``): segment- and event-level F-scores of audio,
   visual and audio-visual events, Type@AV and Event@AV — `avvp_video_scores` for one video,
   `AVVPEvaluator` to accumulate them.

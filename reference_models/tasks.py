@@ -1,4 +1,4 @@
-"""Tasks: a dataset's train/test splits, its reference model and how it is evaluated.
+"""Tasks: a dataset's train/val/test splits, its reference model and how it is evaluated.
 
 ``build_task("avdigits" | "cremad" | "ave" | "llp", ...)`` is the one place the training CLI learns
 what a dataset looks like; everything dataset-specific (metrics, targets, masks) is answered here.
@@ -18,12 +18,18 @@ from torch.utils.data import DataLoader, Dataset
 from reference_models import metrics
 from reference_models.models.common import FUSION_KINDS, ModelOutput, MultimodalModel, mask_features
 
-__all__ = ["Task", "build_task", "DATASETS", "TASK_KINDS"]
+__all__ = ["Task", "build_task", "DATASETS", "TASK_KINDS", "SELECTION_METRICS"]
 
 DATASETS = ("avdigits", "cremad", "ave", "llp")
 #: ``classification``: one label per item (AV-digits, CREMA-D); ``segments``: one label per 1-s segment
 #: (AVE); ``parsing``: weak multi-hot video labels, dense evaluation (LLP).
 TASK_KINDS = ("classification", "segments", "parsing")
+#: What ``evaluate(...)["accuracy"]``, the score model selection compares, is for each kind of task.
+SELECTION_METRICS = {
+    "classification": "accuracy",
+    "segments": "segment accuracy",
+    "parsing": "segment-level Type@AV F-score",
+}
 
 
 class IndexedDataset(Dataset):
@@ -42,7 +48,10 @@ class IndexedDataset(Dataset):
 
 @dataclass
 class Task:
-    """A dataset's splits and reference model, with the metrics its papers report."""
+    """A dataset's splits and reference model, with the metrics its papers report.
+
+    ``val_set`` is the validation split where the dataset has one (AVE, LLP), else ``None``.
+    """
 
     name: str
     kind: str
@@ -51,14 +60,26 @@ class Task:
     model: MultimodalModel
     num_classes: int
     info: dict[str, Any] = field(default_factory=dict)
+    val_set: Dataset | None = None
 
     @property
     def modalities(self) -> tuple[str, ...]:
         return self.model.modalities
 
+    @property
+    def selection_metric(self) -> str:
+        """What the ``accuracy`` of `evaluate` measures for this task (the score model selection compares)."""
+        return SELECTION_METRICS[self.kind]
+
     @torch.no_grad()
     def evaluate(self, loader: DataLoader, device: torch.device) -> dict[str, Any]:
-        """Fused and per-modality (other modalities zeroed) metrics on ``loader`` (built on `IndexedDataset`)."""
+        """Fused and per-modality metrics on ``loader`` (built on `IndexedDataset`).
+
+        Keys: ``accuracy`` (see `selection_metric`), ``macro_f1`` (classification and segments),
+        ``unimodal`` — each modality's score with the other modality's features zeroed — and, for
+        the concat and sum heads, ``unimodal_decoupled`` — OGM-GE's convention
+        (`MultimodalModel.decoupled_logits`); LLP adds ``avvp``, its ten scores.
+        """
         was_training = self.model.training
         self.model.eval()
         try:
@@ -66,37 +87,43 @@ class Task:
         finally:
             self.model.train(was_training)
 
-    def _batches(self, loader: DataLoader, device: torch.device) -> Iterator[tuple[ModelOutput, dict[str, Tensor], Tensor, Tensor]]:
+    def _batches(self, loader: DataLoader, device: torch.device) -> Iterator[tuple[ModelOutput, Tensor, Tensor, Any]]:
+        """Per batch: the model output, the target, the item indices and the features."""
         for inputs, target, index in loader:
             inputs = {n: x.to(device) for n, x in inputs.items()}
             features = self.model.encode(inputs)
-            output = self.model.head(features)
-            masked = self.model.masked_logits(features) if self.kind != "parsing" else {}
-            yield output, masked, target.to(device), index
+            yield self.model.head(features), target.to(device), index, features
 
     def _evaluate(self, loader: DataLoader, device: torch.device) -> dict[str, Any]:
         if self.kind == "parsing":
             return self._evaluate_parsing(loader, device)
         fused, targets = [], []
-        unimodal: dict[str, list[Tensor]] = {n: [] for n in self.modalities}
-        for output, masked, target, _ in self._batches(loader, device):
+        predictions: dict[str, dict[str, list[Tensor]]] = {"unimodal": {}, "unimodal_decoupled": {}}
+        for output, target, _, features in self._batches(loader, device):
             fused.append(output.logits.argmax(-1).cpu())
             targets.append(target.cpu())
-            for n in self.modalities:
-                unimodal[n].append(masked[n].argmax(-1).cpu())
+            per_modality = {
+                "unimodal": self.model.masked_logits(features),
+                "unimodal_decoupled": self.model.decoupled_logits(features) or {},
+            }
+            for key, logits in per_modality.items():
+                for name, values in logits.items():
+                    predictions[key].setdefault(name, []).append(values.argmax(-1).cpu())
         pred, target = torch.cat(fused), torch.cat(targets)
         score = metrics.accuracy if self.kind == "classification" else metrics.ave_segment_accuracy
         result: dict[str, Any] = {
             "accuracy": score(pred, target),
             "macro_f1": metrics.macro_f1(pred.reshape(-1), target.reshape(-1), self.num_classes),
-            "unimodal": {n: score(torch.cat(p), target) for n, p in unimodal.items()},
         }
+        for key, per_name in predictions.items():
+            if per_name:
+                result[key] = {name: score(torch.cat(p), target) for name, p in per_name.items()}
         return result
 
     def _evaluate_parsing(self, loader: DataLoader, device: torch.device) -> dict[str, Any]:
         evaluator = metrics.AVVPEvaluator()
         dataset = loader.dataset.base  # type: ignore[attr-defined]
-        for output, _, _, index in self._batches(loader, device):
+        for output, _, index, _ in self._batches(loader, device):
             video_probs = torch.sigmoid(output.logits).cpu()
             snippet = {n: p.cpu() for n, p in output.snippet_probs.items()}  # [B, T, C]
             for row, item in enumerate(index.tolist()):
@@ -157,12 +184,12 @@ def build_task(
         from reference_models.data.ave import AVE
         from reference_models.models.ave import NUM_AVE_CLASSES, AVEModel
 
-        train, test = (AVE(data_root, split, max_items=max_items) for split in ("train", "test"))
-        return Task(name, "segments", train, test, AVEModel(fusion), NUM_AVE_CLASSES)
+        train, val, test = (AVE(data_root, split, max_items=max_items) for split in ("train", "val", "test"))
+        return Task(name, "segments", train, test, AVEModel(fusion), NUM_AVE_CLASSES, val_set=val)
     from reference_models.data.llp import LLP
     from reference_models.models.llp import LLPModel
 
     if fusion != "concat":
         raise ValueError("the LLP model has its own fusion (HAN attention + MSDU): leave --fusion at its default")
-    train, test = (LLP(data_root, split, max_items=max_items) for split in ("train", "test"))
-    return Task(name, "parsing", train, test, LLPModel(), LLP.num_classes)
+    train, val, test = (LLP(data_root, split, max_items=max_items) for split in ("train", "val", "test"))
+    return Task(name, "parsing", train, test, LLPModel(), LLP.num_classes, val_set=val)

@@ -1,9 +1,11 @@
 """Train a reference model with or without gradient modulation: ``python -m reference_models.train --help``.
 
-One loop for every dataset × method × fusion head. Per epoch it reports fused accuracy, macro-F1 and each
-modality's unimodal accuracy (the fused head with the other modality's features zeroed), the mean
-modulation coefficients, and saves a checkpoint (``--resume`` continues exactly), ``results.json`` and
-``curves.png`` under ``--out``.
+One loop for every dataset × method × fusion head. Per epoch it evaluates the val split (AVE, LLP) and
+the test split: fused accuracy, macro-F1 and each modality's unimodal accuracy, both masked (the fused
+head with the other modality's features zeroed) and decoupled (OGM-GE's convention, concat and sum
+heads), and the mean modulation coefficients. It saves a checkpoint (``--resume`` continues exactly),
+``results.json`` and ``curves.png`` under ``--out``, and ends with the test scores of the last epoch,
+of the best epoch on test and of the epoch selected on val, each labelled (`select_epochs`).
 """
 
 from __future__ import annotations
@@ -30,13 +32,14 @@ from gradmod.mixup import BalancedMixup, MultimodalMixup, soft_cross_entropy
 from reference_models.models.common import FUSION_KINDS, ModelOutput
 from reference_models.tasks import DATASETS, IndexedDataset, Task, build_task
 
-__all__ = ["METHODS", "TrainConfig", "train", "main", "unimodal_metrics"]
+__all__ = ["METHODS", "TrainConfig", "train", "main", "unimodal_metrics", "select_epochs", "summary_lines"]
 
 METHODS = ("baseline", "ogm", "ogm_ge", "pdmp", "dgm", "decoupling_free", "mm", "bmm")
 PARAM_FILTERS = {"all": None, "weights": gradmod.filters.weights, "conv": gradmod.filters.conv_weights}
 
 #: Per-dataset training defaults: OGM-GE's CREMA-D protocol (SGD 1e-3, momentum 0.9, wd 1e-4, StepLR(70, 0.1),
-#: batch 64); paper 003's Adam 5e-4, ×0.25 every 6 epochs, for LLP; what works on the generated AV-digits in a few CPU minutes.
+#: batch 64); Fu, Gao & Xu's Adam 5e-4, ×0.25 every 6 epochs, for LLP; what works on the generated AV-digits in a
+#: few CPU minutes.
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "avdigits": {"optimizer": "sgd", "lr": 0.01, "batch_size": 64, "epochs": 6, "lr_step": None, "lr_gamma": 0.1},
     "cremad": {"optimizer": "sgd", "lr": 1e-3, "batch_size": 64, "epochs": 100, "lr_step": 70, "lr_gamma": 0.1},
@@ -155,7 +158,7 @@ def observe_inputs(method: str, task: Task, output: ModelOutput, target: Tensor)
 
 
 def _mix_features(mixer: MultimodalMixup, features: Mapping[str, Tensor], target: Tensor, classes: int):
-    """MM (paper 001 eq. (3)): mix the fused representation — all modalities' features with one λ and π."""
+    """MM (Ma, Ding & Chen, 2025, eq. (3)): mix the fused representation — all modalities' features with one λ and π."""
     names = list(features)
     widths = [features[n].shape[-1] for n in names]
     mixed, soft = mixer(torch.cat([features[n] for n in names], -1), target, classes)
@@ -216,7 +219,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
     model = task.model.to(device)
     loader_args = {"batch_size": config.batch_size, "num_workers": config.workers}
     steps_per_epoch = math.ceil(len(task.train_set) / config.batch_size)
-    test_loader = DataLoader(IndexedDataset(task.test_set), **loader_args)
+    evaluation_loaders = {
+        split: DataLoader(IndexedDataset(dataset), **loader_args)
+        for split, dataset in (("val", task.val_set), ("test", task.test_set))
+        if dataset is not None
+    }
     out = Path(config.out) if config.out else None
     checkpoint_path = out / "checkpoint.pt" if out else None
 
@@ -277,7 +284,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
             train_eval = task.evaluate(DataLoader(IndexedDataset(task.train_set), **loader_args), device)
             bmm.update(train_eval["unimodal"])
             record["bmm"] = {"train_unimodal": train_eval["unimodal"], "kappa": bmm.kappa, "strength": bmm.strength}
-        record["test"] = task.evaluate(test_loader, device)
+        for split, split_loader in evaluation_loaders.items():
+            record[split] = task.evaluate(split_loader, device)
         record["coefficients"] = _epoch_coefficients(modulator, first_step)
         elapsed += time.perf_counter() - started
         record["elapsed_s"] = elapsed
@@ -297,6 +305,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     results = {
         "config": dataclasses.asdict(config),
         "final": history[-1]["test"],
+        "selection": select_epochs(history, task.selection_metric),
         "history": history,
         "coefficients_per_step": modulator.history if modulator is not None else [],
         "pdmp": {"metrics": pdmp_metrics, "ranking": list(pdmp_ranking)} if pdmp_ranking else None,
@@ -311,20 +320,77 @@ def train(config: TrainConfig) -> dict[str, Any]:
     return results
 
 
+#: What each report of `select_epochs` is, and which papers report that way.
+SELECTION_LABELS = {
+    "last_epoch": "last epoch",
+    "best_test": "best test score over epochs (OGM-GE, PSP)",
+    "val_selected": "epoch with the best val score (AVVP-ECCV20)",
+}
+
+
+def select_epochs(history: Sequence[Mapping[str, Any]], metric: str) -> dict[str, Any]:
+    """The test scores of three epochs of a run, each labelled (`SELECTION_LABELS`).
+
+    ``last_epoch``: the last one. ``best_test``: the first epoch whose test ``accuracy`` (the task's
+    ``metric``) is the highest, as OGM-GE and PSP report. ``val_selected``: the epoch whose val
+    ``accuracy`` is the highest, the latest among ties as AVVP-ECCV20's ``F >= best_F``, with its val
+    and test scores; ``None`` without a val split.
+    """
+    last = history[-1]
+    best = max(history, key=lambda record: record["test"]["accuracy"])
+    reports: dict[str, Any] = {
+        "metric": metric,
+        "last_epoch": {"label": SELECTION_LABELS["last_epoch"], "epoch": last["epoch"], "test": last["test"]},
+        "best_test": {"label": SELECTION_LABELS["best_test"], "epoch": best["epoch"], "test": best["test"]},
+        "val_selected": None,
+    }
+    if "val" in last:
+        chosen = max(reversed(history), key=lambda record: record["val"]["accuracy"])
+        reports["val_selected"] = {
+            "label": SELECTION_LABELS["val_selected"],
+            "epoch": chosen["epoch"],
+            "val": chosen["val"],
+            "test": chosen["test"],
+        }
+    return reports
+
+
+def _scores(evaluation: Mapping[str, Any]) -> str:
+    """``acc 0.712 macro-F1 0.700 | masked audio=0.610 … | decoupled audio=0.630 …`` of one evaluation."""
+    text = f"acc {evaluation['accuracy']:.3f}"
+    if "macro_f1" in evaluation:
+        text += f" macro-F1 {evaluation['macro_f1']:.3f}"
+    for key, name in (("unimodal", "masked"), ("unimodal_decoupled", "decoupled")):
+        if key in evaluation:
+            text += f" | {name} " + " ".join(f"{n}={v:.3f}" for n, v in evaluation[key].items())
+    return text
+
+
 def _print_epoch(config: TrainConfig, record: Mapping[str, Any]) -> None:
-    test = record["test"]
-    unimodal = " ".join(f"{n}={v:.3f}" for n, v in test["unimodal"].items())
-    coefficients = " ".join(f"{n}={v:.3f}" for n, v in record["coefficients"].items())
-    line = (
-        f"[{config.dataset}/{config.method}] epoch {record['epoch'] + 1}/{config.epochs} "
-        f"loss {record['train_loss']:.4f} | test acc {test['accuracy']:.3f}"
-    )
-    if "macro_f1" in test:
-        line += f" macro-F1 {test['macro_f1']:.3f}"
-    line += f" | unimodal {unimodal}"
-    if coefficients:
-        line += f" | mean k {coefficients}"
+    line = f"[{config.dataset}/{config.method}] epoch {record['epoch'] + 1}/{config.epochs} loss {record['train_loss']:.4f}"
+    if "val" in record:
+        line += f" | val acc {record['val']['accuracy']:.3f}"
+    line += f" | test {_scores(record['test'])}"
+    if record["coefficients"]:
+        line += " | mean k " + " ".join(f"{n}={v:.3f}" for n, v in record["coefficients"].items())
     print(line, flush=True)
+
+
+def summary_lines(results: Mapping[str, Any]) -> list[str]:
+    """The CLI's closing summary: the test scores of `select_epochs`' three reports, labelled."""
+    selection = results["selection"]
+    lines = [
+        f"test scores ({selection['metric']}; unimodal: masked = other modality zeroed, "
+        "decoupled = OGM-GE's per-modality logits with b/2)"
+    ]
+    for key, label in SELECTION_LABELS.items():
+        report = selection[key]
+        if report is None:
+            lines.append(f"  {label}: no val split for {results['config']['dataset']}")
+            continue
+        chosen = f"epoch {report['epoch'] + 1}" + (f", val acc {report['val']['accuracy']:.3f}" if "val" in report else "")
+        lines.append(f"  {label} ({chosen}): {_scores(report['test'])}")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -356,7 +422,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     add("--modulation-start", type=int, default=0, help="first modulated epoch")
     add("--modulation-end", type=int, help="last modulated epoch (inclusive; default: the last epoch)")
     add("--alpha", type=float, default=0.8, help="OGM / OGM-GE / decoupling-free α")
-    add("--gamma", type=float, default=0.1, help="DGM γ (paper 003 eq. (7))")
+    add("--gamma", type=float, default=0.1, help="DGM γ (Fu, Gao & Xu, eq. (7))")
     add("--noise", choices=("default", "none", "ge", "restore", "paper"), default="default")
     add("--gamma-p", type=float, default=1.0, help="PDMP γp (dominant modality)")
     add("--gamma-r", type=float, default=0.5, help="PDMP γr (the rest)")
@@ -383,8 +449,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    final = results["final"]
-    print(json.dumps({"accuracy": final["accuracy"], "unimodal": final["unimodal"]}))
+    print("\n".join(summary_lines(results)))
     return 0
 
 

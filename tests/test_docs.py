@@ -1,13 +1,19 @@
-"""The documentation is executable and builds cleanly.
+"""The documentation is executable, builds cleanly and follows the site's conventions.
 
 * Every ```python block of README.md and docs/**/*.md runs: the blocks of one page in order, in one fresh
   namespace, in a temporary working directory (a block that raises fails the test with the page and line).
+  Blocks indented inside an admonition or a collapsible block (``??? example``) run too.
 * Every ``python -m reference_models.train`` command and every ``make`` target in a ```bash block is valid.
-* The API reference covers every public gradmod module, and ``mkdocs build --strict`` succeeds.
+* The API reference covers every public gradmod module, and ``mkdocs build --strict`` succeeds; the built
+  pages load nothing from the network and leave no math delimiter in their text.
+* Pages of the site keep code lines within 88 characters and cite papers through docs/references.md,
+  never through files outside the repository. (``make docs-check`` checks the rendered pages in a browser.)
 """
 
 from __future__ import annotations
 
+import html.parser
+import importlib.util
 import os
 import re
 import shlex
@@ -24,9 +30,12 @@ from reference_models.train import parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
-#: Fenced blocks start at the beginning of a line. ```python blocks are executed and ```bash blocks checked;
+#: Fenced blocks, at the start of a line or indented inside an admonition or a collapsible block (the
+#: closing fence has the same indentation). ```python blocks are executed and ```bash blocks checked;
 #: other info strings (text, json, ...) are shown as they are.
-FENCE = re.compile(r"^```(?P<info>[^\n`]*)\n(?P<body>.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
+FENCE = re.compile(
+    r"^(?P<indent>[ \t]*)```(?P<info>[^\n`]*)\n(?P<body>.*?)^(?P=indent)```[ \t]*$", re.MULTILINE | re.DOTALL
+)
 #: Spellings that would let Python code or shell commands escape the checks.
 UNCHECKED_ALIASES = {"py", "python3", "pycon", "ipython", "sh", "shell", "console", "zsh"}
 
@@ -39,18 +48,26 @@ def code_blocks(page: Path, info: str) -> list[tuple[int, str]]:
     """``(first line number, source)`` of every fenced block of ``page`` whose info string is ``info``."""
     text = page.read_text(encoding="utf-8")
     return [
-        (text.count("\n", 0, match.start()) + 2, match["body"])
+        (text.count("\n", 0, match.start()) + 2, _dedent(match["body"], match["indent"]))
         for match in FENCE.finditer(text)
         if match["info"].strip() == info
     ]
 
 
+def _dedent(body: str, indent: str) -> str:
+    return "".join(line.removeprefix(indent) for line in body.splitlines(keepends=True))
+
+
 @pytest.mark.parametrize("page", PAGES, ids=_name)
 def test_every_fence_is_one_the_tests_understand(page: Path) -> None:
-    """No block escapes the checks: no indented fences, no other spelling of python or bash."""
+    """No block escapes the checks: every fence is matched, no other spelling of python or bash."""
     text = page.read_text(encoding="utf-8")
-    indented = [n for n, line in enumerate(text.splitlines(), 1) if re.match(r"^\s+```", line)]
-    assert not indented, f"{_name(page)}: indented code fences at lines {indented} would not be checked"
+    fences = [m.start() for m in re.finditer(r"^[ \t]*```", text, re.MULTILINE)]
+    blocks = list(FENCE.finditer(text))
+    # a block's opening fence starts its match; its closing fence starts the match's last line
+    matched = {m.start() for m in blocks} | {m.start() + m.group().rfind("\n") + 1 for m in blocks}
+    stray = [text.count("\n", 0, start) + 1 for start in fences if start not in matched]
+    assert not stray, f"{_name(page)}: fences at lines {stray} open or close no block the tests see"
     infos = {match["info"].strip() for match in FENCE.finditer(text)}
     aliases = {info for info in infos if info.split(" ")[0] in UNCHECKED_ALIASES}
     assert not aliases, f"{_name(page)}: write ```python or ```bash instead of {sorted(aliases)}"
@@ -122,10 +139,13 @@ def test_api_reference_covers_every_public_module() -> None:
     assert public_modules <= documented, f"api.md lacks {sorted(public_modules - documented)}"
 
 
-def test_site_builds_strictly(tmp_path) -> None:
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    """The site as ``mkdocs build --strict`` writes it (the build must succeed)."""
+    out = tmp_path_factory.mktemp("site")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -133,4 +153,135 @@ def test_site_builds_strictly(tmp_path) -> None:
         timeout=300,
     )
     assert result.returncode == 0, f"mkdocs build --strict failed:\n{result.stdout}\n{result.stderr}"
-    assert (tmp_path / "site" / "api" / "index.html").is_file()
+    return out
+
+
+def test_site_builds_strictly(site: Path) -> None:
+    assert (site / "api" / "index.html").is_file()
+    assert (site / "references" / "index.html").is_file()
+
+
+class _PageScan(html.parser.HTMLParser):
+    """Collects what a built page loads and the text of its article outside code and math."""
+
+    VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loads: list[str] = []
+        self.text: list[str] = []
+        self._stack: list[tuple[str, bool]] = []  # (tag, whether its text is skipped)
+        self._in_article = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        named = dict(attrs)
+        if tag == "script" and named.get("src"):
+            self.loads.append(named["src"])
+        if tag == "link" and "stylesheet" in (named.get("rel") or ""):
+            self.loads.append(named.get("href") or "")
+        if tag == "img":
+            self.loads.append(named.get("src") or "")
+        if tag in self.VOID:
+            return
+        classes = (named.get("class") or "").split()
+        skipped = tag in ("code", "pre", "script", "style") or "arithmatex" in classes
+        self._stack.append((tag, skipped or (bool(self._stack) and self._stack[-1][1])))
+        if tag == "article":
+            self._in_article += 1
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in self.VOID:
+            return
+        while self._stack:
+            open_tag, _ = self._stack.pop()
+            if open_tag == "article":
+                self._in_article -= 1
+            if open_tag == tag:
+                break
+
+    def handle_data(self, data: str) -> None:
+        if self._in_article and not (self._stack and self._stack[-1][1]):
+            self.text.append(data)
+
+
+def _built_pages(site: Path) -> list[Path]:
+    return sorted(site.rglob("index.html"))
+
+
+def test_built_pages_need_no_network(site: Path) -> None:
+    """Scripts, stylesheets and images come from the site itself: the math renders offline."""
+    remote = {}
+    for page in _built_pages(site):
+        scan = _PageScan()
+        scan.feed(page.read_text(encoding="utf-8"))
+        found = [url for url in scan.loads if re.match(r"^(https?:)?//", url)]
+        if found:
+            remote[str(page.relative_to(site))] = found
+    assert not remote, f"pages load files from the network: {remote}"
+    katex = site / "assets" / "katex"
+    css = (katex / "katex.min.css").read_text(encoding="utf-8")
+    fonts = set(re.findall(r"url\((fonts/[^)]+\.woff2)\)", css))
+    assert fonts, "katex.min.css names no woff2 font"
+    missing = sorted(font for font in fonts if not (katex / font).is_file())
+    assert not missing, f"KaTeX fonts missing from docs/assets/katex: {missing}"
+
+
+def test_math_is_marked_up_for_rendering(site: Path) -> None:
+    """Math is written as $...$ / $$...$$ (arithmatex): no delimiter is left in a page's text."""
+    leftovers = {}
+    for page in _built_pages(site):
+        scan = _PageScan()
+        scan.feed(page.read_text(encoding="utf-8"))
+        text = "".join(scan.text)
+        found = [text[max(0, m.start() - 30) : m.end() + 30] for m in re.finditer(r"\$|\\[()\[\]]", text)]
+        if found:
+            leftovers[str(page.relative_to(site))] = found[:3]
+    assert not leftovers, f"math delimiters left in the text (math not recognised): {leftovers}"
+    assert "arithmatex" in (site / "methods" / "ogm-ge" / "index.html").read_text(encoding="utf-8")
+
+
+def _pending_pages() -> dict[str, str]:
+    """``tools/docs_check.py``'s PENDING: pages another change is rewriting, keyed by docs/ path."""
+    spec = importlib.util.spec_from_file_location("docs_check", ROOT / "tools" / "docs_check.py")
+    module = sys.modules.setdefault(spec.name, importlib.util.module_from_spec(spec))
+    spec.loader.exec_module(module)
+    return {f"docs/{page}": reason for page, reason in module.PENDING.items()}
+
+
+#: Pending pages follow the conventions below once their rewrite lands. The marks are strict: when
+#: such a page passes, its entry in tools/docs_check.py must go.
+PENDING_CONVENTIONS = _pending_pages()
+SITE_PAGES = [
+    pytest.param(page, marks=pytest.mark.xfail(strict=True, reason=PENDING_CONVENTIONS[_name(page)]))
+    if _name(page) in PENDING_CONVENTIONS
+    else page
+    for page in sorted((ROOT / "docs").rglob("*.md"))
+]
+#: A code line of the site fits the content column at 1280 px.
+MAX_CODE_LINE = 88
+
+
+@pytest.mark.parametrize("page", SITE_PAGES, ids=_name)
+def test_code_lines_fit_the_column(page: Path) -> None:
+    text = page.read_text(encoding="utf-8")
+    long_lines = []
+    for match in FENCE.finditer(text):
+        first = text.count("\n", 0, match.start()) + 2
+        for offset, line in enumerate(_dedent(match["body"], match["indent"]).splitlines()):
+            if len(line) > MAX_CODE_LINE:
+                long_lines.append(f"{first + offset} ({len(line)} characters)")
+    assert not long_lines, f"{_name(page)}: code lines over {MAX_CODE_LINE} characters at lines {long_lines}"
+
+
+#: What only a reader with files outside the repository could follow.
+OUTSIDE_REFERENCES = re.compile(r"shared/papers|\bpapers? 00\d\b|\b00\d_[0-9a-f]{8,}\b", re.IGNORECASE)
+
+
+@pytest.mark.parametrize("page", SITE_PAGES, ids=_name)
+def test_pages_cite_papers_not_files(page: Path) -> None:
+    """Papers are cited by name with a link to references.md, not by a file the reader lacks."""
+    text = page.read_text(encoding="utf-8")
+    found = [
+        f"{text.count(chr(10), 0, match.start()) + 1}: {match[0]!r}" for match in OUTSIDE_REFERENCES.finditer(text)
+    ]
+    assert not found, f"{_name(page)} refers to files outside the repository: {found}"

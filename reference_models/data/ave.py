@@ -1,14 +1,19 @@
-"""AVE (Audio-Visual Event) pre-extracted features in the layout of YapengTian/AVE-ECCV18.
+"""AVE (Audio-Visual Event) pre-extracted features in the layout of AVE-ECCV18 and PSP.
 
-Layout under ``root`` (the official ``data/`` folder)::
+AVE-ECCV18 = Tian et al., "Audio-Visual Event Localization in Unconstrained Videos", ECCV 2018;
+PSP = Zhou et al., "Positive Sample Propagation along the Audio-Visual Event Line", CVPR 2021.
+Layout under ``root`` (their ``data/`` folder)::
 
     root/audio_feature.h5    key "avadataset": [N, 10, 128]        VGGish, one vector per 1-s segment
     root/visual_feature.h5   key "avadataset": [N, 10, 7, 7, 512]   VGG-19 pool5 maps per segment
     root/labels.h5           key "avadataset": [N, 10, 29]          one-hot; class 28 = background
+      (or PSP's right_labels.h5, same format; preferred when both are there)
     root/{train,val,test}_order.h5  key "order": [n] indices into N (4,143 videos: 3,339 / 402 / 402)
 
-Files are opened lazily, once per process (h5py handles cannot be pickled or shared across a
-fork), so the dataset works with any number of DataLoader workers.
+A segment's class is the argmax of its label row, as the official ``compute_acc`` takes it; rows
+that are not one-hot are counted and reported (`DataNote`), never an error. Labels are read once;
+the feature files are opened lazily, once per process (h5py handles cannot be pickled or shared
+across a fork), so the dataset works with any number of DataLoader workers.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-__all__ = ["AVE_CLASSES", "NUM_SEGMENTS", "BACKGROUND", "AVE", "one_hot_to_index"]
+from reference_models.data.notes import DataNote, warn_notes
+
+__all__ = ["AVE_CLASSES", "NUM_SEGMENTS", "BACKGROUND", "LABEL_FILES", "AVE", "segment_classes"]
 
 #: The 28 event classes in the order of the official ``Annotations.txt``, then background (index 28).
 AVE_CLASSES: tuple[str, ...] = (
@@ -61,11 +68,16 @@ NUM_SEGMENTS = 10
 SPLITS = ("train", "val", "test")
 FEATURE_KEY = "avadataset"
 ORDER_KEY = "order"
-_FILES = {
+FEATURE_FILES = {
     "audio": ("audio_feature.h5", (NUM_SEGMENTS, 128)),
     "visual": ("visual_feature.h5", (NUM_SEGMENTS, 7, 7, 512)),
-    "labels": ("labels.h5", (NUM_SEGMENTS, len(AVE_CLASSES))),
 }
+LABEL_SHAPE = (NUM_SEGMENTS, len(AVE_CLASSES))
+#: Label files looked for, in order of preference: PSP's ``right_labels.h5`` (its README spells it
+#: ``right_label.h5``), then AVE-ECCV18's ``labels.h5``.
+LABEL_FILES = ("right_labels.h5", "right_label.h5", "labels.h5")
+_NOT_ONE_HOT = "segment label rows that are not one-hot: class = the row's argmax, as the official compute_acc"
+_SEVERAL_LABEL_FILES = "label files found more than once: the first of LABEL_FILES used"
 
 
 def _require_file(path: Path) -> None:
@@ -97,54 +109,101 @@ def _read_order(path: Path, num_videos: int) -> np.ndarray:
     return order
 
 
-def one_hot_to_index(rows: np.ndarray, where: str) -> Tensor:
-    """Class index of every one-hot row of ``rows`` [10, 29]; a row that is not one-hot is an error."""
+def _checked_shape(dataset: h5py.Dataset, path: Path, segment_shape: tuple[int, ...]) -> int:
+    """Number of videos of ``dataset`` after checking it is [N, *segment_shape]."""
+    if tuple(dataset.shape[1:]) != segment_shape:
+        expected = ", ".join(map(str, segment_shape))
+        raise ValueError(f"{path}: expected {FEATURE_KEY!r} of shape [N, {expected}], got {list(dataset.shape)}")
+    return dataset.shape[0]
+
+
+def segment_classes(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Class index of every label row ``[..., 29]`` (its argmax) and whether the row is exactly one-hot."""
     rows = np.asarray(rows)
     ones = rows == 1
-    if not (np.all(ones | (rows == 0)) and np.all(ones.sum(axis=-1) == 1)):
-        raise ValueError(f"AVE labels of {where} are not one-hot per segment")
-    return torch.from_numpy(ones.argmax(axis=-1).astype(np.int64))
+    one_hot = np.all(ones | (rows == 0), axis=-1) & (ones.sum(axis=-1) == 1)
+    return rows.argmax(axis=-1).astype(np.int64), one_hot
+
+
+def _row_values(row: np.ndarray) -> str:
+    nonzero = {int(c): float(row[c]) for c in np.flatnonzero(row)}
+    return f"non-zero entries {nonzero}" if nonzero else "all zero"
+
+
+def _find_labels(root: Path, labels_file: str | None, notes: list[DataNote]) -> Path:
+    if labels_file is not None:
+        path = root / labels_file
+        _require_file(path)
+        return path
+    found = [root / name for name in LABEL_FILES if (root / name).is_file()]
+    if not found:
+        raise FileNotFoundError(f"AVE labels not found: none of {LABEL_FILES} in {root}")
+    if len(found) > 1:
+        notes.append(DataNote(_SEVERAL_LABEL_FILES, str(root), f"{[p.name for p in found]}: {found[0].name} used"))
+    return found[0]
 
 
 class AVE(Dataset):
     """AVE videos: ``dataset[i] -> ({"audio": [10, 128], "visual": [10, 7, 7, 512]}, target [10])``.
 
-    ``target`` holds the class index of each 1-s segment (0..27 events, 28 background), int64.
-    ``max_items`` keeps only the first videos of the split (smoke runs).
+    ``target`` holds the class index of each 1-s segment (0..27 events, 28 background), int64: the
+    argmax of its label row. ``labels_file`` names the label file (default: the first of
+    `LABEL_FILES` present). Rows that are not one-hot, and label files found twice, are recorded in
+    ``notes`` and reported in one warning per kind. ``max_items`` keeps only the first videos of the
+    split (smoke runs).
     """
 
     modalities: tuple[str, ...] = ("audio", "visual")
     class_names: tuple[str, ...] = AVE_CLASSES
     num_classes: int = len(AVE_CLASSES)
 
-    def __init__(self, root: str | Path, split: str = "train", *, max_items: int | None = None) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "train",
+        *,
+        labels_file: str | None = None,
+        max_items: int | None = None,
+    ) -> None:
         if split not in SPLITS:
             raise ValueError(f"AVE split must be one of {SPLITS}, got {split!r}")
         if max_items is not None and max_items <= 0:
             raise ValueError(f"max_items must be positive or None, got {max_items}")
         root = Path(root)
         self.split = split
-        self.paths = {name: root / filename for name, (filename, _) in _FILES.items()}
+        self.notes: list[DataNote] = []
+        self.paths = {name: root / filename for name, (filename, _) in FEATURE_FILES.items()}
+        for path in self.paths.values():
+            _require_file(path)
+        self.labels_path = _find_labels(root, labels_file, self.notes)
         num_videos = self._check_features()
         order = _read_order(root / f"{split}_order.h5", num_videos)
         self.order = order[:max_items] if max_items is not None else order
+        self.targets = self._read_targets()
+        warn_notes(f"AVE {split}", self.notes)
         self._handles: dict[str, h5py.File] | None = None
         self._owner_pid: int | None = None
 
     def _check_features(self) -> int:
         counts = {}
-        for name, (_, segment_shape) in _FILES.items():
-            path = self.paths[name]
-            _require_file(path)
-            with h5py.File(path, "r") as handle:
-                shape = _dataset_in(handle, FEATURE_KEY, path).shape
-            if tuple(shape[1:]) != segment_shape:
-                expected = ", ".join(map(str, segment_shape))
-                raise ValueError(f"{path}: expected {FEATURE_KEY!r} of shape [N, {expected}], got {list(shape)}")
-            counts[name] = shape[0]
+        for name, (_, segment_shape) in FEATURE_FILES.items():
+            with h5py.File(self.paths[name], "r") as handle:
+                counts[name] = _checked_shape(_dataset_in(handle, FEATURE_KEY, self.paths[name]), self.paths[name], segment_shape)
+        with h5py.File(self.labels_path, "r") as handle:
+            counts["labels"] = _checked_shape(_dataset_in(handle, FEATURE_KEY, self.labels_path), self.labels_path, LABEL_SHAPE)
         if len(set(counts.values())) != 1:
-            raise ValueError(f"AVE feature files disagree on the number of videos: {counts}")
+            raise ValueError(f"AVE feature and label files disagree on the number of videos: {counts}")
         return counts["audio"]
+
+    def _read_targets(self) -> Tensor:
+        """[n, 10] class indices of the split's videos; rows that are not one-hot become notes."""
+        with h5py.File(self.labels_path, "r") as handle:
+            rows = np.asarray(handle[FEATURE_KEY][()])[self.order]
+        classes, one_hot = segment_classes(rows)
+        for item, segment in zip(*np.nonzero(~one_hot)):
+            where = f"{self.labels_path}: video {self.order[item]}, segment {segment}"
+            self.notes.append(DataNote(_NOT_ONE_HOT, where, _row_values(rows[item, segment])))
+        return torch.from_numpy(classes)
 
     def _files(self) -> dict[str, h5py.File]:
         pid = os.getpid()
@@ -179,4 +238,4 @@ class AVE(Dataset):
             if not np.isfinite(array).all():
                 raise ValueError(f"{self.paths[modality]}: video {video} holds non-finite features")
             features[modality] = torch.from_numpy(array)
-        return features, one_hot_to_index(files["labels"][FEATURE_KEY][video], f"video {video}")
+        return features, self.targets[index].clone()

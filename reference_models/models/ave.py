@@ -109,14 +109,27 @@ class AVEModel(FusedClassifier):
 
     def head(self, features: Mapping[str, Tensor]) -> ModelOutput:
         """The fusion head on every segment: logits ``[B, T, C]``; measure fields flattened to ``[B·T, ·]``."""
+        flat = self._flatten(features)
+        batch, segments = features["audio"].shape[:2]
+        output = super().head(flat)
+        output.logits = output.logits.view(batch, segments, -1)
+        output.features = dict(features)
+        return output
+
+    def decoupled_logits(self, features: Mapping[str, Tensor]) -> dict[str, Tensor] | None:
+        """OGM-GE's evaluation logits of every segment, ``[B, T, C]`` per modality (see `FusedClassifier`)."""
+        flat = self._flatten(features)
+        batch, segments = features["audio"].shape[:2]
+        logits = super().decoupled_logits(flat)
+        return None if logits is None else {name: x.view(batch, segments, -1) for name, x in logits.items()}
+
+    def _flatten(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Per-segment features ``[B, T, D]`` as rows ``[B·T, D]``, checked to share ``[B, T]``."""
         check_inputs(features, self.modalities, "features")
         batch, segments = features["audio"].shape[:2]
         for name, feature in features.items():
             check_shape(feature, (batch, segments, None), f"features[{name!r}]")
-        output = super().head({name: f.reshape(batch * segments, -1) for name, f in features.items()})
-        output.logits = output.logits.view(batch, segments, -1)
-        output.features = dict(features)
-        return output
+        return {name: f.reshape(batch * segments, -1) for name, f in features.items()}
 
     def measure_target(self, target: Tensor) -> Tensor:
         """Segment labels ``[B, T]`` flattened to ``[B·T]``, the rows of ``unimodal_logits``."""

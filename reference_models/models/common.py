@@ -5,9 +5,10 @@ A model maps named inputs to a `ModelOutput` in two cheap-to-separate stages:
 * ``encode(inputs) -> dict[str, Tensor]``: per-modality features (the modality's own encoder only);
 * ``head(features) -> ModelOutput``: the fused prediction from (possibly masked) features.
 
-``forward(inputs) == head(encode(inputs))``. The unimodal prediction of modality ``u`` — the fused head
-evaluated with every other modality's features zeroed — is `MultimodalModel.masked_logits`, which
-reuses one encoding for all modalities. Call it in ``eval()`` mode: heads with running statistics
+``forward(inputs) == head(encode(inputs))``. A modality's unimodal prediction comes two ways, both
+from one encoding: `MultimodalModel.masked_logits`, the fused head evaluated with every other
+modality's features zeroed (gradmod's definition, any head), and `MultimodalModel.decoupled_logits`,
+OGM-GE's evaluation convention (concat and sum heads only). Call it in ``eval()`` mode: heads with running statistics
 (SimAM²'s ``var_max``) update them in training mode, and every call overwrites a gated head's ``.zeta``
 attribute (``ModelOutput.zeta`` keeps the gates of the call that produced it).
 
@@ -39,7 +40,7 @@ __all__ = [
 ]
 
 #: Fusion heads `make_fusion` builds: concat / sum (decouplable, OGM-GE), ζ-gated sum with or
-#: without SimAM² (paper 002 eqs. (4), (8)), FiLM plain (eq. (9)) or ζ-weighted (eq. (10)).
+#: without SimAM² (Sun et al., ICASSP 2024, eqs. (4), (8)), FiLM plain (eq. (9)) or ζ-weighted (eq. (10)).
 FUSION_KINDS = ("concat", "sum", "gated", "gated_simam", "film", "film_zeta")
 
 
@@ -55,9 +56,9 @@ class ModelOutput:
         unimodal_logits: decoupled per-modality logits ``[N, C]`` of a decouplable head (OGM-GE's
             measure), ``None`` otherwise. Rows match `MultimodalModel.measure_target`.
         zeta: a gated head's fusion gates by modality name (``Fusion.gates``: ``{first: ζ, second: 1 − ζ}``
-            for ``U = ζ·X_first + (1 − ζ)·X_second``, paper 002 eq. (4)), attached to the graph, else ``None``.
+            for ``U = ζ·X_first + (1 − ζ)·X_second``, Sun et al., ICASSP 2024, eq. (4)), attached to the graph, else ``None``.
             Named, so that a head which reorders its modalities (FiLM) cannot credit the wrong one.
-        unimodal_scores: per-modality scores in ``[0, 1]`` ``[B, C]`` for DGM's measure (paper 003,
+        unimodal_scores: per-modality scores in ``[0, 1]`` ``[B, C]`` for DGM's measure (Fu, Gao & Xu,
             eq. (6)): the modality-separated decision unit's video-level scores (LLP), else ``None``.
         snippet_probs: per-modality snippet-level probabilities ``[B, T, C]`` for parsing (LLP), else ``None``.
     """
@@ -120,6 +121,10 @@ class MultimodalModel(nn.Module, ABC):
         """Each modality's unimodal prediction: ``head`` on ``features`` with the other modalities zeroed."""
         return {name: self.head(mask_features(features, keep=name)).logits for name in self.modalities}
 
+    def decoupled_logits(self, features: Mapping[str, Tensor]) -> dict[str, Tensor] | None:
+        """Each modality's prediction as OGM-GE's evaluation computes it; ``None`` where it is not defined."""
+        return None
+
     def modality_modules(self) -> dict[str, nn.Module]:
         """Per modality, the module whose parameters a gradient modulator scales (default: its encoder)."""
         return dict(self.encoders.items())
@@ -148,6 +153,25 @@ class FusedClassifier(MultimodalModel):
         logits = self.fusion(features)
         unimodal = self.fusion.unimodal_logits(features) if self.fusion.decouplable else None
         return ModelOutput(logits, dict(features), unimodal, self.fusion.gates)
+
+    def decoupled_logits(self, features: Mapping[str, Tensor]) -> dict[str, Tensor] | None:
+        """OGM-GE's per-modality evaluation logits (the official ``valid()``); ``None`` for gated and FiLM heads.
+
+        A modality's block of the head's weight applied to its features, plus the bias divided evenly
+        among the modalities (``b/2`` for two). For the concat head these are its decoupled training
+        logits; for the sum head each branch's weight with *half* its own bias, as ``valid()`` computes
+        it — while the sum head's training measure (`SumFusion.unimodal_logits`) keeps the full bias.
+        """
+        check_inputs(features, self.modalities, "features")
+        if isinstance(self.fusion, ConcatFusion):
+            return self.fusion.unimodal_logits(features)
+        if isinstance(self.fusion, SumFusion):
+            share = len(self.modalities)
+            return {
+                name: F.linear(features[name], branch.weight, None if branch.bias is None else branch.bias / share)
+                for name, branch in self.fusion.branches.items()
+            }
+        return None
 
 
 def make_fusion(kind: str, dims: Mapping[str, int] | int, num_classes: int, modalities: tuple[str, ...]) -> Fusion:

@@ -3,8 +3,8 @@
 Audio: ``log|STFT|`` spectrogram ``[B, 1, 257, 188]`` through a ResNet-18 whose first convolution takes
 one channel. Visual: frames ``[B, 3, T, 224, 224]`` folded into the batch (``B·T`` images) through a
 ResNet-18, average-pooled over space and then over time. Both are torchvision ``resnet18(weights=None)``
-without the final classifier (global average pool → 512-d), as in the official OGM-GE code (CVPR 2022)
-and the CREMA-D protocol of ``papers/README.md``; any spatial size works, so tests use tiny inputs.
+without the final classifier (global average pool → 512-d), as in the official OGM-GE code (Peng et al.,
+CVPR 2022) and its CREMA-D protocol; any spatial size works, so tests use tiny inputs.
 """
 
 from __future__ import annotations

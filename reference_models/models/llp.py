@@ -1,5 +1,6 @@
-"""A HAN-style MMIL model for weakly-supervised audio-visual video parsing (LLP) with paper 003's
-modality-separated decision unit (MSDU), eq. (11).
+"""A HAN-style MMIL model for weakly-supervised audio-visual video parsing (LLP) with the
+modality-separated decision unit (MSDU) of Fu, Gao & Xu, "Multimodal Imbalance-Aware Gradient
+Modulation for Weakly-supervised Audio-Visual Video Parsing", eq. (11).
 
 Inputs: audio ``[B, T, 128]`` (VGGish), visual ``[B, T, 2560]`` (ResNet-152 appearance ⊕ R(2+1)D motion),
 ``T = 10`` one-second snippets; target: video-level multi-hot ``[B, 25]``. Pipeline (eq. (11)):
@@ -102,7 +103,7 @@ class HybridAttention(nn.Module):
 
 
 class LLPModel(MultimodalModel):
-    """HAN-style MMIL with the MSDU (paper 003 eq. (11)); see the module docstring."""
+    """HAN-style MMIL with the MSDU (Fu, Gao & Xu, eq. (11)); see the module docstring."""
 
     def __init__(
         self,
@@ -141,7 +142,7 @@ class LLPModel(MultimodalModel):
         )
 
     def modality_modules(self) -> dict[str, nn.Module]:
-        """Per modality ``ψ_u``, its cross-attention layer and ``φ_u``/``Atn_u`` (paper 003 eq. (8): ``θ`` and ``α^w``).
+        """Per modality ``ψ_u``, its cross-attention layer and ``φ_u``/``Atn_u`` (Fu, Gao & Xu, eq. (8): ``θ`` and ``α^w``).
 
         The MSDU heads are left out: they are the measure, and keep learning at the full rate.
         """

@@ -19,6 +19,10 @@ from reference_models.data.ave import AVE_CLASSES
 from reference_models.data.llp import LLP_CLASSES
 
 CREMAD_WAV_RATE = 16_000  # the CREMA-D AudioWAV release: 16 kHz, 16-bit PCM, mono
+#: A committed 16 kHz wav and its features computed with librosa: see ``data/make_cremad_reference.py``.
+REFERENCE_DIR = Path(__file__).resolve().parent / "data"
+CREMAD_REFERENCE_WAV = REFERENCE_DIR / "cremad_16k.wav"
+CREMAD_REFERENCE = REFERENCE_DIR / "cremad_reference.npz"
 
 
 def write_wav(path: Path, waveform: np.ndarray, sample_rate: int) -> None:
@@ -122,6 +126,28 @@ def _write_tsv(path: Path, header: Sequence[str], rows: Iterable[Sequence[object
         writer.writerows(rows)
 
 
+#: Filenames as in the real CSVs: most are ``<11-char YouTube id>_<start>_<end>``; some train rows carry
+#: decimal times; some ids are shorter, so the official ``filename[:11]`` takes part of the start time.
+LLP_SPLITS = {
+    "train": [("BjCEufrlXm4_20_30", ["Speech", "Dog"]), ("AP0061o0Nvk_101.8_111.8", ["Singing", "Banjo"]),
+              ("0PKI3zo26_4_12_22", ["Clapping"]), ("P7x4FV4lg_570_580", ["Frying_(food)"])],
+    "val": [("4YdbENYcIyE_23_33", ["Baby_cry_infant_cry"]), ("KSRjje7GH44_60_70", ["Blender", "Speech"]),
+            ("8DF2PxdT5tE_390_400", ["Cheering", "Speech"])],
+    "test": [("HK1i4YyF5WU_30_40", ["Motorcycle", "Speech"])],
+}
+LLP_EVAL_AUDIO = [
+    ("4YdbENYcIyE_23_33", 0, 4, "Baby_cry_infant_cry"),
+    ("KSRjje7GH44_60_70", 8, 10, "Blender"),
+    ("KSRjje7GH44_60_70", 0, 8, "Speech"),
+    ("KSRjje7GH44_60_70", 9, 9, "Speech"),  # zero length, as in the real file: marks nothing
+    ("8DF2PxdT5tE_390_400", 9, 0, "Cheering"),  # offset before onset, as in the real file: skipped
+    ("8DF2PxdT5tE_390_400", 0, 5, "Speech"),
+    ("HK1i4YyF5WU_30_40", 1, 7, "Speech"),
+    ("HK1i4YyF5WU_30_40", 9, 10, "Speech"),
+]
+LLP_EVAL_VISUAL = [("KSRjje7GH44_60_70", 2, 5, "Blender"), ("HK1i4YyF5WU_30_40", 4, 6, "Motorcycle")]
+
+
 def llp_features(index: int) -> dict[str, np.ndarray]:
     """Deterministic features of video ``index``: vggish [10, 128], res152 [80, 2048], r2plus1d_18 [10, 512].
 
@@ -138,15 +164,16 @@ def llp_features(index: int) -> dict[str, np.ndarray]:
 def write_llp(
     root: Path,
     splits: Mapping[str, Sequence[tuple[str, Sequence[str]]]],
-    eval_audio: Sequence[tuple[str, int, int, str]] = (),
-    eval_visual: Sequence[tuple[str, int, int, str]] = (),
+    eval_audio: Sequence[tuple[str, object, object, str]] = (),
+    eval_visual: Sequence[tuple[str, object, object, str]] = (),
     without_features: Iterable[str] = (),
 ) -> Path:
     """AVVP-ECCV20 layout: tab-separated CSVs in ``root``, ``root/feats/{vggish,res152,r2plus1d_18}/<id>.npy``.
 
     ``splits`` maps ``train``/``val``/``test`` to (filename, class names) rows; the eval rows are
-    (filename, onset, offset, class). Video number ``i`` (over all splits) gets :func:`llp_features` ``(i)``;
-    ids in ``without_features`` get no feature files.
+    (filename, onset, offset, class), written as given (strings such as ``"2.5"`` included). Video
+    number ``i`` (over all splits) gets `llp_features` ``(i)`` under its id, the filename's first 11
+    characters (as the official loader names them); ids in ``without_features`` get no feature files.
     """
     split_files = {"train": "AVVP_train.csv", "val": "AVVP_val_pd.csv", "test": "AVVP_test_pd.csv"}
     names = [name for rows in splits.values() for _, video_names in rows for name in video_names]
@@ -160,7 +187,7 @@ def write_llp(
         table = [(filename, ",".join(video_names)) for filename, video_names in rows]
         _write_tsv(root / split_files[split], ("filename", "event_labels"), table)
         for filename, _ in rows:
-            video = filename.rsplit("_", 2)[0]
+            video = filename[:11]
             if video not in missing:
                 for folder, array in llp_features(number).items():
                     (root / "feats" / folder).mkdir(parents=True, exist_ok=True)

@@ -108,11 +108,48 @@ def test_non_finite_features_are_rejected(tmp_path: Path) -> None:
         dataset[1]
 
 
-def test_labels_that_are_not_one_hot_are_rejected(tmp_path: Path) -> None:
-    write_ave(tmp_path, np.zeros((2, 10), dtype=np.int64), {"train": [0, 1]})
+def test_label_rows_that_are_not_one_hot_take_the_argmax_and_are_reported(tmp_path: Path) -> None:
+    labels = np.zeros((3, 10), dtype=np.int64)
+    labels[1, 4] = 7
+    write_ave(tmp_path, labels, {"train": [0, 1, 2]})
     with h5py.File(tmp_path / "labels.h5", "r+") as handle:
-        handle["avadataset"][1, 4, :] = 0.0
-    dataset = AVE(tmp_path, "train")
-    assert dataset[0][1].tolist() == [0] * 10
-    with pytest.raises(ValueError, match="video 1"):
-        dataset[1]
+        handle["avadataset"][1, 4, BACKGROUND] = 1.0  # two ones: classes 7 and 28 -> argmax 7
+        handle["avadataset"][2, 0, :] = 0.0  # all zero -> argmax 0
+        handle["avadataset"][2, 9, :] = 0.0
+        handle["avadataset"][2, 9, 3] = 0.6  # a soft label -> argmax 3
+    with pytest.warns(UserWarning, match=r"AVE train: 3 segment label rows that are not one-hot") as record:
+        dataset = AVE(tmp_path, "train")
+    assert len(record) == 1 and "video 1, segment 4: non-zero entries {7: 1.0, 28: 1.0}" in str(record[0].message)
+    assert dataset[1][1].tolist() == [0, 0, 0, 0, 7, 0, 0, 0, 0, 0]
+    assert dataset[2][1].tolist() == [0] * 9 + [3]
+    assert [note.where.split(": ")[1] for note in dataset.notes] == [
+        "video 1, segment 4", "video 2, segment 0", "video 2, segment 9"
+    ]
+    assert dataset.notes[1].detail == "all zero"
+
+
+def test_psp_label_file_is_accepted_and_preferred(tmp_path: Path) -> None:
+    labels = np.full((2, 10), 5, dtype=np.int64)
+    write_ave(tmp_path, labels, {"test": [0, 1]})
+    (tmp_path / "labels.h5").rename(tmp_path / "right_labels.h5")
+    dataset = AVE(tmp_path, "test")
+    assert dataset.labels_path.name == "right_labels.h5" and dataset.notes == []
+    assert dataset[0][1].tolist() == [5] * 10
+    with h5py.File(tmp_path / "labels.h5", "w") as handle:  # AVE-ECCV18's labels.h5 as well
+        handle.create_dataset("avadataset", data=np.eye(29)[np.zeros((2, 10), dtype=np.int64)])
+    with pytest.warns(UserWarning, match="label files found more than once"):
+        both = AVE(tmp_path, "test")
+    assert both.labels_path.name == "right_labels.h5" and both[0][1].tolist() == [5] * 10
+    assert AVE(tmp_path, "test", labels_file="labels.h5")[0][1].tolist() == [0] * 10
+    (tmp_path / "labels.h5").unlink()
+    (tmp_path / "right_labels.h5").unlink()
+    with pytest.raises(FileNotFoundError, match="right_labels.h5"):
+        AVE(tmp_path, "test")
+
+
+def test_label_file_of_another_size_is_rejected(tmp_path: Path) -> None:
+    write_ave(tmp_path, np.zeros((2, 10), dtype=np.int64), {"train": [0, 1]})
+    with h5py.File(tmp_path / "labels.h5", "w") as handle:
+        handle.create_dataset("avadataset", data=np.zeros((3, 10, 29)))
+    with pytest.raises(ValueError, match="disagree on the number of videos"):
+        AVE(tmp_path, "train")

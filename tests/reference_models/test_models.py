@@ -166,6 +166,41 @@ def test_concat_masked_prediction_is_the_decoupled_logits_plus_the_other_bias_sh
         assert torch.allclose(masked[name], decoupled[name] + bias / 2, atol=1e-6)
 
 
+def _ogm_ge_valid_logits(model: MultimodalModel, features: dict[str, Tensor], kind: str) -> dict[str, Tensor]:
+    """The official OGM-GE ``valid()``: concat ``a @ W[:, :D]ᵀ + b/2``, ``v @ W[:, D:]ᵀ + b/2``;
+    sum ``a @ W_xᵀ + b_x/2``, ``v @ W_yᵀ + b_y/2``."""
+    audio, visual = features["audio"].flatten(0, -2), features["visual"].flatten(0, -2)
+    if kind == "concat":
+        weight, bias = model.fusion.linear.weight, model.fusion.linear.bias
+        width = audio.shape[-1]
+        return {"audio": audio @ weight[:, :width].T + bias / 2, "visual": visual @ weight[:, width:].T + bias / 2}
+    branches = model.fusion.branches
+    return {name: x @ branches[name].weight.T + branches[name].bias / 2 for name, x in (("audio", audio), ("visual", visual))}
+
+
+@pytest.mark.parametrize(("name", "kind"), [(n, k) for n, k in ALL_CASES if k in ("concat", "sum")])
+def test_decoupled_logits_follow_the_official_valid_with_half_the_bias(name: str, kind: str) -> None:
+    model, inputs, _ = build(name, kind)
+    model.eval()
+    with torch.no_grad():
+        for parameter in model.fusion.parameters():
+            if parameter.dim() == 1:
+                parameter.add_(3.0)  # a large bias: b and b/2 give different logits
+        features = model.encode(inputs)
+        decoupled = model.decoupled_logits(features)
+        expected = _ogm_ge_valid_logits(model, features, kind)
+    assert decoupled is not None and set(decoupled) == {"audio", "visual"}
+    for modality in model.modalities:
+        assert decoupled[modality].shape == _expected_logits_shape(name)
+        assert torch.allclose(decoupled[modality].flatten(0, -2), expected[modality], atol=1e-5)
+
+
+@pytest.mark.parametrize(("name", "kind"), [(n, k) for n, k in ALL_CASES if k not in ("concat", "sum")])
+def test_heads_that_mix_modalities_have_no_decoupled_logits(name: str, kind: str | None) -> None:
+    model, inputs, _ = build(name, kind)
+    assert model.decoupled_logits(model.encode(inputs)) is None
+
+
 @pytest.mark.parametrize(("name", "kind"), [(n, "concat") for n in FUSED] + [("llp", None)])
 def test_modality_modules_are_disjoint_and_cover_the_encoders(name: str, kind: str | None) -> None:
     model, _, _ = build(name, kind)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from reference_models import train as train_module
-from reference_models.train import METHODS, TrainConfig, main, train
+from reference_models.train import METHODS, SELECTION_LABELS, TrainConfig, main, select_epochs, summary_lines, train
 from tests.reference_models.fixtures import write_ave, write_cremad, write_llp
 
 TINY_DIGITS = {"num_train": 96, "num_test": 48}
@@ -79,21 +79,31 @@ def test_cremad_trains_from_its_real_layout(tmp_path):
         assert "macro_f1" in results["final"]
 
 
-def test_ave_trains_from_its_real_layout(tmp_path):
+def test_ave_trains_from_its_real_layout_and_selects_on_val(tmp_path):
     labels = np.random.default_rng(0).integers(0, 29, size=(6, 10))
     write_ave(tmp_path, labels, {"train": [0, 1, 2, 3], "val": [4], "test": [4, 5]})
-    for method in ("dgm", "ogm_ge"):
-        check_results(train(TrainConfig(dataset="ave", data_root=str(tmp_path), method=method, epochs=1, batch_size=2, progress=False)))
+    for method, epochs in (("dgm", 1), ("ogm_ge", 2)):
+        results = train(TrainConfig(dataset="ave", data_root=str(tmp_path), method=method, epochs=epochs, batch_size=2, progress=False))
+        check_results(results)
+        assert all({"val", "test"} <= set(record) for record in results["history"])
+        assert set(results["final"]["unimodal_decoupled"]) == {"audio", "visual"}
+        selected = results["selection"]["val_selected"]
+        assert selected["val"] == results["history"][selected["epoch"]]["val"]
+        assert results["selection"]["metric"] == "segment accuracy"
 
 
 def test_llp_trains_with_dgm_on_the_msdu_scores(tmp_path):
-    videos = [(f"vid{i:08d}_{10 * i}_{10 * i + 10}", ["Speech", "Dog"] if i % 2 else ["Cat"]) for i in range(4)]
-    eval_rows = [(videos[2][0], 0, 4, "Cat"), (videos[3][0], 2, 10, "Speech")]
-    write_llp(tmp_path, {"train": videos[:3], "test": videos[2:]}, eval_audio=eval_rows, eval_visual=eval_rows[:1])
-    results = train(TrainConfig(dataset="llp", data_root=str(tmp_path), method="dgm", epochs=1, batch_size=2, progress=False))
+    videos = [(f"vid{i:08d}_{10 * i}.5_{10 * i + 10}.5", ["Speech", "Dog"] if i % 2 else ["Cat"]) for i in range(5)]
+    eval_rows = [(videos[2][0], 0, 4, "Cat"), (videos[3][0], 2, 10, "Speech"), (videos[4][0], 9, 0, "Speech")]
+    splits = {"train": videos[:3], "val": videos[4:], "test": videos[2:4]}
+    write_llp(tmp_path, splits, eval_audio=eval_rows, eval_visual=eval_rows[:1])
+    with pytest.warns(UserWarning, match="LLP val: 1 eval rows whose offset precedes their onset"):
+        results = train(TrainConfig(dataset="llp", data_root=str(tmp_path), method="dgm", epochs=1, batch_size=2, progress=False))
     assert set(results["final"]["avvp"]) >= {"segment_type_av", "event_event_av"}
+    assert "avvp" in results["history"][0]["val"] and "unimodal_decoupled" not in results["final"]
+    assert results["selection"]["metric"] == "segment-level Type@AV F-score"
     assert results["coefficients_per_step"]
-    with pytest.raises(ValueError, match="decoupled"):
+    with pytest.warns(UserWarning, match="LLP val"), pytest.raises(ValueError, match="decoupled"):
         train(TrainConfig(dataset="llp", data_root=str(tmp_path), method="ogm", epochs=1, batch_size=2, progress=False))
 
 
@@ -136,3 +146,41 @@ def test_demo_prints_the_comparison(tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out
     assert "baseline" in printed and "OGM-GE" in printed and "visual alone" in printed
     assert (tmp_path / "comparison.png").is_file() and Path(tmp_path / "comparison.json").is_file()
+
+
+def _record(epoch, test, val=None):
+    record = {"epoch": epoch, "test": {"accuracy": test}}
+    return record if val is None else {**record, "val": {"accuracy": val}}
+
+
+def test_selection_reports_last_best_test_and_val_selected_epochs():
+    history = [_record(0, 0.5, 0.3), _record(1, 0.8, 0.6), _record(2, 0.8, 0.7), _record(3, 0.6, 0.7), _record(4, 0.7, 0.5)]
+    selection = select_epochs(history, "accuracy")
+    assert selection["last_epoch"]["epoch"] == 4 and selection["last_epoch"]["test"]["accuracy"] == 0.7
+    assert selection["best_test"]["epoch"] == 1  # the first epoch with the best test score (OGM-GE's `>`)
+    assert selection["val_selected"]["epoch"] == 3  # the latest of the tied val scores (AVVP-ECCV20's `>=`)
+    assert selection["val_selected"]["test"]["accuracy"] == 0.6
+    assert {selection[key]["label"] for key in SELECTION_LABELS} == set(SELECTION_LABELS.values())
+    assert select_epochs([_record(0, 0.5)], "accuracy")["val_selected"] is None
+
+
+def test_results_and_cli_summary_label_every_report(tmp_path, capsys):
+    results = train(tiny(method="ogm_ge", epochs=2, out=str(tmp_path)))
+    stored = json.loads((tmp_path / "results.json").read_text())
+    assert stored["selection"] == results["selection"] and stored["selection"]["val_selected"] is None
+    assert set(results["final"]["unimodal_decoupled"]) == {"audio", "visual"}
+    lines = summary_lines(results)
+    assert lines[0].startswith("test scores (accuracy; unimodal: masked") and len(lines) == 4
+    assert lines[1].startswith("  last epoch (epoch 2): acc ") and "| decoupled audio=" in lines[1]
+    assert lines[2].startswith(f"  {SELECTION_LABELS['best_test']} (epoch ")
+    assert lines[3] == f"  {SELECTION_LABELS['val_selected']}: no val split for avdigits"
+    argv = ["--epochs", "1", "--batch-size", "32", "--method", "baseline", "--no-progress"]
+    original = TrainConfig.resolved
+    try:
+        TrainConfig.resolved = lambda self: original(TrainConfig(**{**self.__dict__, "avdigits": TINY_DIGITS}))
+        assert main(argv) == 0
+    finally:
+        TrainConfig.resolved = original
+    printed = capsys.readouterr().out
+    assert "| masked audio=" in printed and "| decoupled audio=" in printed
+    assert all(label in printed for label in SELECTION_LABELS.values())

@@ -116,6 +116,10 @@ class _Selection:
         return {name: [(pname, p) for _, _, pname, p in entries] for name, entries in zip(self.names, self._entries)}
 
 
+def _is_dtensor(tensor: Tensor) -> bool:
+    return type(tensor).__name__ == "DTensor" and type(tensor).__module__.startswith("torch.distributed")
+
+
 class Applier(ABC):
     """How coefficients reach the gradients. Bound to the modalities by the `gradmod.Modulator` that owns it."""
 
@@ -194,6 +198,11 @@ class ParamsApplier(Applier):
             present = [p.grad for p in params if p.grad is not None]
             if any(g.is_sparse for g in present):
                 raise ValueError(f"modality {name!r} has sparse gradients, which gradmod does not modulate")
+            if any(_is_dtensor(g) for g in present):
+                raise ValueError(
+                    f"modality {name!r} has sharded (DTensor) gradients, e.g. from FSDP2's fully_shard, which "
+                    "ParamsApplier does not modulate yet"
+                )
             grads.append(present)
         scales = F.noise_scale(self.noise, coefficients)
         if active is not None:

@@ -433,3 +433,20 @@ def test_triton_kernels_compile_for_h100_without_a_gpu(dtype):
         assert compiled.asm["cubin"], "an empty cubin"
         if stores_gradients and dtype == torch.bfloat16:
             assert "cvt.rn.bf16.f32" in compiled.asm["ptx"], "bf16 stores must round to nearest even"
+
+
+@pytest.mark.parametrize("kernel", [reference.modulate_, foreach.modulate_])
+def test_given_stds_replace_the_local_sigma(kernel):
+    """A shard of a larger tensor takes the whole tensor's σ: with σ given, the noise scales by it."""
+    grads = [torch.randn(50, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    own = [g.std() for g in grads]
+    k, c = torch.tensor(0.5), torch.tensor(1.0)
+    plain = run(kernel, grads, k, c, seed=3)
+    out = [g.clone() for g in grads]
+    kernel(out, k, c, torch.Generator().manual_seed(3), stds=own)
+    for a, b in zip(plain, out):
+        torch.testing.assert_close(a, b)
+    doubled = [g.clone() for g in grads]
+    kernel(doubled, k, c, torch.Generator().manual_seed(3), stds=[2 * s for s in own])
+    for g, a, b in zip(grads, plain, doubled):
+        torch.testing.assert_close(b - k * g, 2 * (a - k * g), rtol=1e-5, atol=1e-6)

@@ -75,10 +75,12 @@ def get_kernel(backend: str, device: torch.device) -> Kernel:
 
 @dataclass(frozen=True)
 class NoiseKey:
-    """What a step's noise is a function of: the modulator's seed and its step counter."""
+    """What a step's noise is a function of: the modulator's seed, its step counter and, for a shard of
+    sharded gradients, the shard's index (0 for whole tensors, which keeps their stream unchanged)."""
 
     seed: int
     step: int
+    shard: int = 0
 
 
 _generators: dict[str, torch.Generator] = {}
@@ -87,13 +89,14 @@ _generators: dict[str, torch.Generator] = {}
 def noise_generator(device: torch.device, key: NoiseKey, modality: int, num_modalities: int) -> torch.Generator:
     """The generator of ``device``, re-seeded for modality ``modality`` at ``key``: counter-based noise.
 
-    Stream ``(seed·1,000,003 + step·M + modality) mod (2⁶³ − 1)``: distinct for every (step, modality) of a
-    seed, and the generator carries no state between steps, so there is nothing to save or synchronise.
+    Stream ``(seed·1,000,003 + step·M + modality + shard·(2³² + 15)) mod (2⁶³ − 1)``: distinct for every
+    (step, modality) of a seed and, for shards, every shard; the generator carries no state between steps,
+    so there is nothing to save or synchronise.
     """
     name = str(device)
     if name not in _generators:
         _generators[name] = torch.Generator(device=device)
-    stream = (key.seed * 1_000_003 + key.step * num_modalities + modality) % (2**63 - 1)
+    stream = (key.seed * 1_000_003 + key.step * num_modalities + modality + key.shard * (2**32 + 15)) % (2**63 - 1)
     return _generators[name].manual_seed(stream)
 
 
@@ -103,21 +106,30 @@ def modulate_modalities_(
     noise_scales: Tensor | None,
     key: NoiseKey | None,
     backend: str = "auto",
+    stds: Sequence[Sequence[Tensor]] | None = None,
 ) -> None:
     """One step for every modality: ``groups[m]`` scaled by ``coefficients[m]`` plus noise of scale ``noise_scales[m]``.
 
     ``noise_scales=None`` adds no noise (and ``key`` may be ``None``). Gradients of one modality may live on
     several devices; each device's share gets the kernel of ``backend`` there and its own re-seeded generator.
+    ``stds[m][i]``, when given, is the σ of the whole tensor that ``groups[m][i]`` is a shard of; the Triton
+    kernel computes σ itself, so these groups use the ``foreach`` kernel instead.
     """
     for index, grads in enumerate(groups):
-        by_device: dict[torch.device, list[Tensor]] = {}
-        for grad in grads:
-            by_device.setdefault(grad.device, []).append(grad)
+        by_device: dict[torch.device, list[tuple[Tensor, Tensor | None]]] = {}
+        for position, grad in enumerate(grads):
+            sigma = None if stds is None else stds[index][position]
+            by_device.setdefault(grad.device, []).append((grad, sigma))
         k = coefficients[index]
         scale = None if noise_scales is None else noise_scales[index]
-        for device, group in by_device.items():
+        for device, members in by_device.items():
+            group = [grad for grad, _ in members]
             generator = None if scale is None else noise_generator(device, key, index, len(groups))
-            get_kernel(backend, device)(group, k, scale, generator)
+            if stds is None:
+                get_kernel(backend, device)(group, k, scale, generator)
+            else:
+                kernel = get_kernel("reference" if backend == "reference" else "foreach", device)
+                kernel(group, k, scale, generator, stds=[sigma for _, sigma in members])
 
 
 __all__ = ["BACKENDS", "Kernel", "NoiseKey", "get_kernel", "modulate_modalities_", "noise_generator"]

@@ -28,6 +28,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
+from gradmod._internal import STD_EPS
 from gradmod.functional import ge_noise_std
 from gradmod.kernels._common import check_scalars, group_by_device_and_dtype, to_device
 
@@ -63,18 +64,28 @@ def _scale_add_(grads: list[Tensor], k: Tensor, noise: list[Tensor] | None) -> N
             grad.add_(noise[index])
 
 
+def _sigma(grad: Tensor, given: dict[int, Tensor]) -> Tensor:
+    """``σ(g) + 1e-8`` of ``grad`` (`gradmod.functional.ge_noise_std`), or the given σ plus the same 1e-8."""
+    if id(grad) in given:
+        return given[id(grad)].to(grad.device, torch.float32) + STD_EPS
+    return ge_noise_std(grad)
+
+
 def modulate_(
     grads: Sequence[Tensor],
     coefficient: Tensor,
     noise_scale: Tensor | None,
     generator: torch.Generator | None = None,
+    stds: Sequence[Tensor] | None = None,
 ) -> None:
     """Scale ``grads`` in place by ``coefficient`` and add GE noise of std ``noise_scale·(σ(g)+1e-8)``.
 
-    ``g ← k·g + c·(σ(g) + 1e-8)·z`` with σ the unbiased std of the unscaled ``g`` (0 for one element),
-    ``z ~ N(0, I)`` from ``generator`` (on the gradients' device); ``noise_scale=None`` draws nothing.
+    ``g ← k·g + c·(σ(g) + 1e-8)·z`` with σ the unbiased std of the unscaled ``g`` (0 for one element) or
+    ``stds[i]`` when given, ``z ~ N(0, I)`` from ``generator`` (on the gradients' device);
+    ``noise_scale=None`` draws nothing.
     """
     check_scalars(coefficient, noise_scale)
+    sigma_of = {} if stds is None else {id(grad): stds[index] for index, grad in enumerate(grads)}
     for (device, dtype), members in group_by_device_and_dtype(grads).items():
         group = [grad for _, grad in members]
         k = to_device(coefficient, device, dtype)
@@ -85,7 +96,7 @@ def modulate_(
         for bucket in buckets(group, BUCKET_ELEMENTS if device.type != "cpu" else 0):
             noise = [
                 torch.randn(grad.shape, generator=generator, device=device, dtype=dtype).mul_(
-                    (ge_noise_std(grad) * c).to(dtype)
+                    (_sigma(grad, sigma_of) * c).to(dtype)
                 )
                 for grad in bucket
             ]

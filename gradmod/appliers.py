@@ -161,6 +161,27 @@ class Applier(ABC):
         every gradient as it is, without a host synchronisation.
         """
 
+    # Hooks the modulator calls; appliers that act during backward override them.
+    def prepare(self) -> None:
+        """Called by ``attach()``: the model may have moved to its device since the applier was bound."""
+
+    def set_coefficients(self, coefficients: Tensor | None) -> None:
+        """``before_backward`` appliers: the coefficients the next backward passes apply (``None``: neutral)."""
+
+    def hook(self, features: Mapping[str, Tensor]) -> None:
+        """``before_backward`` appliers: route ``observe(features=...)`` through the coefficients."""
+        raise ValueError(f"features= is only used by appliers that act during backward; this modulator uses {self!r}")
+
+    def after_pass(self, reached: frozenset[int], observed: bool, in_window: bool) -> None:
+        """A backward pass reached the parameters of the modalities ``reached`` (indices); ``observed``: an
+        ``observe()`` came since the previous pass or step."""
+
+    def check(self) -> None:
+        """Raise what went wrong since the last step, before the step does anything."""
+
+    def finish_step(self) -> None:
+        """The step is over (modulated or not)."""
+
 
 class ParamsApplier(Applier):
     """Scale each selected parameter gradient by its modality's coefficient and add the method's noise.

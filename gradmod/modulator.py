@@ -187,7 +187,7 @@ class Modulator:
         if unknown:
             raise TypeError(f"observe() got unexpected inputs {sorted(unknown)}; {self.measure!r} reads {self.measure.inputs}")
         if features is not None and not self.applier.before_backward:
-            raise ValueError(f"features= is only used by the features applier; this modulator uses {self.applier!r}")
+            self.applier.hook(features)  # raises: only appliers that act during backward take features
         stacked = self._evidence(**inputs)
         if self._monitor.discarded():  # the gradients of the last pass are gone, and with them their evidence
             self._drop_pending()
@@ -217,8 +217,7 @@ class Modulator:
         """A backward pass reached the modulated parameters (`gradmod._backward.BackwardMonitor`)."""
         if discarded:  # gradients of an earlier pass were discarded since the last observe(): so is its evidence
             self._drop_pending()
-        if isinstance(self.applier, FeaturesApplier):
-            self.applier.after_pass(reached, self._observed_since_pass, self.in_window())
+        self.applier.after_pass(reached, self._observed_since_pass, self.in_window())
         self._observed_since_pass = False
 
     def _prepare_features(self, features: Mapping[str, Tensor] | None) -> None:
@@ -324,8 +323,7 @@ class Modulator:
                 "(detach() first; for per-modality learning rates use parameter groups of one optimizer)"
             )
         self._check_optimizer_holds_parameters(optimizer)
-        if isinstance(self.applier, FeaturesApplier):
-            self.applier.prepare()  # the model may have moved to its device since the modulator was built
+        self.applier.prepare()  # the model may have moved to its device since the modulator was built
         self._handle = optimizer.register_step_pre_hook(self._pre_step)
         self._optimizer = weakref.ref(optimizer)
         return self._handle
@@ -389,8 +387,7 @@ class Modulator:
         window, without a fresh `observe` (warned once), or degenerate (warned once; see ``strict``).
         On `PolicyError` nothing changes: gradients, step counter and pending evidence stay as they were.
         """
-        if isinstance(self.applier, FeaturesApplier):
-            self.applier.check()
+        self.applier.check()
         step = self._step
         if not self.in_window(step) or (self._pending is None and self.measure.needs_observe):
             if self.in_window(step):
@@ -428,8 +425,7 @@ class Modulator:
         self._prepared = None
         self._monitor.forget()
         self._monitor.watch(self.applier.parameter_groups())
-        if isinstance(self.applier, FeaturesApplier):
-            self.applier.finish_step()
+        self.applier.finish_step()
 
     def _check_seeds(self, device: torch.device) -> None:
         """Once, under ``torch.distributed`` with noise: every rank must hold the same seed (or noise differs)."""

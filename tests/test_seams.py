@@ -368,7 +368,7 @@ def test_features_mode_scale_grad_needs_the_features_applier():
     mod = gradmod.OGM({"audio": model.audio, "visual": model.visual}, alpha=0.8)
     with pytest.raises(ValueError, match="scale_grad\\(\\) needs apply='features'"):
         mod.scale_grad(torch.ones(2, 4, requires_grad=True), "audio")
-    with pytest.raises(ValueError, match="features= is only used by the features applier"):
+    with pytest.raises(ValueError, match="features= is only used by appliers that act during backward"):
         mod.observe(logits={"audio": torch.zeros(1, 3), "visual": torch.zeros(1, 3)}, target=torch.zeros(1, dtype=torch.long), features={})
 
 

@@ -103,7 +103,7 @@ def multi_hot(names: list[str], where: str) -> Tensor:
 def _read_table(path: Path, columns: tuple[str, ...]) -> list[tuple[int, dict[str, str]]]:
     if not path.is_file():
         raise FileNotFoundError(f"LLP annotation file not found: {path}")
-    with path.open(encoding="utf-8", newline="") as handle:
+    with path.open(encoding="utf-8-sig", newline="") as handle:
         reader = csv.DictReader(handle, delimiter="\t")
         missing = [c for c in columns if c not in (reader.fieldnames or [])]
         if missing:
@@ -139,8 +139,8 @@ def feature_shape_problem(name: str, shape: tuple[int, ...]) -> str | None:
 def _segment_bound(text: str, where: str) -> float:
     try:
         value = float(text)
-    except ValueError as error:
-        raise ValueError(f"{where}: onset/offset {text!r} is not a number of seconds") from error
+    except ValueError:
+        value = math.nan
     if not math.isfinite(value):
         raise ValueError(f"{where}: onset/offset {text!r} is not a number of seconds")
     return value

@@ -80,7 +80,8 @@ def _scan_cremad(dataset: CremaD, report: SplitReport) -> None:
 
 def _scan_ave(dataset: AVE, report: SplitReport) -> None:
     """The files the loader read and the split's size (the loader checked every shape)."""
-    report.facts.append(f"labels from {dataset.labels_path.name}; features from " + ", ".join(p.name for p in dataset.paths.values()))
+    features = ", ".join(path.name for path in dataset.paths.values())
+    report.facts.append(f"labels from {dataset.labels_path.name}; features from {features}")
 
 
 def _scan_llp(dataset: LLP, report: SplitReport) -> None:
@@ -102,7 +103,9 @@ def _scan_llp(dataset: LLP, report: SplitReport) -> None:
     if dataset.split != "train":
         for modality in ("audio", "visual"):
             covered = sum(bool(dataset.segment_labels(i)[modality].any()) for i in range(len(dataset)))
-            report.facts.append(f"dense {modality} labels for {covered} of {len(dataset)} videos (the others have no {modality} event)")
+            report.facts.append(
+                f"dense {modality} labels for {covered} of {len(dataset)} videos (the others have no {modality} event)"
+            )
 
 
 SCANS: dict[str, Callable] = {"cremad": _scan_cremad, "ave": _scan_ave, "llp": _scan_llp}
@@ -112,11 +115,14 @@ def _load_items(dataset, count: int | None, report: SplitReport) -> None:
     """Load ``count`` evenly spaced items (all when ``None``) and record their shapes."""
     if count == 0 or len(dataset) == 0:
         return
-    indices = range(len(dataset)) if count is None else sorted(set(np.linspace(0, len(dataset) - 1, count).round().astype(int)))
+    if count is None:
+        indices: Sequence[int] = range(len(dataset))
+    else:
+        indices = sorted(set(np.linspace(0, len(dataset) - 1, count).round().astype(int).tolist()))
     shapes: dict[str, tuple[int, ...]] = {}
     for index in indices:
         try:  # the loaders reject missing files, wrong shapes and non-finite values
-            inputs, target = dataset[int(index)]
+            inputs, target = dataset[index]
         except LOADER_ERRORS as error:
             report.problems.append(f"item {index}: {error}")
             continue

@@ -367,7 +367,8 @@ def _scores(evaluation: Mapping[str, Any]) -> str:
 
 
 def _print_epoch(config: TrainConfig, record: Mapping[str, Any]) -> None:
-    line = f"[{config.dataset}/{config.method}] epoch {record['epoch'] + 1}/{config.epochs} loss {record['train_loss']:.4f}"
+    line = f"[{config.dataset}/{config.method}] epoch {record['epoch'] + 1}/{config.epochs}"
+    line += f" loss {record['train_loss']:.4f}"
     if "val" in record:
         line += f" | val acc {record['val']['accuracy']:.3f}"
     line += f" | test {_scores(record['test'])}"
@@ -388,7 +389,9 @@ def summary_lines(results: Mapping[str, Any]) -> list[str]:
         if report is None:
             lines.append(f"  {label}: no val split for {results['config']['dataset']}")
             continue
-        chosen = f"epoch {report['epoch'] + 1}" + (f", val acc {report['val']['accuracy']:.3f}" if "val" in report else "")
+        chosen = f"epoch {report['epoch'] + 1}"
+        if "val" in report:
+            chosen += f", val acc {report['val']['accuracy']:.3f}"
         lines.append(f"  {label} ({chosen}): {_scores(report['test'])}")
     return lines
 

@@ -109,12 +109,14 @@ def _read_order(path: Path, num_videos: int) -> np.ndarray:
     return order
 
 
-def _checked_shape(dataset: h5py.Dataset, path: Path, segment_shape: tuple[int, ...]) -> int:
-    """Number of videos of ``dataset`` after checking it is [N, *segment_shape]."""
-    if tuple(dataset.shape[1:]) != segment_shape:
+def _videos_in(path: Path, segment_shape: tuple[int, ...]) -> int:
+    """Number of videos in ``path`` after checking its dataset is [N, *segment_shape]."""
+    with h5py.File(path, "r") as handle:
+        shape = _dataset_in(handle, FEATURE_KEY, path).shape
+    if tuple(shape[1:]) != segment_shape:
         expected = ", ".join(map(str, segment_shape))
-        raise ValueError(f"{path}: expected {FEATURE_KEY!r} of shape [N, {expected}], got {list(dataset.shape)}")
-    return dataset.shape[0]
+        raise ValueError(f"{path}: expected {FEATURE_KEY!r} of shape [N, {expected}], got {list(shape)}")
+    return shape[0]
 
 
 def segment_classes(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -185,12 +187,8 @@ class AVE(Dataset):
         self._owner_pid: int | None = None
 
     def _check_features(self) -> int:
-        counts = {}
-        for name, (_, segment_shape) in FEATURE_FILES.items():
-            with h5py.File(self.paths[name], "r") as handle:
-                counts[name] = _checked_shape(_dataset_in(handle, FEATURE_KEY, self.paths[name]), self.paths[name], segment_shape)
-        with h5py.File(self.labels_path, "r") as handle:
-            counts["labels"] = _checked_shape(_dataset_in(handle, FEATURE_KEY, self.labels_path), self.labels_path, LABEL_SHAPE)
+        counts = {name: _videos_in(self.paths[name], shape) for name, (_, shape) in FEATURE_FILES.items()}
+        counts["labels"] = _videos_in(self.labels_path, LABEL_SHAPE)
         if len(set(counts.values())) != 1:
             raise ValueError(f"AVE feature and label files disagree on the number of videos: {counts}")
         return counts["audio"]

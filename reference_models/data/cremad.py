@@ -89,7 +89,9 @@ _EMPTY_ROWS = "empty rows skipped"
 _EXTRA_COLUMNS = "rows with more than two columns: the first two used, as the official code does"
 
 
-def resample(samples: np.ndarray, sample_rate: int, target_rate: int = SAMPLE_RATE, resampler: str = "soxr_hq") -> np.ndarray:
+def resample(
+    samples: np.ndarray, sample_rate: int, target_rate: int = SAMPLE_RATE, resampler: str = "soxr_hq"
+) -> np.ndarray:
     """``librosa.resample(samples, orig_sr=sample_rate, target_sr=target_rate, res_type=resampler)``.
 
     1-D float32 samples; the result has librosa's length ``ceil(n · target_rate / sample_rate)``

@@ -79,6 +79,7 @@ LLP_CLASSES: tuple[str, ...] = (
 NUM_SEGMENTS = 10
 SPLIT_FILES = {"train": "AVVP_train.csv", "val": "AVVP_val_pd.csv", "test": "AVVP_test_pd.csv"}
 EVAL_FILES = {"audio": "AVVP_eval_audio.csv", "visual": "AVVP_eval_visual.csv"}
+EVAL_COLUMNS = ("filename", "onset", "offset", "event_labels")
 FEATURES = {"audio": ("vggish", 128), "appearance": ("res152", 2048), "motion": ("r2plus1d_18", 512)}
 _CLASS_INDEX = {name: index for index, name in enumerate(LLP_CLASSES)}
 ID_LENGTH = 11
@@ -162,7 +163,7 @@ def _oddity(onset: float, offset: float) -> str | None:
 def _load_segment_labels(path: Path, wanted: set[str], notes: list[DataNote]) -> dict[str, Tensor]:
     """Per video, the [25, 10] 0/1 matrix with ``label[class, onset:offset] = 1`` for every row."""
     labels: dict[str, Tensor] = {}
-    for line, row in _read_table(path, ("filename", "onset", "offset", "event_labels")):
+    for line, row in _read_table(path, EVAL_COLUMNS):
         filename = row["filename"]
         if filename not in wanted:
             continue
@@ -174,7 +175,7 @@ def _load_segment_labels(path: Path, wanted: set[str], notes: list[DataNote]) ->
         matrix = labels.setdefault(filename, torch.zeros(len(LLP_CLASSES), NUM_SEGMENTS))
         kind = _oddity(onset, offset)
         if kind is not None:
-            notes.append(DataNote(kind, where, "  ".join(row[c] for c in ("filename", "onset", "offset", "event_labels"))))
+            notes.append(DataNote(kind, where, "  ".join(row[column] for column in EVAL_COLUMNS)))
         first, last = (min(max(int(bound), 0), NUM_SEGMENTS) for bound in (onset, offset))
         matrix[_CLASS_INDEX[name], first:last] = 1.0  # empty when offset <= onset
     return labels

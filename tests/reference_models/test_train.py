@@ -154,7 +154,8 @@ def _record(epoch, test, val=None):
 
 
 def test_selection_reports_last_best_test_and_val_selected_epochs():
-    history = [_record(0, 0.5, 0.3), _record(1, 0.8, 0.6), _record(2, 0.8, 0.7), _record(3, 0.6, 0.7), _record(4, 0.7, 0.5)]
+    scores = [(0.5, 0.3), (0.8, 0.6), (0.8, 0.7), (0.6, 0.7), (0.7, 0.5)]  # (test, val) per epoch
+    history = [_record(epoch, test, val) for epoch, (test, val) in enumerate(scores)]
     selection = select_epochs(history, "accuracy")
     assert selection["last_epoch"]["epoch"] == 4 and selection["last_epoch"]["test"]["accuracy"] == 0.7
     assert selection["best_test"]["epoch"] == 1  # the first epoch with the best test score (OGM-GE's `>`)

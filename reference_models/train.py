@@ -410,7 +410,8 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     add("--dataset", choices=DATASETS, default="avdigits")
     add("--method", choices=METHODS, default="baseline")
     add("--fusion", choices=FUSION_KINDS, default="concat")
-    add("--data-root", help="folder of the dataset's real files (cremad, ave, llp)")
+    add("--data-root", help="folder of the dataset's real files (cremad, ave, llp); scan it first with "
+        "python -m reference_models.check")
     add("--epochs", type=int)
     add("--batch-size", type=int)
     add("--optimizer", choices=("sgd", "adam"))
@@ -437,7 +438,8 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     add("--max-items", type=int, help="cap each split (smoke runs)")
     add("--device", default="auto")
     add("--workers", type=int, default=0)
-    add("--out", help="folder for checkpoint.pt, results.json and curves.png")
+    add("--out", help="folder for checkpoint.pt, results.json (per-epoch val/test scores; last, best-test and "
+        "val-selected epochs) and curves.png")
     add("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     add("--no-progress", dest="progress", action="store_false")
     args = vars(parser.parse_args(argv))

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import html.parser
-import importlib.util
 import os
 import re
 import shlex
@@ -240,23 +239,7 @@ def test_math_is_marked_up_for_rendering(site: Path) -> None:
     assert "arithmatex" in (site / "methods" / "ogm-ge" / "index.html").read_text(encoding="utf-8")
 
 
-def _pending_pages() -> dict[str, str]:
-    """``tools/docs_check.py``'s PENDING: pages another change is rewriting, keyed by docs/ path."""
-    spec = importlib.util.spec_from_file_location("docs_check", ROOT / "tools" / "docs_check.py")
-    module = sys.modules.setdefault(spec.name, importlib.util.module_from_spec(spec))
-    spec.loader.exec_module(module)
-    return {f"docs/{page}": reason for page, reason in module.PENDING.items()}
-
-
-#: Pending pages follow the conventions below once their rewrite lands. The marks are strict: when
-#: such a page passes, its entry in tools/docs_check.py must go.
-PENDING_CONVENTIONS = _pending_pages()
-SITE_PAGES = [
-    pytest.param(page, marks=pytest.mark.xfail(strict=True, reason=PENDING_CONVENTIONS[_name(page)]))
-    if _name(page) in PENDING_CONVENTIONS
-    else page
-    for page in sorted((ROOT / "docs").rglob("*.md"))
-]
+SITE_PAGES = sorted((ROOT / "docs").rglob("*.md"))
 #: A code line of the site fits the content column at 1280 px.
 MAX_CODE_LINE = 88
 

@@ -44,13 +44,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-#: Pages (relative to docs/) that another change is rewriting and that follow the site's conventions
-#: once it lands. Their problems are listed but do not fail the check; a pending page that passes
-#: fails it, so that its entry goes. tests/test_docs.py reads this too (its convention tests are
-#: strict xfails for these pages).
-PENDING = {
-    "reference-models.md": "being rewritten; brought to the site's conventions afterwards",
-}
 
 #: Screenshots stop there (the API page is longer; Chromium's textures are limited to 16384 px).
 MAX_SCREENSHOT_HEIGHT = 16000
@@ -307,16 +300,6 @@ class PageResult:
     equations: int = 0
 
 
-def site_path(page: str) -> str:
-    """The URL path of a page of docs/ (``a/b.md`` → ``a/b/``, ``index.md`` → ``""``)."""
-    stem = page.removesuffix(".md")
-    if stem == "index" or stem.endswith("/index"):
-        stem = stem.removesuffix("index")
-    else:
-        stem += "/"
-    return stem
-
-
 def pages(site: Path) -> Iterator[str]:
     """URL paths of the built pages, home first."""
     found = sorted(p.relative_to(site).as_posix() for p in site.rglob("index.html"))
@@ -445,7 +428,6 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(shots)
     shots.mkdir(parents=True)
 
-    pending = {site_path(page): reason for page, reason in PENDING.items()}
     results = []
     with tempfile.TemporaryDirectory(prefix="docs-check-profile-") as profile:
         browser = Chromium(binary, profile)  # before the server's thread starts (preexec_fn)
@@ -459,8 +441,6 @@ def main(argv: list[str] | None = None) -> int:
                 result = check_page(browser, origin, path, args.width, shots)
                 results.append(result)
                 status = "ok" if not result.problems else f"{len(result.problems)} problem(s)"
-                if path in pending:
-                    status += f" (pending: {pending[path]})"
                 print(f"{result.path:<40} {result.equations:>4} equations  {status}")
                 for problem in result.problems:
                     print(f"    {problem}")
@@ -473,21 +453,11 @@ def main(argv: list[str] | None = None) -> int:
         "pages": [vars(result) for result in results],
     }
     (args.out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    failed = [r.path for r in results if r.problems and r.path.lstrip("/") not in pending]
-    waiting = [r.path for r in results if r.problems and r.path.lstrip("/") in pending]
-    passing = [r.path for r in results if not r.problems and r.path.lstrip("/") in pending]
-    checked = {r.path.lstrip("/") for r in results}
-    missing = sorted(path for path in pending if path not in checked)
+    failed = [r.path for r in results if r.problems]
     print(f"docs-check: {len(results)} pages at {args.width}px, light and dark; screenshots in {shots}")
-    if waiting:
-        print(f"docs-check: pending, not counted: {', '.join(waiting)}")
-    for path in passing:
-        print(f"docs-check: {path} passes now: remove it from PENDING in tools/docs_check.py")
-    for path in missing:
-        print(f"docs-check: {path} is in PENDING but not in the site")
     if failed:
         print(f"docs-check: problems on {', '.join(failed)}")
-    ok = not (failed or passing or missing)
+    ok = not failed
     print("docs-check: " + ("all checks passed" if ok else "FAILED"))
     return 0 if ok else 1
 

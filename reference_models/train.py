@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import inspect
 import json
 import math
 import sys
@@ -34,7 +35,12 @@ from reference_models.tasks import DATASETS, IndexedDataset, Task, build_task
 
 __all__ = ["METHODS", "TrainConfig", "train", "main", "unimodal_metrics", "select_epochs", "summary_lines"]
 
-METHODS = ("baseline", "ogm", "ogm_ge", "pdmp", "dgm", "decoupling_free", "mm", "bmm")
+#: The gradient-modulation methods the CLI drives through a `gradmod.Modulator`, by their `gradmod.METHODS` name.
+MODULATOR_METHODS = ("ogm", "ogm_ge", "pdmp", "dgm", "decoupling_free")
+#: Every ``--method``: no modulation, the modulator methods, and the data-level mixups (Ma, Ding & Chen, 2025).
+METHODS = ("baseline", *MODULATOR_METHODS, "mm", "bmm")
+#: Preset keyword → the `TrainConfig` field that sets it (the presets' hyper-parameters share these names).
+PRESET_OPTIONS = {"alpha": "alpha", "gamma": "gamma", "gamma_p": "gamma_p", "gamma_r": "gamma_r"}
 PARAM_FILTERS = {"all": None, "weights": gradmod.filters.weights, "conv": gradmod.filters.conv_weights}
 
 #: Per-dataset training defaults: OGM-GE's CREMA-D protocol (SGD 1e-3, momentum 0.9, wd 1e-4, StepLR(70, 0.1),
@@ -111,8 +117,12 @@ class TrainConfig:
 
 # ---------------------------------------------------------------------------------------------- methods
 def make_modulator(config: TrainConfig, task: Task, steps_per_epoch: int, pdmp_ranking: Sequence[str] | None = None):
-    """The gradmod modulator of ``config.method`` over the task model's modalities (``None`` for non-gradient methods)."""
-    if config.method in ("baseline", "mm", "bmm"):
+    """The gradmod modulator of ``config.method`` over the task model's modalities (``None`` for non-gradient methods).
+
+    The preset is ``gradmod.METHODS[config.method].preset``; its hyper-parameters come from the config fields of
+    the same name (`PRESET_OPTIONS`), and ``ranking`` from PDMP's unimodal stage.
+    """
+    if config.method not in MODULATOR_METHODS:
         return None
     end = config.epochs - 1 if config.modulation_end is None else config.modulation_end
     start_step, stop_step = gradmod.epoch_window(config.modulation_start, end, steps_per_epoch)
@@ -128,29 +138,38 @@ def make_modulator(config: TrainConfig, task: Task, steps_per_epoch: int, pdmp_r
         options["noise"] = config.noise
     elif config.apply == "features":
         options["noise"] = None
-    modalities = task.model.modality_modules()
-    if config.method == "ogm":
-        return gradmod.OGM(modalities, alpha=config.alpha, **options)
-    if config.method == "ogm_ge":
-        return gradmod.OGMGE(modalities, alpha=config.alpha, **options)
-    if config.method == "dgm":
-        return gradmod.DGM(modalities, gamma=config.gamma, **options)
-    if config.method == "decoupling_free":
-        return gradmod.DecouplingFree(modalities, alpha=config.alpha, **options)
-    return gradmod.PDMP(modalities, ranking=pdmp_ranking, gamma_p=config.gamma_p, gamma_r=config.gamma_r, **options)
+    preset = gradmod.METHODS[config.method].preset
+    parameters = _preset_parameters(config.method)
+    options.update({name: getattr(config, field) for name, field in PRESET_OPTIONS.items() if name in parameters})
+    if "ranking" in parameters:
+        options["ranking"] = pdmp_ranking
+    return preset(task.model.modality_modules(), **options)
 
 
-def observe_inputs(method: str, task: Task, output: ModelOutput, target: Tensor) -> dict[str, Any]:
-    """What ``method``'s measure reads from a model output (with a clear error when the head cannot give it)."""
-    if method == "decoupling_free":
+def _preset_parameters(method: str) -> frozenset[str]:
+    """The keyword parameters of ``method``'s gradmod preset (none for the CLI's other methods)."""
+    if method not in MODULATOR_METHODS:
+        return frozenset()
+    return frozenset(inspect.signature(gradmod.METHODS[method].preset).parameters)
+
+
+def observe_inputs(modulator: gradmod.Modulator, task: Task, output: ModelOutput, target: Tensor) -> dict[str, Any]:
+    """What the modulator's measure reads (``measure.inputs``), taken from a model output.
+
+    A fusion gate for ``zeta``; a decision unit's pure unimodal scores for ``scores`` when the model has them
+    (the MSDU of Fu, Gao & Xu), else decoupled per-modality logits for ``logits``. A clear error when the
+    head cannot give what the measure reads.
+    """
+    reads = modulator.measure.inputs
+    if "zeta" in reads:
         if output.zeta is None:
             raise ValueError("decoupling_free needs a gated head: --fusion gated, gated_simam or film_zeta")
         return {"zeta": output.zeta}
-    if method == "dgm" and output.unimodal_scores is not None:
+    if "scores" in reads and output.unimodal_scores is not None:
         return {"scores": output.unimodal_scores, "target": target}
     if output.unimodal_logits is None:
         raise ValueError(
-            f"{method} measures decoupled per-modality logits, which this head cannot give "
+            f"{modulator.measure!r} measures decoupled per-modality logits, which this head cannot give "
             "(FiLM and gated heads mix the modalities): use --fusion concat or sum, or --method decoupling_free "
             "with a gated head"
         )
@@ -228,7 +247,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     checkpoint_path = out / "checkpoint.pt" if out else None
 
     pdmp_ranking, pdmp_metrics = None, None
-    if config.method == "pdmp":
+    if "ranking" in _preset_parameters(config.method):  # PDMP's first stage: rank the modalities
         pdmp_metrics = config.pdmp_metrics or unimodal_metrics(task, config, device)
         pdmp_ranking = gradmod.rank_modalities(pdmp_metrics)
     optimizer = _optimizer(config, model)
@@ -271,7 +290,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             output = model.head(features)
             if modulator is not None:
                 extra = {"features": output.features} if config.apply == "features" else {}
-                modulator.observe(**observe_inputs(config.method, task, output, target), **extra)
+                modulator.observe(**observe_inputs(modulator, task, output, target), **extra)
             loss = model.loss(output, target) if soft is None else soft_cross_entropy(output.logits, soft)
             loss.backward()
             optimizer.step()

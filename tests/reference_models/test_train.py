@@ -185,3 +185,24 @@ def test_results_and_cli_summary_label_every_report(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| masked audio=" in printed and "| decoupled audio=" in printed
     assert all(label in printed for label in SELECTION_LABELS.values())
+
+
+def test_cli_methods_are_gradmod_methods_by_the_same_name():
+    """One registry: each modulator method is gradmod.METHODS[name], its hyper-parameters from the config."""
+    from reference_models.tasks import build_task
+    from reference_models.train import MODULATOR_METHODS, make_modulator, parse_args
+
+    import gradmod
+
+    assert set(MODULATOR_METHODS) <= set(gradmod.METHODS)
+    task = build_task("avdigits", max_items=8, avdigits_options={"num_train": 8, "num_test": 8})
+    strengths = {"ogm": 0.3, "ogm_ge": 0.3, "decoupling_free": 0.3, "dgm": 0.7}
+    for method in MODULATOR_METHODS:
+        config = parse_args(["--method", method, "--alpha", "0.3", "--gamma", "0.7", "--gamma-p", "0.2"]).resolved()
+        modulator = make_modulator(config, task, steps_per_epoch=1, pdmp_ranking=("visual", "audio"))
+        assert isinstance(modulator, gradmod.Modulator), method
+        if method == "pdmp":
+            assert modulator.policy.ranking == ("visual", "audio") and modulator.policy.gamma_p == 0.2
+        else:
+            assert modulator.policy.strength == strengths[method], method
+    assert make_modulator(parse_args(["--method", "mm"]).resolved(), task, 1) is None

@@ -36,8 +36,15 @@ class _Counter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+#: Operators that only make views or read metadata: they launch no kernel on any device.
+_NO_KERNEL = {
+    "view", "unbind", "select", "detach", "alias", "slice", "squeeze", "squeeze_", "unsqueeze", "unsqueeze_",
+    "as_strided", "t", "expand", "permute", "promote_types", "result_type",
+}
+
+
 def _is_view(name: str) -> bool:
-    return name in {"view", "unbind", "select", "detach", "alias", "slice", "squeeze", "unsqueeze", "as_strided", "t", "expand"}
+    return name in _NO_KERNEL
 
 
 def count_bookkeeping_ops(validate: bool = False, apply: str = "params", steps: int = 3) -> dict[str, Any]:

@@ -76,3 +76,23 @@ def check_logits_target(logits: Tensor, target: Tensor, name: str = "logits") ->
         )
     if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
         raise ValueError(f"target must hold integer class indices, got dtype {target.dtype}")
+
+
+_CONSTANTS: dict[tuple[int, torch.device, torch.dtype], tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+
+
+def constants(m: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """For ``m`` modalities (or classes): the matrix ``1 − I`` whose product with evidence sums the others,
+    and zeros, ones and minus ones of length ``m`` — made once per (m, device, dtype), so that a step
+    launches nothing to build them (a plain dict, which ``torch.compile`` reads as constants).
+    """
+    key = (m, torch.device(device), dtype)
+    if key not in _CONSTANTS:
+        ones = torch.ones(m, dtype=dtype, device=device)
+        _CONSTANTS[key] = (1.0 - torch.eye(m, dtype=dtype, device=device), torch.zeros_like(ones), ones, -ones)
+    return _CONSTANTS[key]
+
+
+def wide_dtype(device: torch.device) -> torch.dtype:
+    """float64 for evidence and ratios (float32 on MPS, which has no float64)."""
+    return torch.float32 if device.type == "mps" else torch.float64

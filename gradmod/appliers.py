@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from gradmod import functional as F
-from gradmod._internal import per_modality
+from gradmod._internal import constants, per_modality
 from gradmod.kernels import BACKENDS, NoiseKey, modulate_modalities_
 
 __all__ = ["Applier", "ParamsApplier", "FeaturesApplier", "ParamFilter", "Modality", "scale_grad"]
@@ -157,8 +157,9 @@ class Applier(ABC):
     def apply(self, coefficients: Tensor, step: int, seed: int, active: Tensor | None = None) -> None:
         """Put ``coefficients`` (``[M]``, modality order) onto the gradients of optimizer step ``step``.
 
-        ``active`` (a 0-d bool tensor, or ``None`` for ``True``) is checked on the device: a ``False`` leaves
-        every gradient as it is, without a host synchronisation.
+        ``active`` (a 0-d bool tensor, or ``None`` for ``True``) is checked on the device: where it is
+        ``False`` the coefficients are 1 already, and the applier adds no noise either, so every gradient is
+        left as it is without a host synchronisation.
         """
 
     # Hooks the modulator calls; appliers that act during backward override them.
@@ -226,9 +227,8 @@ class ParamsApplier(Applier):
                 )
             grads.append(present)
         scales = F.noise_scale(self.noise, coefficients)
-        if active is not None:
-            coefficients = torch.where(active, coefficients, torch.ones_like(coefficients))
-            scales = None if scales is None else torch.where(active, scales, torch.zeros_like(scales))
+        if active is not None and scales is not None:  # the coefficients are 1 already where inactive
+            scales = torch.where(active, scales, torch.zeros_like(scales))
         modulate_modalities_(grads, coefficients, scales, NoiseKey(seed, step), self.backend)
 
     def __repr__(self) -> str:
@@ -308,9 +308,12 @@ class FeaturesApplier(Applier):
     def set_coefficients(self, coefficients: Tensor | None) -> None:
         """The coefficients the next backward passes apply (``None``: 1 everywhere)."""
         self._current = coefficients
-        values = torch.ones(len(self.names)) if coefficients is None else coefficients
         for device, buffers in self._buffers.items():
-            torch._foreach_copy_(buffers, list(values.to(device, non_blocking=True).unbind(0)))
+            if coefficients is None:
+                values = constants(len(self.names), device, torch.float32)[2]
+            else:
+                values = coefficients.to(device, non_blocking=True)
+            torch._foreach_copy_(buffers, list(values.unbind(0)))
 
     def scale(self, tensor: Tensor, name: str) -> Tensor:
         """``tensor`` (modality ``name``'s feature, inside ``forward``) routed through the live coefficient."""

@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from gradmod._internal import STD_EPS, check_logits_target, check_names, real_scalar
+from gradmod._internal import STD_EPS, check_logits_target, check_names, constants, real_scalar, wide_dtype
 
 __all__ = [
     "ogm_scores",
@@ -34,6 +34,7 @@ __all__ = [
     "ratios_of",
     "tanh_damping",
     "ogm_coefficients",
+    "ogm_coefficients_of",
     "ge_noise_std",
     "noise_scale",
     "dgm_evidence",
@@ -41,10 +42,14 @@ __all__ = [
     "zeta_ratios",
     "rank_modalities",
     "pdmp_coefficients",
+    "pdmp_coefficients_of",
     "imbalance_factor",
     "bmm_strength",
     "NOISE_KINDS",
 ]
+
+#: ``nll_loss``'s ignore index when no target is to be ignored (no class index is this negative).
+_NEVER_A_CLASS = -(2**63)
 
 #: The GE noise kinds: ``"ge"`` (OGM-GE, ε ~ N(0, σ²)), ``"restore"`` (DGM, total variance restored to σ²),
 #: ``"paper"`` (DGM eq. (9) as printed, ε ~ N(0, (μ²+1)σ²)).
@@ -56,26 +61,25 @@ def _check_count(mapping: Mapping[str, object], what: str, minimum: int = 2) -> 
         raise ValueError(f"{what} needs at least {minimum} modalities, got {list(mapping)}")
 
 
-def ogm_scores(logits: Tensor, target: Tensor, ignore_index: int | None = None) -> Tensor:
+def ogm_scores(logits: Tensor, target: Tensor, ignore_index: int | None = -100) -> Tensor:
     """OGM score of one modality on a batch: ``s = Σ_i softmax(logits_i)[y_i]`` (OGM-GE, Peng et al. 2022).
 
     Args:
         logits: ``[B, C]`` decoupled logits of one modality.
         target: ``[B]`` integer class indices.
-        ignore_index: samples whose target equals it add nothing (as in ``cross_entropy``); ``None``:
-            every sample counts. Their target is not checked against the class count.
+        ignore_index: samples whose target equals it add nothing (−100, as in ``cross_entropy``); ``None``:
+            every sample counts.
 
     Returns:
-        0-d float tensor (float32 or wider) on ``logits.device``; 0 for an empty batch; no host
-        synchronisation.
+        0-d float tensor (float32 or wider) on ``logits.device``; 0 for an empty batch. Two device operations
+        for float32 logits (the softmax, and ``nll_loss`` with weights −1 summing the true-class
+        probabilities), no host synchronisation.
     """
     check_logits_target(logits, target)
-    probs = torch.softmax(logits.detach().float(), dim=1)
-    if ignore_index is None:
-        return probs.gather(1, target.long().unsqueeze(1)).sum()
-    kept = target != ignore_index
-    index = torch.where(kept, target, 0).long().unsqueeze(1)
-    return (probs.gather(1, index).squeeze(1) * kept).sum()
+    probs = torch.softmax(logits.detach().float() if logits.dtype != torch.float64 else logits.detach(), dim=1)
+    minus_one = constants(logits.shape[1], logits.device, probs.dtype)[3]
+    ignored = _NEVER_A_CLASS if ignore_index is None else ignore_index
+    return torch.nn.functional.nll_loss(probs, target.long(), weight=minus_one, ignore_index=ignored, reduction="sum")
 
 
 def decouple_linear(weight: Tensor, bias: Tensor | None, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -114,8 +118,7 @@ def _stack(evidence: Mapping[str, Tensor]) -> tuple[Tensor, torch.dtype]:
     """
     values = [torch.as_tensor(e).detach().reshape(()) for e in evidence.values()]
     out_dtype = torch.promote_types(torch.float32, torch.result_type(torch.stack(values), 1.0))
-    dtype = torch.float32 if values[0].device.type == "mps" else torch.float64
-    return torch.stack([v.to(dtype) for v in values]), out_dtype
+    return torch.stack([v.to(wide_dtype(values[0].device)) for v in values]), out_dtype
 
 
 def _unstack(names: Sequence[str], values: Tensor, dtype: torch.dtype) -> dict[str, Tensor]:
@@ -134,21 +137,29 @@ def discrepancy_ratios(evidence: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 def ratios_of(evidence: Tensor) -> Tensor:
-    """`discrepancy_ratios` of stacked evidence ``[..., M]`` (M ≥ 2 along the last axis), same dtype."""
+    """`discrepancy_ratios` of stacked evidence ``[..., M]`` (M ≥ 2 along the last axis), same dtype.
+
+    ``ρ_u = (M − 1)·e_u / Σ_{v≠u} e_v``: the sum of the others is a matrix product with ``1 − I`` (no
+    cancellation of ``(Σ e) − e_u``), and for equal evidence numerator and denominator are the same exact
+    value, so the ratio is exactly 1 (the policies jump at ``ρ = 1``).
+    """
     m = evidence.shape[-1]
-    not_self = 1.0 - torch.eye(m, dtype=evidence.dtype, device=evidence.device)
-    others = (evidence @ not_self) / (m - 1)  # Σ_{v≠u} e_v without the cancellation of (Σ e) − e_u
-    return evidence / others
+    if m > 2:  # sums of float32 evidence are exact in float64 (two modalities need no sum)
+        evidence = evidence.to(wide_dtype(evidence.device))
+    others = evidence @ constants(m, evidence.device, evidence.dtype)[0]
+    return (evidence if m == 2 else evidence * (m - 1)) / others
 
 
 def tanh_damping(ratio: Tensor, strength: float) -> Tensor:
     """``k = 1 − tanh(strength·ρ)`` where ``ρ > 1``, else ``1``: OGM-GE's coefficient and DGM's eq. (7).
 
-    The result lies in ``[0, 1]``; it is ``0`` only in the limit ``ρ → ∞`` (a ratio of ``inf``).
+    The result lies in ``[0, 1]``; it is ``0`` only in the limit ``ρ → ∞`` (a ratio of ``inf``), and ``1``
+    for a ``NaN`` ratio (zero evidence everywhere) or ``strength = 0``.
     """
-    ratio = torch.nan_to_num(ratio, nan=1.0)
-    damped = 1.0 - torch.tanh(strength * ratio.clamp_min(0.0))
-    return torch.where(ratio > 1.0, damped, torch.ones_like(damped))
+    if strength == 0:
+        return torch.ones_like(ratio)
+    zero = constants(1, ratio.device, ratio.dtype)[1][0]
+    return 1.0 - torch.tanh(torch.where(ratio > 1.0, ratio * strength, zero))
 
 
 def ogm_coefficients(evidence: Mapping[str, Tensor], alpha: float) -> dict[str, Tensor]:
@@ -160,7 +171,18 @@ def ogm_coefficients(evidence: Mapping[str, Tensor], alpha: float) -> dict[str, 
     (`dgm_evidence`) with ``γ`` in place of ``α``; its published default is ``γ = 0.1``.
     """
     alpha = real_scalar(alpha, "alpha")
-    return {modality: tanh_damping(r, alpha) for modality, r in discrepancy_ratios(evidence).items()}
+    _check_count(evidence, "ogm_coefficients")
+    e, out_dtype = _stack(evidence)
+    return _unstack(list(evidence), ogm_coefficients_of(e, alpha), out_dtype)
+
+
+def ogm_coefficients_of(evidence: Tensor, alpha: float) -> Tensor:
+    """`ogm_coefficients` of stacked evidence ``[M]`` (in its dtype; float64 for M > 2).
+
+    ``ρ = e / mean_others(e)`` (`ratios_of`) and `tanh_damping`: seven device operations, no host
+    synchronisation.
+    """
+    return tanh_damping(ratios_of(evidence), alpha)
 
 
 def ge_noise_std(grad: Tensor) -> Tensor:
@@ -301,15 +323,19 @@ def pdmp_coefficients(
     names = list(evidence)
     check_names(ranking, names, "ranking")
     e, out_dtype = _stack(evidence)
-    d = names.index(ranking[0])
+    return _unstack(names, pdmp_coefficients_of(e, names.index(ranking[0]), gamma_p, gamma_r), out_dtype)
+
+
+def pdmp_coefficients_of(evidence: Tensor, dominant: int, gamma_p: float, gamma_r: float) -> Tensor:
+    """`pdmp_coefficients` of stacked evidence ``[M]``, the dominant modality at index ``dominant``."""
+    e, d = evidence, dominant
     rel = e / e[d]
     rel = torch.where(e[d] > 0, rel, torch.full_like(rel, math.inf))
     rel = torch.nan_to_num(rel, nan=math.inf)
     others = torch.cat([rel[:d], rel[d + 1 :]])
     boost = 1.0 + gamma_p * torch.tanh((others.max() - 1.0).clamp_min(0.0))
     damped = 1.0 - torch.tanh(gamma_r * rel)
-    k = torch.where(torch.arange(len(names), device=e.device) == d, boost, damped)
-    return _unstack(names, k, out_dtype)
+    return torch.where(torch.arange(e.numel(), device=e.device) == d, boost, damped)
 
 
 def imbalance_factor(unimodal_accuracy: Mapping[str, float]) -> dict[str, float]:

@@ -1,11 +1,15 @@
 """The record of a modulator's steps: evidence, ratios, coefficients and status of every step it considered.
 
-One row per step — ``[evidence (M), coefficients (M), status]`` — written into preallocated blocks on the
-evidence's device with a single device operation and no host synchronisation; reading `History.records`
-synchronises once. Ratios are not stored: they are a pure function of the evidence
-(`gradmod.functional.ratios_of`), computed when read. By default the whole run is kept (a million steps
-of two modalities take 20 MB); with ``max_size`` the oldest rows are dropped, counted in
-`History.dropped`, with a warning the first time.
+One row per step — ``[evidence (M), coefficients (M), usable, valid, in window]`` — written into
+preallocated blocks on the evidence's device with a single device operation and no host
+synchronisation; reading `History.records` synchronises once. Ratios are not stored: they are a pure
+function of the evidence (`gradmod.functional.ratios_of`), computed when read. By default the whole run is
+kept (a million steps of two modalities take 28 MB); with ``max_size`` the oldest rows are dropped, counted
+in `History.dropped`, with a warning the first time.
+
+A *ring* history (capture-safe modulators) writes each row at ``step mod max_size`` of one preallocated
+buffer, the step number included, so that a replayed CUDA graph keeps recording: it holds the last
+``max_size`` steps, and reading reports how many were overwritten.
 """
 
 from __future__ import annotations
@@ -17,27 +21,34 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gradmod._internal import constants
 from gradmod.functional import ratios_of
 
 __all__ = ["History", "STATUSES"]
 
 #: What happened at a recorded step: the coefficients were applied; the evidence was degenerate (zero,
-#: negative or not finite for some modality) so the step was left unmodulated; or (``validate=False``
-#: only) the policy's output was not finite or outside its range, so the step was left unmodulated.
-STATUSES = ("applied", "degenerate", "invalid")
-APPLIED, DEGENERATE, INVALID = range(3)
+#: negative or not finite for some modality, e.g. no ``observe()``) so the step was left unmodulated; the
+#: policy's output broke its contract (``validate=False`` only) so the step was left unmodulated; or the step
+#: was outside the modulation window (recorded by capture-safe modulators only).
+STATUSES = ("applied", "degenerate", "invalid", "outside")
 
 _BLOCK_ROWS = 4096
+_FLAGS = 3  # usable, valid, in window
+#: Rows a ring history keeps when no ``max_size`` is given.
+DEFAULT_RING_SIZE = 65_536
+
+Flag = bool | Tensor
 
 
 class History:
     """Compact, append-only record of steps for ``names`` (optionally bounded to the last ``max_size``)."""
 
-    def __init__(self, names: Sequence[str], max_size: int | None = None) -> None:
+    def __init__(self, names: Sequence[str], max_size: int | None = None, ring: bool = False) -> None:
         if max_size is not None and (isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 1):
             raise ValueError(f"history_size must be None (keep every step) or an int >= 1, got {max_size!r}")
         self.names = tuple(names)
-        self.max_size = max_size
+        self.ring = ring
+        self.max_size = DEFAULT_RING_SIZE if ring and max_size is None else max_size
         self._blocks: list[Tensor] = []
         self._steps: list[int] = []
         self._filled = 0  # rows used in the last block
@@ -45,30 +56,46 @@ class History:
 
     @property
     def width(self) -> int:
-        return 2 * len(self.names) + 1
+        """Columns of a row: evidence and coefficients per modality, and the three flags."""
+        return 2 * len(self.names) + _FLAGS
 
     def __len__(self) -> int:
-        return len(self._steps)
+        return len(self._rows_and_steps()[1]) if self.ring else len(self._steps)
 
     @property
     def dropped(self) -> int:
-        """How many of the oldest rows were dropped to respect ``max_size``."""
+        """How many of the oldest rows were dropped (or overwritten, in a ring) to respect ``max_size``."""
+        if self.ring:
+            steps = self._rows_and_steps()[1]
+            return steps[0] if steps else 0
         return self._dropped
 
-    def append(self, step: int, evidence: Tensor, coefficients: Tensor, status: int | Tensor) -> None:
-        """Record one step; ``status`` is an index into `STATUSES` (a 0-d tensor when known on the device only)."""
+    def append(self, step: int | Tensor, evidence: Tensor, coefficients: Tensor, usable: Flag, valid: Flag, in_window: Flag) -> None:
+        """Record one step. Flags are Python bools, or 0-d tensors when known on the device only; a ring
+        history takes the step as a 0-d integer tensor on the evidence's device (no host synchronisation)."""
         device = evidence.device
+        flags = [_flag(flag, device) for flag in (usable, valid, in_window)]
+        parts = [evidence.detach(), coefficients.detach().to(device), *flags]
+        if self.ring:
+            self._write_ring(step, device, parts)
+            return
         if not self._blocks or self._filled == self._blocks[-1].shape[0] or self._blocks[-1].device != device:
             if self._blocks:  # a block is closed at its used length
                 self._blocks[-1] = self._blocks[-1][: self._filled]
             self._blocks.append(torch.empty(_BLOCK_ROWS, self.width, device=device))
             self._filled = 0
-        status = torch.as_tensor(status, dtype=torch.float32, device=device).reshape(1)
-        parts = (evidence.detach().float(), coefficients.detach().float().to(device), status)
         torch.cat(parts, out=self._blocks[-1][self._filled])
         self._filled += 1
         self._steps.append(int(step))
         self._drop_oldest()
+
+    def _write_ring(self, step: Tensor, device: torch.device, parts: list[Tensor]) -> None:
+        if not self._blocks:
+            ring = torch.full((self.max_size, self.width + 1), -1.0, device=device)
+            self._blocks = [ring, torch.empty(self.width + 1, device=device)]
+        ring, row = self._blocks
+        torch.cat([*parts, step.reshape(1)], out=row)
+        ring.index_copy_(0, (step % self.max_size).reshape(1), row.unsqueeze(0))
 
     def _drop_oldest(self) -> None:
         if self.max_size is None:
@@ -85,40 +112,50 @@ class History:
             del self._steps[:count]
             self._dropped += count
 
-    def _rows(self) -> Tensor:
+    def _rows_and_steps(self) -> tuple[Tensor, list[int]]:
+        """Every kept row (float64, on the host, oldest first) and its step."""
         if not self._blocks:
-            return torch.empty(0, self.width, dtype=torch.float64)
+            return torch.empty(0, self.width, dtype=torch.float64), []
+        if self.ring:
+            table = self._blocks[0].cpu().double()
+            table = table[table[:, -1] >= 0]
+            table = table[table[:, -1].argsort()]
+            return table[:, :-1], [int(step) for step in table[:, -1].tolist()]
         used = [*self._blocks[:-1], self._blocks[-1][: self._filled]]
-        return torch.cat([block.cpu() for block in used]).double()
+        rows = torch.cat([block.cpu() for block in used]).double()
+        start = 0 if self.max_size is None else max(0, len(self._steps) - self.max_size)
+        return rows[start:], self._steps[start:]
 
     def records(self) -> list[dict[str, Any]]:
         """``[{"step", "status", "evidence", "ratios", "coefficients"}, ...]``, oldest first (bounded by ``max_size``).
 
         Evidence, ratios and coefficients are ``{modality: float}``. Reading synchronises with the device once.
         """
-        rows = self._rows()
-        start = 0 if self.max_size is None else max(0, len(self._steps) - self.max_size)
-        return self._as_records(self._steps[start:], rows[start:])
+        rows, steps = self._rows_and_steps()
+        return self._as_records(steps, rows)
 
     def last(self) -> dict[str, Any] | None:
         """The newest record, or ``None``."""
+        if self.ring:
+            records = self.records()
+            return records[-1] if records else None
         if not self._steps:
             return None
         return self._as_records(self._steps[-1:], self._blocks[-1][self._filled - 1 : self._filled].cpu().double())[0]
 
     def _as_records(self, steps: Sequence[int], rows: Tensor) -> list[dict[str, Any]]:
         m = len(self.names)
-        evidence, coefficients, status = rows[:, :m], rows[:, m : 2 * m], rows[:, 2 * m]
+        evidence, coefficients, flags = rows[:, :m], rows[:, m : 2 * m], rows[:, 2 * m :].tolist()
         ratios = ratios_of(evidence)
         return [
             {
                 "step": step,
-                "status": STATUSES[int(code)],
+                "status": _status(*flag),
                 "evidence": dict(zip(self.names, e)),
                 "ratios": dict(zip(self.names, r)),
                 "coefficients": dict(zip(self.names, c)),
             }
-            for step, code, e, r, c in zip(steps, status.tolist(), evidence.tolist(), ratios.tolist(), coefficients.tolist())
+            for step, flag, e, r, c in zip(steps, flags, evidence.tolist(), ratios.tolist(), coefficients.tolist())
         ]
 
     def clear(self) -> None:
@@ -128,16 +165,38 @@ class History:
         self._dropped = 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"steps": list(self._steps), "rows": self._rows().float(), "dropped": self._dropped}
+        rows, steps = self._rows_and_steps()
+        return {"steps": steps, "rows": rows.float(), "dropped": self.dropped}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         rows = torch.as_tensor(state["rows"], dtype=torch.float32)
         steps = [int(s) for s in state["steps"]]
         if rows.shape != (len(steps), self.width):
             raise ValueError(f"history rows have shape {tuple(rows.shape)}, expected ({len(steps)}, {self.width})")
+        device = self._blocks[0].device if self.ring and self._blocks else torch.device("cpu")
         self.clear()
+        if self.ring:
+            for step, row in zip(steps, rows):
+                self._write_ring(torch.tensor(step, device=device), device, [row.to(device)])
+            return
         if steps:
             self._blocks = [rows.clone()]
             self._filled = len(steps)
             self._steps = steps
         self._dropped = int(state.get("dropped", 0))
+
+
+def _flag(flag: Flag, device: torch.device) -> Tensor:
+    """A flag as a one-element tensor on ``device``; a Python bool uses a cached tensor (no operation)."""
+    if isinstance(flag, Tensor):
+        return flag.reshape(1)
+    _, zeros, ones, _ = constants(1, device, torch.float32)
+    return ones if flag else zeros
+
+
+def _status(usable: float, valid: float, in_window: float) -> str:
+    if not in_window:
+        return "outside"
+    if not usable:
+        return "degenerate"
+    return "invalid" if not valid else "applied"

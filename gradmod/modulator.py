@@ -6,6 +6,7 @@ import math
 import warnings
 import weakref
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -14,10 +15,11 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from gradmod._backward import BackwardMonitor
+from gradmod._internal import constants
 from gradmod.appliers import Applier, FeaturesApplier, Modality, ParamFilter, ParamsApplier
-from gradmod.history import APPLIED, DEGENERATE, INVALID, History
+from gradmod.history import History
 from gradmod.measures import Measure
-from gradmod.policies import Policy, PolicyError, check_coefficients, coefficient_range, range_message
+from gradmod.policies import Policy, PolicyError, StackedPolicy, check_coefficients, coefficient_range, range_message
 
 __all__ = ["Modulator", "ParamFilter", "epoch_window", "make_applier"]
 
@@ -59,6 +61,25 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+@dataclass
+class _Decision:
+    """What one step does: its evidence, the coefficients it applies (1 where it applies nothing), its flags.
+
+    Flags are Python bools when decided on the host (``validate=True``) and 0-d bool tensors when decided on
+    the device; ``active`` is their conjunction: whether the coefficients reach the gradients.
+    """
+
+    evidence: Tensor
+    coefficients: Tensor
+    usable: bool | Tensor = True
+    valid: bool | Tensor = True
+    in_window: bool | Tensor = True
+    active: bool | Tensor = True
+
+    def record(self, history: History, step: int | Tensor) -> None:
+        history.append(step, self.evidence, self.coefficients, self.usable, self.valid, self.in_window)
+
+
 class Modulator:
     """Imbalance-aware gradient modulation for named modalities.
 
@@ -85,12 +106,19 @@ class Modulator:
             at the first noisy step, and differing seeds raise.
         history_size: ``None`` keeps every step in `history`; an int keeps the last ones (`gradmod.history`).
         validate: check inputs in `observe` and evidence and coefficients in `step` on the host (one host
-            synchronisation each). ``False`` never synchronises: the checks run on the device, and a step
-            with degenerate evidence or an out-of-range coefficient is left unmodulated and marked in the
-            history, without a warning.
+            synchronisation each; the policy then runs on the host, launching nothing). ``False`` never
+            synchronises: the checks run on the device, and a step with degenerate evidence or an out-of-range
+            coefficient is left unmodulated and marked in the history, without a warning.
         strict: raise on a degenerate step (a modality's evidence is zero, negative or not finite, e.g. an
             empty batch or a softmax score that underflowed) instead of leaving it unmodulated with a
             warning (shown once). Needs ``validate=True``.
+        capture_safe: keep every per-step state on the device — the step counter, the window test, the
+            evidence buffer and a ring history (``history_size``, default 65,536 steps) — so that a training
+            step with modulation can be captured in a CUDA graph and compiled without graph breaks. Needs
+            ``validate=False``; noise then needs the ``"triton"`` kernel (its Philox key reads the device step).
+            Steps without evidence are recorded as degenerate, steps outside the window as ``"outside"``; the
+            backward-pass checks (discarded evidence, features routed) are off. Run a few steps before
+            capturing: the buffers are made at the first step.
     """
 
     def __init__(
@@ -106,6 +134,7 @@ class Modulator:
         history_size: int | None = None,
         validate: bool = True,
         strict: bool = False,
+        capture_safe: bool = False,
     ) -> None:
         if not isinstance(modalities, (Mapping, nn.ModuleDict)) or len(modalities) < 2:
             raise ValueError("modalities must be a mapping of two or more names to modules or parameter lists")
@@ -117,6 +146,8 @@ class Modulator:
             raise ValueError(f"need 0 <= start_step <= stop_step, got {start_step}, {stop_step}")
         if strict and not validate:
             raise ValueError("strict=True raises on degenerate steps, which needs validate=True to see them on the host")
+        if capture_safe and validate:
+            raise ValueError("capture_safe=True synchronises with the host nowhere: pass validate=False as well")
         self.names: tuple[str, ...] = tuple(modalities)
         self.measure = measure
         self.policy = policy
@@ -126,17 +157,19 @@ class Modulator:
         self.stop_step = stop_step
         self.validate = validate
         self.strict = strict
+        self.capture_safe = capture_safe
         self.seed = int(seed) if seed is not None else self._broadcast(_default_seed())
         self._seeds_checked = False
         self._step = 0
-        self._pending: Tensor | None = None
-        # features mode: (all-reduced evidence, coefficients, status) computed by the last observe()
-        self._prepared: tuple[Tensor, Tensor, int | Tensor] | None = None
+        self._device_step: Tensor | None = None  # capture-safe: the step counter, on the evidence's device
+        self._pending: Tensor | None = None  # the step's evidence so far (capture-safe: one reused buffer)
+        self._prepared: _Decision | None = None  # features mode: decided by the last observe()
         self._observed_since_pass = False
         self._warned: set[str] = set()
-        self._history = History(self.names, history_size)
+        self._history = History(self.names, history_size, ring=capture_safe)
         self._monitor = BackwardMonitor(self._pass_ended)
-        self._monitor.watch(self.applier.parameter_groups())
+        if not capture_safe:
+            self._monitor.watch(self.applier.parameter_groups())
         self._handle: RemovableHandle | None = None
         self._optimizer: weakref.ReferenceType | None = None
 
@@ -162,12 +195,17 @@ class Modulator:
     # ------------------------------------------------------------------ observe
     @property
     def step_count(self) -> int:
-        """Number of optimizer steps seen (modulated or not; steps skipped by ``GradScaler`` excluded)."""
+        """Number of optimizer steps seen (modulated or not; steps skipped by ``GradScaler`` excluded).
+
+        Capture-safe modulators read it from the device (a host synchronisation).
+        """
+        if self._device_step is not None:
+            return int(self._device_step.item())
         return self._step
 
     def in_window(self, step: int | None = None) -> bool:
         """Whether optimizer step ``step`` (default: the next one) is inside ``[start_step, stop_step)``."""
-        step = self._step if step is None else step
+        step = self.step_count if step is None else step
         return self.start_step <= step and (self.stop_step is None or step < self.stop_step)
 
     def observe(self, *, features: Mapping[str, Tensor] | None = None, **inputs: Any) -> None:
@@ -189,15 +227,18 @@ class Modulator:
         if features is not None and not self.applier.before_backward:
             self.applier.hook(features)  # raises: only appliers that act during backward take features
         stacked = self._evidence(**inputs)
-        if self._monitor.discarded():  # the gradients of the last pass are gone, and with them their evidence
-            self._drop_pending()
-        self._pending = stacked if self._pending is None else self._pending + stacked.to(self._pending.device)
-        self._observed_since_pass = True
+        if self.capture_safe:
+            self._evidence_buffer(stacked.device).add_(stacked.to(self._pending.device, self._pending.dtype))
+        else:
+            if self._monitor.discarded():  # the gradients of the last pass are gone, and with them their evidence
+                self._drop_pending()
+            self._pending = stacked if self._pending is None else self._pending + stacked.to(self._pending.device)
+            self._observed_since_pass = True
         if self.applier.before_backward:
             self._prepare_features(features)
 
     def _evidence(self, **inputs: Any) -> Tensor:
-        """The measure's evidence as one float32 ``[M]`` tensor in modality order (inputs checked first)."""
+        """The measure's evidence as one ``[M]`` float tensor (float32 or wider) in modality order, inputs checked first."""
         if self.validate:
             problems = self.measure.problems(self.names, **inputs)
             if problems:
@@ -207,7 +248,16 @@ class Modulator:
                     if flag:
                         raise ValueError(message)
         evidence = self.measure.evidence(self.names, **inputs)
-        return torch.stack([evidence[name].float() for name in self.names])
+        first = evidence[self.names[0]]
+        dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+        return torch.stack([evidence[name].to(first.device, dtype) for name in self.names])
+
+    def _evidence_buffer(self, device: torch.device) -> Tensor:
+        """Capture-safe: the one evidence buffer and the device step counter (made at first use)."""
+        if self._pending is None:
+            self._pending = torch.zeros(len(self.names), device=device)
+            self._device_step = torch.tensor(self._step, dtype=torch.int64, device=device)
+        return self._pending
 
     def _drop_pending(self) -> None:
         self._pending = None
@@ -221,16 +271,14 @@ class Modulator:
         self._observed_since_pass = False
 
     def _prepare_features(self, features: Mapping[str, Tensor] | None) -> None:
-        applier = self.applier
         self._prepared = None
-        if not self.in_window():
-            applier.set_coefficients(None)
+        if self.capture_safe or self.in_window():
+            self._prepared = self._decide(self._pending)
+            self.applier.set_coefficients(self._prepared.coefficients)
         else:
-            evidence, coefficients, status = self._coefficients(self._pending)
-            self._prepared = (evidence, coefficients, status)
-            applier.set_coefficients(self._neutral_where_inactive(coefficients, status))
+            self.applier.set_coefficients(None)
         if features is not None:
-            applier.hook(features)
+            self.applier.hook(features)
 
     def scale_grad(self, feature: Tensor, name: str) -> Tensor:
         """``feature`` unchanged, with its gradient scaled by modality ``name``'s coefficient (features mode).
@@ -250,43 +298,61 @@ class Modulator:
             dist.all_reduce(evidence, op=dist.ReduceOp.SUM)
         return evidence
 
-    def _coefficients(self, pending: Tensor | None) -> tuple[Tensor, Tensor, int | Tensor]:
-        """``(evidence, coefficients, status)`` for the step: the policy called and its output checked.
+    def _decide(self, pending: Tensor | None) -> _Decision:
+        """What the step does: the policy called on the step's evidence and its output checked.
 
-        With ``validate=True`` everything is decided on the host (the evidence is read once); otherwise on
-        the evidence's device, with the status a 0-d tensor. Raises `PolicyError` (validate=True) before any
+        With ``validate=True`` everything is decided on the host (the evidence is read once, the policy runs
+        on the host); otherwise on the evidence's device. Raises `PolicyError` (validate=True) before any
         state changes.
         """
         evidence = self._all_reduced(pending) if pending is not None else self._static_evidence()
         if not self.validate:
-            return self._coefficients_on_device(evidence)
+            return self._decide_on_device(evidence)
         evidence = evidence.detach().cpu()
         values = evidence.tolist()
         degenerate = [name for name, value in zip(self.names, values) if not (math.isfinite(value) and value > 0)]
         if degenerate:
-            return evidence, torch.ones(len(self.names)), self._degenerate(degenerate, values)
-        coefficients = check_coefficients(self._call_policy(evidence), self.names, self.policy, evidence.device)
+            self._degenerate(degenerate, values)
+            return _Decision(evidence, torch.ones(len(self.names)), usable=False, active=False)
+        coefficients = self._policy_output(evidence)
         problem = range_message(self.policy, self.names, coefficients.tolist())
         if problem is not None:
             raise PolicyError(problem)
-        return evidence, coefficients, APPLIED
+        return _Decision(evidence, coefficients)
 
-    def _coefficients_on_device(self, evidence: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        coefficients = check_coefficients(self._call_policy(evidence), self.names, self.policy, evidence.device)
-        low, high = coefficient_range(self.policy)
-        usable = torch.isfinite(evidence).all() & (evidence > 0).all()
-        valid = torch.isfinite(coefficients).all() & (coefficients >= low).all() & (coefficients <= high).all()
-        status = torch.where(usable, torch.where(valid, APPLIED, INVALID), DEGENERATE)
-        return evidence, coefficients, status
+    def _decide_on_device(self, evidence: Tensor) -> _Decision:
+        coefficients = self._policy_output(evidence)
+        _, _, ones, _ = constants(len(self.names), evidence.device, coefficients.dtype)
+        usable = (evidence > 0).all()  # NaN evidence is not > 0 either
+        active = usable
+        valid: bool | Tensor = True
+        if not isinstance(self.policy, StackedPolicy):  # values of any other policy are checked here
+            low, high = coefficient_range(self.policy)
+            valid = torch.isfinite(coefficients).all() & (coefficients >= low).all() & (coefficients <= high).all()
+            active = active & valid
+        in_window: bool | Tensor = True
+        if self.capture_safe:
+            self._evidence_buffer(evidence.device)
+            step = self._device_step
+            in_window = step >= self.start_step
+            if self.stop_step is not None:
+                in_window = in_window & (step < self.stop_step)
+            active = active & in_window
+        coefficients = torch.where(active, coefficients, ones)
+        return _Decision(evidence, coefficients, usable, valid, in_window, active)
 
-    def _call_policy(self, evidence: Tensor) -> Any:
-        return self.policy(dict(zip(self.names, evidence.unbind(0))))
+    def _policy_output(self, evidence: Tensor) -> Tensor:
+        """The policy's coefficients for ``evidence`` as a ``[M]`` tensor, their structure checked."""
+        if isinstance(self.policy, StackedPolicy):
+            return self.policy.stacked(evidence, self.names)
+        output = self.policy(dict(zip(self.names, evidence.unbind(0))))
+        return check_coefficients(output, self.names, self.policy, evidence.device)
 
     def _static_evidence(self) -> Tensor:
         evidence = self.measure.evidence(self.names)
         return torch.stack([evidence[name].float() for name in self.names])
 
-    def _degenerate(self, names: list[str], values: list[float]) -> int:
+    def _degenerate(self, names: list[str], values: list[float]) -> None:
         described = ", ".join(f"{name!r} = {value}" for name, value in zip(self.names, values) if name in names)
         message = (
             f"degenerate step {self._step}: the evidence of {described} is not finite and > 0 (e.g. an empty batch, "
@@ -295,13 +361,6 @@ class Modulator:
         if self.strict:
             raise ValueError(f"gradmod: {message}")
         self._warn_once("degenerate", f"{message}; such steps are left unmodulated and marked 'degenerate' in the history")
-        return DEGENERATE
-
-    @staticmethod
-    def _neutral_where_inactive(coefficients: Tensor, status: int | Tensor) -> Tensor | None:
-        if isinstance(status, Tensor):
-            return torch.where(status == APPLIED, coefficients.to(status.device), torch.ones_like(coefficients, device=status.device))
-        return coefficients if status == APPLIED else None
 
     # ------------------------------------------------------------------ step
     def attach(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
@@ -372,12 +431,14 @@ class Modulator:
                 "after gradmod's pre-step hook has run: modulation cannot apply to them. Call step() without a "
                 "closure, or detach() and call mod.step() yourself after backward() inside the closure"
             )
-        found_inf = getattr(optimizer, "found_inf", None)
-        if found_inf is not None and bool(found_inf.item()):
+        found_inf = getattr(optimizer, "found_inf", None)  # set by GradScaler for fused optimizers
+        if found_inf is not None and self.capture_safe:
+            self._step_on_device(skipped=found_inf)
+        elif found_inf is not None and bool(found_inf.item()):
             self._drop_pending()  # GradScaler skips this step: so does modulation, and its evidence goes
             self._prepared = None
-            return
-        self.step()
+        else:
+            self.step()
 
     @torch.no_grad()
     def step(self) -> dict[str, Tensor] | None:
@@ -386,8 +447,11 @@ class Modulator:
         Returns the coefficients applied, or ``None`` when this step was not modulated: outside the
         window, without a fresh `observe` (warned once), or degenerate (warned once; see ``strict``).
         On `PolicyError` nothing changes: gradients, step counter and pending evidence stay as they were.
+        Capture-safe modulators always return the coefficients (1 where the step applied nothing).
         """
         self.applier.check()
+        if self.capture_safe:
+            return self._step_on_device()
         step = self._step
         if not self.in_window(step) or (self._pending is None and self.measure.needs_observe):
             if self.in_window(step):
@@ -395,29 +459,43 @@ class Modulator:
             self._finish_step()
             return None
         if self.applier.before_backward:
-            if self._prepared is None:  # features mode, static evidence, no observe() to place the hooks
+            decision = self._prepared
+            if decision is None:  # features mode, static evidence, no observe() to place the hooks
                 self._warn_once("no_observe", "optimizer step without observe() since the last step: not modulated")
                 self._finish_step()
                 return None
-            evidence, coefficients, status = self._prepared
         else:
-            evidence, coefficients, status = self._coefficients(self._pending)
-            self._check_seeds(evidence.device)
-            if isinstance(status, Tensor):
-                self.applier.apply(coefficients, step, self.seed, active=status == APPLIED)
-            elif status == APPLIED:
-                self.applier.apply(coefficients, step, self.seed)
-        self._history.append(step, evidence, self._neutral_or(coefficients, status), status)
+            decision = self._decide(self._pending)
+            self._check_seeds(decision.evidence.device)
+            if decision.active is not False:
+                active = decision.active if isinstance(decision.active, Tensor) else None
+                self.applier.apply(decision.coefficients, step, self.seed, active=active)
+        decision.record(self._history, step)
         self._finish_step()
-        if isinstance(status, int) and status != APPLIED:
+        if decision.active is False:
             return None
-        return dict(zip(self.names, coefficients.unbind(0)))
+        return dict(zip(self.names, decision.coefficients.unbind(0)))
 
-    @staticmethod
-    def _neutral_or(coefficients: Tensor, status: int | Tensor) -> Tensor:
-        if isinstance(status, Tensor):
-            return torch.where(status == APPLIED, coefficients, torch.ones_like(coefficients))
-        return coefficients if status == APPLIED else torch.ones_like(coefficients)
+    def _step_on_device(self, skipped: Tensor | None = None) -> dict[str, Tensor]:
+        """A capture-safe step: no host synchronisation, no per-step Python state (``skipped``: GradScaler's
+        ``found_inf``, which leaves the gradients and the step counter as they are)."""
+        pending = self._evidence_buffer(self._parameters_device())
+        decision = self._prepared if self.applier.before_backward and self._prepared is not None else self._decide(pending)
+        if not self.applier.before_backward:
+            active = decision.active if skipped is None else decision.active & (skipped == 0)
+            self.applier.apply(decision.coefficients, self._device_step, self.seed, active=active)
+        decision.record(self._history, self._device_step)
+        pending.zero_()
+        self._device_step.add_(1 if skipped is None else (skipped == 0).to(torch.int64))
+        self._prepared = None  # consumed: a replayed graph reads the tensors it captured, not this attribute
+        self.applier.finish_step()
+        return dict(zip(self.names, decision.coefficients.unbind(0)))
+
+    def _parameters_device(self) -> torch.device:
+        for params in self.applier.parameter_groups():
+            for p in params:
+                return p.device
+        return torch.device("cpu")
 
     def _finish_step(self) -> None:
         self._step += 1
@@ -447,9 +525,10 @@ class Modulator:
     def history(self) -> list[dict[str, Any]]:
         """The recorded steps, oldest first: ``{"step", "status", "evidence", "ratios", "coefficients"}``.
 
-        Every step inside the window that had evidence is recorded, with status ``"applied"``,
-        ``"degenerate"`` or ``"invalid"`` (`gradmod.history.STATUSES`). Values are Python floats per
-        modality; reading synchronises with the device once.
+        Every step inside the window that had evidence is recorded (capture-safe modulators: every step),
+        with status ``"applied"``, ``"degenerate"``, ``"invalid"`` or ``"outside"``
+        (`gradmod.history.STATUSES`). Values are Python floats per modality; reading synchronises with the
+        device once.
         """
         return self._history.records()
 
@@ -466,20 +545,36 @@ class Modulator:
     def reset(self) -> None:
         """Forget pending evidence, history and the step counter (the noise restarts with the counter)."""
         self._step = 0
-        self._drop_pending()
+        if self.capture_safe:
+            self._set_device_state(0, None)
+        else:
+            self._drop_pending()
         self._prepared = None
         self._history.clear()
         self._warned.clear()
 
+    def _set_device_state(self, step: int, pending: Tensor | None) -> None:
+        """Capture-safe: write the step counter and the evidence buffer in place (their tensors stay)."""
+        if self._device_step is None:
+            return
+        self._device_step.fill_(step)
+        if pending is None:
+            self._pending.zero_()
+        else:
+            self._pending.copy_(pending)
+
     def state_dict(self) -> dict[str, Any]:
         """Everything that changes results: step counter, seed (noise is counter-based), pending evidence,
         history, policy state (PDMP's ranking); with a ``"version"`` key."""
+        pending = self._pending
+        if pending is not None and self.capture_safe and not bool(pending.any()):
+            pending = None
         state: dict[str, Any] = {
             "version": STATE_VERSION,
             "names": list(self.names),
-            "step": self._step,
+            "step": self.step_count,
             "seed": self.seed,
-            "pending": None if self._pending is None else self._pending.detach().cpu(),
+            "pending": None if pending is None else pending.detach().cpu(),
             "history": self._history.state_dict(),
             "warned": sorted(self._warned),
         }
@@ -502,7 +597,11 @@ class Modulator:
         self._history.load_state_dict(history)
         self._step = int(state["step"])
         self.seed = int(state["seed"])
-        self._pending = None if state["pending"] is None else state["pending"].clone()
+        pending = None if state["pending"] is None else state["pending"].float()
+        if self.capture_safe and self._device_step is not None:
+            self._set_device_state(self._step, None if pending is None else pending.to(self._pending.device))
+        else:
+            self._pending = None if pending is None else pending.clone()
         self._prepared = None
         self._monitor.forget()
         self._warned = set(state["warned"]) if version >= 2 else ({"no_observe"} if state.get("warned_no_observe") else set())
@@ -516,6 +615,6 @@ class Modulator:
 
 def _history_from_version_1(entries: list[tuple[int, Tensor, Tensor, Tensor]]) -> dict[str, Any]:
     """Version 1 kept ``(step, evidence, ratios, coefficients)`` tuples of applied steps; ratios are derived now."""
-    rows = [torch.cat([e.float(), c.float(), torch.tensor([float(APPLIED)])]) for _, e, _, c in entries]
+    rows = [torch.cat([e.float(), c.float(), torch.ones(3)]) for _, e, _, c in entries]  # usable, valid, in window
     width = rows[0].numel() if rows else 0
     return {"steps": [int(s) for s, *_ in entries], "rows": torch.stack(rows) if rows else torch.empty(0, width), "dropped": 0}

@@ -12,13 +12,17 @@ once per step, before any gradient is touched (`check_coefficients`); a policy t
 `PolicyError` and leaves the gradients, the step counter and the pending evidence as they were.
 
 Policies may keep state (e.g. a ranking) by defining ``state_dict()`` / ``load_state_dict()``; the
-modulator saves it with its own. The built-in policies are thin wrappers over `gradmod.functional`.
+modulator saves it with its own. The built-in policies are thin wrappers over `gradmod.functional` and
+`StackedPolicy` subclasses: they also compute every coefficient from the stacked evidence vector in a few
+device operations, and their range is guaranteed by construction (property-tested), so a modulator that
+does not validate on the host (``validate=False``) checks only the evidence of their steps on the device.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +33,7 @@ from torch import Tensor
 from gradmod import functional as F
 from gradmod._internal import check_names, real_scalar
 
-__all__ = ["Policy", "OGMPolicy", "PDMPPolicy", "PolicyError", "coefficient_range", "check_coefficients"]
+__all__ = ["Policy", "StackedPolicy", "OGMPolicy", "PDMPPolicy", "PolicyError", "coefficient_range", "check_coefficients"]
 
 Policy = Any  # any callable ``(Mapping[str, Tensor]) -> Mapping[str, Tensor | float]``
 
@@ -89,8 +93,27 @@ def range_message(policy: Policy, names: Sequence[str], coefficients: Sequence[f
     return None
 
 
+class StackedPolicy(ABC):
+    """A policy that also maps the stacked evidence ``[M]`` (modality order) to the coefficients ``[M]``.
+
+    Subclasses promise coefficients that are finite and inside ``coefficient_range`` for every evidence
+    vector (zeros, infinities and NaN included): the modulator does not check their values on the device.
+    """
+
+    coefficient_range: tuple[float, float]
+
+    @abstractmethod
+    def stacked(self, evidence: Tensor, names: Sequence[str]) -> Tensor:
+        """Coefficients ``[M]`` for the evidence ``[M]`` of the modalities ``names``, in the evidence's dtype."""
+
+    def __call__(self, evidence: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        names = list(evidence)
+        stacked = torch.stack([torch.as_tensor(evidence[name]).detach().reshape(()).double() for name in names])
+        return dict(zip(names, self.stacked(stacked, names).unbind(0)))
+
+
 @dataclass
-class OGMPolicy:
+class OGMPolicy(StackedPolicy):
     """``k_u = 1 − tanh(strength·ρ_u)`` if ``ρ_u > 1`` else ``1`` (`gradmod.functional.ogm_coefficients`).
 
     OGM-GE's coefficient with ``strength = α``; DGM's eq. (7) with ``strength = γ`` (Fu, Gao & Xu); the
@@ -103,12 +126,12 @@ class OGMPolicy:
     def __post_init__(self) -> None:
         self.strength = real_scalar(self.strength, "alpha/gamma (the policy's strength)")
 
-    def __call__(self, evidence: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        return F.ogm_coefficients(evidence, self.strength)
+    def stacked(self, evidence: Tensor, names: Sequence[str]) -> Tensor:
+        return F.ogm_coefficients_of(evidence, self.strength)
 
 
 @dataclass
-class PDMPPolicy:
+class PDMPPolicy(StackedPolicy):
     """PDMP (gradmod's reading): `gradmod.functional.pdmp_coefficients` with a fixed ranking.
 
     Coefficients lie in ``[0, 1 + γp]``: the dominant modality in ``[1, 1 + γp]``, the others in ``[0, 1]``.
@@ -129,8 +152,9 @@ class PDMPPolicy:
     def coefficient_range(self) -> tuple[float, float]:
         return (0.0, 1.0 + self.gamma_p)
 
-    def __call__(self, evidence: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        return F.pdmp_coefficients(evidence, self.ranking, self.gamma_p, self.gamma_r)
+    def stacked(self, evidence: Tensor, names: Sequence[str]) -> Tensor:
+        check_names(names, self.ranking, "the modalities of the evidence")
+        return F.pdmp_coefficients_of(evidence, list(names).index(self.ranking[0]), self.gamma_p, self.gamma_r)
 
     def state_dict(self) -> dict[str, Any]:
         return {"ranking": list(self.ranking)}

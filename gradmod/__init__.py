@@ -7,10 +7,12 @@ Three lines in an existing loop::
     mod.observe(logits={"audio": la, "visual": lv}, target=y)   # each step, before optimizer.step()
 """
 
-from gradmod import appliers, filters, functional, fusion, history, kernels, measures, mixup, policies
+from gradmod import appliers, filters, functional, fusion, gblending, history, kernels, measures, mixup, mla, policies
 from gradmod.appliers import FeaturesApplier, ParamsApplier, scale_grad
 from gradmod.functional import rank_modalities
+from gradmod.gblending import GBlending
 from gradmod.methods import DGM, METHODS, OGM, OGMGE, PDMP, DecouplingFree
+from gradmod.mla import MLA
 from gradmod.modulator import Modulator, epoch_window
 from gradmod.policies import PolicyError
 
@@ -23,6 +25,8 @@ __all__ = [
     "DGM",
     "DecouplingFree",
     "PDMP",
+    "MLA",
+    "GBlending",
     "METHODS",
     "ParamsApplier",
     "FeaturesApplier",
@@ -34,9 +38,11 @@ __all__ = [
     "filters",
     "functional",
     "fusion",
+    "gblending",
     "history",
     "kernels",
     "mixup",
+    "mla",
     "measures",
     "policies",
 ]

@@ -8,11 +8,14 @@ Three lines in an existing loop::
 """
 
 from gradmod import appliers, filters, functional, fusion, gblending, history, kernels, measures, mixup, mla, policies
+from gradmod import agm, mmpareto
+from gradmod.agm import AGM
 from gradmod.appliers import FeaturesApplier, ParamsApplier, scale_grad
 from gradmod.functional import rank_modalities
 from gradmod.gblending import GBlending
 from gradmod.methods import DGM, METHODS, OGM, OGMGE, PDMP, DecouplingFree
 from gradmod.mla import MLA
+from gradmod.mmpareto import MMPareto
 from gradmod.modulator import Modulator, epoch_window
 from gradmod.policies import PolicyError
 
@@ -25,6 +28,8 @@ __all__ = [
     "DGM",
     "DecouplingFree",
     "PDMP",
+    "AGM",
+    "MMPareto",
     "MLA",
     "GBlending",
     "METHODS",
@@ -34,6 +39,7 @@ __all__ = [
     "scale_grad",
     "rank_modalities",
     "epoch_window",
+    "agm",
     "appliers",
     "filters",
     "functional",
@@ -44,5 +50,6 @@ __all__ = [
     "mixup",
     "mla",
     "measures",
+    "mmpareto",
     "policies",
 ]

@@ -7,10 +7,15 @@ Three lines in an existing loop::
     mod.observe(logits={"audio": la, "visual": lv}, target=y)   # each step, before optimizer.step()
 """
 
-from gradmod import appliers, filters, functional, fusion, history, kernels, measures, mixup, policies
+from gradmod import appliers, filters, functional, fusion, gblending, history, kernels, measures, mixup, mla, policies
+from gradmod import agm, mmpareto
+from gradmod.agm import AGM
 from gradmod.appliers import FeaturesApplier, ParamsApplier, scale_grad
 from gradmod.functional import rank_modalities
+from gradmod.gblending import GBlending
 from gradmod.methods import DGM, METHODS, OGM, OGMGE, PDMP, DecouplingFree
+from gradmod.mla import MLA
+from gradmod.mmpareto import MMPareto
 from gradmod.modulator import Modulator, epoch_window
 from gradmod.policies import PolicyError
 
@@ -23,6 +28,10 @@ __all__ = [
     "DGM",
     "DecouplingFree",
     "PDMP",
+    "AGM",
+    "MMPareto",
+    "MLA",
+    "GBlending",
     "METHODS",
     "ParamsApplier",
     "FeaturesApplier",
@@ -30,13 +39,17 @@ __all__ = [
     "scale_grad",
     "rank_modalities",
     "epoch_window",
+    "agm",
     "appliers",
     "filters",
     "functional",
     "fusion",
+    "gblending",
     "history",
     "kernels",
     "mixup",
+    "mla",
     "measures",
+    "mmpareto",
     "policies",
 ]

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from gradmod import functional as F
 from gradmod._internal import constants, per_modality
 from gradmod.kernels import BACKENDS, NoiseKey, modulate_modalities_
+from gradmod.sharded import is_dtensor, modulate_sharded_
 
 __all__ = ["Applier", "ParamsApplier", "FeaturesApplier", "ParamFilter", "Modality", "scale_grad"]
 
@@ -114,10 +115,6 @@ class _Selection:
         if self._stale():
             self.resolve()
         return {name: [(pname, p) for _, _, pname, p in entries] for name, entries in zip(self.names, self._entries)}
-
-
-def _is_dtensor(tensor: Tensor) -> bool:
-    return type(tensor).__name__ == "DTensor" and type(tensor).__module__.startswith("torch.distributed")
 
 
 class Applier(ABC):
@@ -215,21 +212,18 @@ class ParamsApplier(Applier):
         return True
 
     def apply(self, coefficients: Tensor, step: int, seed: int, active: Tensor | None = None) -> None:
-        grads = []
+        grads, sharded = [], False
         for name, params in zip(self.names, self.parameter_groups()):
             present = [p.grad for p in params if p.grad is not None]
             if any(g.is_sparse for g in present):
                 raise ValueError(f"modality {name!r} has sparse gradients, which gradmod does not modulate")
-            if any(_is_dtensor(g) for g in present):
-                raise ValueError(
-                    f"modality {name!r} has sharded (DTensor) gradients, e.g. from FSDP2's fully_shard, which "
-                    "ParamsApplier does not modulate yet"
-                )
+            sharded = sharded or any(is_dtensor(g) for g in present)  # FSDP2: see gradmod.sharded
             grads.append(present)
         scales = F.noise_scale(self.noise, coefficients)
         if active is not None and scales is not None:  # the coefficients are 1 already where inactive
             scales = torch.where(active, scales, torch.zeros_like(scales))
-        modulate_modalities_(grads, coefficients, scales, NoiseKey(seed, step), self.backend)
+        modulate = modulate_sharded_ if sharded else modulate_modalities_
+        modulate(grads, coefficients, scales, NoiseKey(seed, step), self.backend)
 
     def __repr__(self) -> str:
         return f"ParamsApplier(noise={self.noise!r}, backend={self.backend!r}, param_filter={self.param_filter!r})"

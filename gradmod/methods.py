@@ -22,8 +22,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from gradmod.agm import AGM
 from gradmod.appliers import Applier, FeaturesApplier, Modality, ParamFilter, ParamsApplier
+from gradmod.gblending import GBlending
 from gradmod.measures import IGNORE_INDEX, DGMScore, SoftmaxScore, StaticMetrics, ZetaGate
+from gradmod.mla import MLA
+from gradmod.mmpareto import MMPareto
 from gradmod.modulator import Modulator, make_applier
 from gradmod.policies import OGMPolicy, PDMPPolicy
 
@@ -168,11 +172,21 @@ def PDMP(
 
 @dataclass(frozen=True)
 class MethodInfo:
-    """One gradient-modulation method: its preset, its title in tables, and what ``observe()`` needs."""
+    """One gradient-modulation method: its preset, its title in tables, and what ``observe()`` needs.
 
-    preset: Callable[..., Modulator]
+    ``loop`` says how the method enters a training loop: ``"modulator"`` (the preset returns a
+    `Modulator`: attach, then observe every step), ``"turns"`` (`gradmod.MLA`: one optimizer step per
+    modality, each observed), ``"loss weights"`` (`gradmod.GBlending`: a weighted sum of head losses,
+    re-estimated from checkpoints), ``"responses"`` (`gradmod.AGM`: a `Modulator` observing the mono-modal
+    responses of `gradmod.agm.mono_responses`, the loss computed from its ``combine``) or ``"backward"``
+    (`gradmod.MMPareto`: its ``backward(loss_mm, unimodal_losses)`` replaces ``loss.backward()``); the
+    preset returns that object.
+    """
+
+    preset: Callable[..., Any]
     title: str
     observes: str
+    loop: str = "modulator"
 
 
 #: Every gradient-modulation method by its one name (the training CLI's ``--method``).
@@ -182,4 +196,8 @@ METHODS: dict[str, MethodInfo] = {
     "dgm": MethodInfo(DGM, "DGM", "unimodal scores or logits + target"),
     "decoupling_free": MethodInfo(DecouplingFree, "decoupling-free", "fusion gate ζ"),
     "pdmp": MethodInfo(PDMP, "PDMP (gradmod's reading)", "decoupled logits + target, or static metrics"),
+    "agm": MethodInfo(AGM, "AGM", "mono-modal responses + target", "responses"),
+    "mmpareto": MethodInfo(MMPareto, "MMPareto", "multimodal and unimodal losses", "backward"),
+    "mla": MethodInfo(MLA, "MLA", "per step: the modality it trains + its head inputs", "turns"),
+    "gblending": MethodInfo(GBlending, "G-Blending", "per super-epoch: train and held-out loss per head", "loss weights"),
 }

@@ -20,7 +20,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 from tiny import TinyModel, batches
 
 import gradmod
@@ -34,7 +34,7 @@ MICRO = 2  # micro-batches per step; all but the last under set_requires_gradien
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
     tensor = tensor.detach()
-    return tensor.full_tensor() if isinstance(tensor, torch.distributed.tensor.DTensor) else tensor.clone()
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor.clone()
 
 
 def _spawn(worker, world: int, tmp_path: Path) -> list[dict]:
@@ -102,6 +102,29 @@ def _noise_scenario(mesh) -> dict:
         "coefficients": mod.last["coefficients"],
         "gathers": len(gathers),
     }
+
+
+def _partial_scenario(mesh) -> dict:
+    """Gradients with a Partial placement (unreduced): refused with noise, untouched; scaled without."""
+    torch.manual_seed(0)
+    audio, visual = nn.Linear(4, 6), nn.Linear(4, 6)
+    fully_shard(audio, mesh=mesh)
+    fully_shard(visual, mesh=mesh)
+    params = [*audio.parameters(), *visual.parameters()]
+    y = torch.arange(8) % 4
+    logits = {"audio": 6 * nn.functional.one_hot(y, 4).float(), "visual": torch.zeros(8, 4)}
+    results = {}
+    for preset in (gradmod.OGMGE, gradmod.OGM):
+        mod = preset({"audio": audio, "visual": visual}, alpha=0.8, seed=1)
+        for p in params:
+            p.grad = DTensor.from_local(torch.ones(p.shape), mesh, [Partial()])
+        mod.observe(logits=logits, target=y)
+        try:
+            mod.step()
+            results[preset.__name__] = {"k": mod.last["coefficients"], "grads": [p.grad.to_local() for p in params]}
+        except ValueError as error:
+            results[preset.__name__] = {"error": str(error), "grads": [p.grad.to_local() for p in params]}
+    return results
 
 
 # ---------------------------------------------------------------- training against one process
@@ -219,6 +242,7 @@ def _fsdp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     mesh = _mesh(world)
     results = {"rank": rank, "stds": _stds_scenario(mesh), "noise": _noise_scenario(mesh)}
     if world == 2:
+        results["partial"] = _partial_scenario(mesh)
         results["ogm"] = _ogm_training(mesh, rank, world)
         results["resume"] = _resume_scenario(mesh, rank, world, out_dir)
         results["accumulation"] = _accumulation_scenario(mesh, rank, world)
@@ -273,6 +297,17 @@ def test_ogm_ge_noise_has_the_whole_tensors_std_and_differs_across_shards(fsdp):
     for result in fsdp[1:]:
         for name, after in result["noise"]["after"].items():  # full tensors agree: every rank saw the same step
             torch.testing.assert_close(after, fsdp[0]["noise"]["after"][name], rtol=0, atol=0)
+
+
+def test_unreduced_partial_gradients_are_refused_with_noise_and_scaled_without(fsdp):
+    for result in fsdp:
+        noisy, plain = result["partial"]["OGMGE"], result["partial"]["OGM"]
+        assert "Partial placement" in noisy["error"]
+        assert all(torch.equal(g, torch.ones_like(g)) for g in noisy["grads"]), "a refused step changed gradients"
+        k = plain["k"]
+        assert k["audio"] < 0.9
+        for g, name in zip(plain["grads"], ["audio"] * 2 + ["visual"] * 2):
+            torch.testing.assert_close(g, torch.full_like(g, k[name]))
 
 
 def test_fsdp_ogm_matches_one_process_on_the_whole_batch(fsdp):

@@ -133,12 +133,15 @@ def _rank_half(inputs, y, rank: int, world: int):
     return {n: x[rank * half : (rank + 1) * half] for n, x in inputs.items()}, y[rank * half : (rank + 1) * half]
 
 
-def _ogm_training(mesh, rank: int, world: int) -> dict:
+APPLY_MODES = ("params", "features")
+
+
+def _ogm_training(mesh, rank: int, world: int, apply: str) -> dict:
     """OGM with MICRO micro-batches per step (FSDP2's gradient-sync switch), the modulator built before
     fully_shard, and the first audio layer left out of FSDP (a replicated, DDP-style module)."""
     torch.manual_seed(0)
     model = TinyModel()
-    mod = gradmod.OGM({n: model.encoders[n] for n in model.names}, alpha=0.8)
+    mod = gradmod.OGM({n: model.encoders[n] for n in model.names}, alpha=0.8, apply=apply)
     plain = list(model.encoders["audio"][0].parameters())
     fully_shard(model.encoders["visual"], mesh=mesh)
     fully_shard(model, mesh=mesh, ignored_params=set(plain))
@@ -149,8 +152,8 @@ def _ogm_training(mesh, rank: int, world: int) -> dict:
         for micro, (inputs, y) in enumerate(batches(MICRO, seed=100 + step)):
             model.set_requires_gradient_sync(micro == MICRO - 1)
             inputs, y = _rank_half(inputs, y, rank, world)
-            logits, decoupled, _, _ = model(inputs)
-            mod.observe(logits=decoupled, target=y)
+            logits, decoupled, features, _ = model(inputs)
+            mod.observe(logits=decoupled, target=y, **({"features": features} if apply == "features" else {}))
             nn.functional.cross_entropy(logits, y).backward()
         for p in plain:  # what DDP would do for the module FSDP does not manage
             dist.all_reduce(p.grad)
@@ -159,17 +162,17 @@ def _ogm_training(mesh, rank: int, world: int) -> dict:
     return {"params": [_full(p) for p in model.parameters()], "history": mod.history}
 
 
-def single_process_ogm() -> tuple[list[torch.Tensor], list[dict]]:
+def single_process_ogm(apply: str) -> tuple[list[torch.Tensor], list[dict]]:
     torch.manual_seed(0)
     model = TinyModel()
-    mod = gradmod.OGM({n: model.encoders[n] for n in model.names}, alpha=0.8)
+    mod = gradmod.OGM({n: model.encoders[n] for n in model.names}, alpha=0.8, apply=apply)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     mod.attach(optimizer)
     for step in range(STEPS):
         optimizer.zero_grad()
         for inputs, y in batches(MICRO, seed=100 + step):
-            logits, decoupled, _, _ = model(inputs)
-            mod.observe(logits=decoupled, target=y)
+            logits, decoupled, features, _ = model(inputs)
+            mod.observe(logits=decoupled, target=y, **({"features": features} if apply == "features" else {}))
             nn.functional.cross_entropy(logits, y).backward()
         optimizer.step()
     return [p.detach() for p in model.parameters()], mod.history
@@ -243,7 +246,7 @@ def _fsdp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     results = {"rank": rank, "stds": _stds_scenario(mesh), "noise": _noise_scenario(mesh)}
     if world == 2:
         results["partial"] = _partial_scenario(mesh)
-        results["ogm"] = _ogm_training(mesh, rank, world)
+        results["ogm"] = {apply: _ogm_training(mesh, rank, world, apply) for apply in APPLY_MODES}
         results["resume"] = _resume_scenario(mesh, rank, world, out_dir)
         results["accumulation"] = _accumulation_scenario(mesh, rank, world)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -310,13 +313,15 @@ def test_unreduced_partial_gradients_are_refused_with_noise_and_scaled_without(f
             torch.testing.assert_close(g, torch.full_like(g, k[name]))
 
 
-def test_fsdp_ogm_matches_one_process_on_the_whole_batch(fsdp):
-    params, history = single_process_ogm()
+@pytest.mark.parametrize("apply", APPLY_MODES)
+def test_fsdp_ogm_matches_one_process_on_the_whole_batch(fsdp, apply):
+    params, history = single_process_ogm(apply)
     for result in fsdp:
-        assert len(result["ogm"]["history"]) == STEPS
-        for sharded, single in zip(result["ogm"]["params"], params):
+        run = result["ogm"][apply]
+        assert len(run["history"]) == STEPS
+        for sharded, single in zip(run["params"], params):
             torch.testing.assert_close(sharded, single, rtol=1e-5, atol=1e-6)
-        for sharded_record, single_record in zip(result["ogm"]["history"], history):
+        for sharded_record, single_record in zip(run["history"], history):
             for key in ("evidence", "coefficients"):
                 for name, value in single_record[key].items():
                     assert sharded_record[key][name] == pytest.approx(value, rel=1e-5)

@@ -365,9 +365,11 @@ class AGMPolicy:
     Each call computes ``c_m = exp(α · min(τ_m − ρ_m, cap))`` from the step's evidence and the running
     means of the centred scores *before* this step, and proposes their update
     ``S ← S (t − 1)/t + s/t``; `commit` (called by `ResponseApplier` when the step is over) makes it
-    the state, `discard` drops it (the step's evidence was discarded, e.g. by a skipped ``GradScaler``
-    step). ``t`` counts the committed steps: the official code's global step, never reset. A degenerate
-    step (evidence not finite and > 0) changes nothing. Coefficients lie in ``(0, exp(α·cap)]``.
+    the state. A later call before the commit replaces the proposal: the next micro-batch of the same
+    step (its evidence includes this one's), or the next step after one that ``GradScaler`` skipped
+    (whose evidence the modulator dropped). ``t`` counts the committed steps: the official code's
+    global step, never reset. A degenerate step (evidence not finite and > 0) changes nothing.
+    Coefficients lie in ``(0, exp(α·cap)]``.
     """
 
     def __init__(self, alpha: float = 1.0, cap: float | None = 10.0) -> None:
@@ -422,10 +424,6 @@ class AGMPolicy:
         if self._proposal is not None:
             self._mean, self._count = self._proposal
             self._proposal = None
-
-    def discard(self) -> None:
-        """Drop the update proposed by the last call."""
-        self._proposal = None
 
     def reset(self) -> None:
         """Forget the running means and the step count."""
@@ -495,11 +493,8 @@ class ResponseApplier(Applier):
         return None if self._values is None else dict(zip(self.names, self._values.tolist()))
 
     def set_coefficients(self, coefficients: Tensor | None) -> None:
-        if coefficients is None:
-            if self.policy is not None:
-                self.policy.discard()
-            if self.keep_after_window and self._values is not None:
-                return
+        if coefficients is None and self.keep_after_window and self._values is not None:
+            return
         self._values = None if coefficients is None else coefficients.detach().float()
         values = torch.ones(len(self.names)) if self._values is None else self._values
         for device, buffer in self._live.items():
@@ -531,8 +526,6 @@ class ResponseApplier(Applier):
                     "a backward pass reached the modalities' parameters before observe() gave its coefficients: "
                     "call observe(responses=..., target=...) after the forward passes and before backward()"
                 )
-                if self.policy is not None:
-                    self.policy.discard()
             else:
                 missing = [name for index, name in enumerate(self.names) if index not in self._through]
                 if missing:

@@ -70,7 +70,7 @@ from gradmod._backward import BackwardMonitor
 from gradmod._internal import per_modality, real_scalar
 from gradmod.appliers import Modality, _Selection
 
-__all__ = ["MLA", "owm_update", "entropy_weights", "entropy_fusion", "PROJECTIONS", "READINGS"]
+__all__ = ["MLA", "PROJECTIONS", "READINGS", "entropy_fusion", "entropy_weights", "owm_update"]
 
 #: ``projection=`` values: ``"owm"`` (the recursive projector of `owm_update`) or ``None`` (no projection).
 PROJECTIONS = ("owm", None)

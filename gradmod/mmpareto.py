@@ -110,6 +110,12 @@ def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     return torch.stack([torch.dot(_computable(x).reshape(-1), _computable(y).reshape(-1)).double() for x, y in zip(a, b)]).sum()
 
 
+def _rounding(tensors: Sequence[Tensor], magnitude: Tensor) -> Tensor:
+    """A bound on the norm of the rounding error of ``h = 2(w·g + (1 − w)·u)`` (from the products and from
+    ``w`` itself), for ``magnitude = ‖g‖ + ‖u‖``: a direction shorter than this is made of rounding errors."""
+    return 16 * torch.finfo(tensors[0].dtype).eps * magnitude
+
+
 def combine_gradients(
     multimodal: Sequence[Tensor], unimodal: Sequence[Tensor], rule: str = "paper", gamma: float | None = None
 ) -> tuple[list[Tensor], dict[str, Tensor]]:
@@ -118,10 +124,12 @@ def combine_gradients(
 
     With ``w`` from `pareto_weight` (over the whole encoder) and ``h_t = 2(w·g_t + (1 − w)·u_t)``:
 
-    * ``"paper"``: ``γ · ‖g + u‖ / ‖h‖ · h`` with norms over the whole encoder (``h = 0``, exactly opposite
-      gradients, gives 0);
+    * ``"paper"``: ``γ · ‖g + u‖ / ‖h‖ · h`` with norms over the whole encoder. When the gradients cancel
+      (``h`` is no longer than its rounding error, e.g. exactly opposite gradients: Pareto-stationary, no
+      common descent direction) the result is 0 rather than rounding errors rescaled to ``‖g + u‖``;
     * ``"official"``: per tensor ``t``, ``γ · d_t · h_t`` with ``d_t = ‖g_t + u_t‖ / ‖h_t‖`` when ``d_t > 1``,
-      else ``γ · h_t`` (a tensor with ``h_t = 0`` gives 0, where the official code would give NaN).
+      else ``γ · h_t``; a tensor whose ``h_t`` is no longer than its rounding error is not rescaled (the
+      official code would divide by it, and give NaN for ``h_t = 0``).
 
     ``gamma=None``: 1 for ``"paper"``, 1.5 for ``"official"``. Returns the combined tensors and, as 0-d
     tensors, the cosine of ``g`` and ``u``, the unimodal weight ``1 − w`` and the scale
@@ -139,15 +147,17 @@ def combine_gradients(
     directions = [2 * (weight.to(g.dtype) * g + (1 - weight).to(u.dtype) * u) for g, u in zip(multimodal, unimodal)]
     plain_norm = (v11 + 2 * v12 + v22).clamp_min(0).sqrt()
     if rule == "paper":
-        h_norm = (4 * (weight**2 * v11 + 2 * weight * (1 - weight) * v12 + (1 - weight) ** 2 * v22)).clamp_min(0).sqrt()
-        factor = gamma * torch.where(h_norm > 0, plain_norm / torch.where(h_norm > 0, h_norm, 1.0), 1.0)
+        h_norm = _dot(directions, directions).sqrt()
+        noise = _rounding(directions, v11.sqrt() + v22.sqrt())
+        factor = gamma * torch.where(h_norm > noise, plain_norm / torch.where(h_norm > 0, h_norm, 1.0), 0.0)
         combined = [factor.to(h.dtype) * h for h in directions]
     else:
         combined = []
         for g, u, h in zip(multimodal, unimodal, directions):
             plain_t = torch.linalg.vector_norm(_computable(g + u))
             h_t = torch.linalg.vector_norm(_computable(h))
-            ratio = torch.where(h_t > 0, plain_t / torch.where(h_t > 0, h_t, 1.0), 1.0)
+            magnitude = torch.linalg.vector_norm(_computable(g)) + torch.linalg.vector_norm(_computable(u))
+            ratio = torch.where(h_t > _rounding([h], magnitude), plain_t / torch.where(h_t > 0, h_t, 1.0), 1.0)
             combined.append(gamma * torch.where(ratio > 1, ratio, 1.0).to(h.dtype) * h)
     result_norm = _dot(combined, combined).sqrt()
     stats = {

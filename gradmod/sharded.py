@@ -13,16 +13,17 @@ result is the one of the whole tensor:
   the Sample Variance: Analysis and Recommendations*, 1983). The rows of all sharded tensors of all
   modalities travel in one ``all_gather`` per sharding mesh dimension (`whole_stds`): one collective per
   step for FSDP and HSDP.
-* **Noise.** No backend draws noise by global element index here (the Triton kernel computes σ itself
-  and is not used for shards), so each slice draws from its own stream: the generator of
-  `gradmod.kernels.noise_generator` at ``NoiseKey(seed, step, shard=1 + r)``, where ``r`` is the lowest
-  global rank holding the same slice, and draws the modality's sharded tensors in their order, as the
-  unsharded stream does. Ranks that hold the same slice (HSDP's replicate dimension) share ``r`` and draw
-  identical noise; ranks holding different slices have different ``r`` and draw different noise.
-  Gradients that are plain tensors (replicated, DDP-style) keep the unsharded stream (``shard=0``).
+* **Noise.** No backend numbers noise by the element's index in the *whole* tensor, so each slice draws
+  from its own stream: the backend's stream (`gradmod.kernels`) at ``NoiseKey(seed, step, shard=1 + r)``,
+  where ``r`` is the lowest global rank holding the same slice, over the modality's local shards in
+  their order, as the unsharded stream goes over whole tensors. Ranks that hold the same slice (HSDP's
+  replicate dimension) share ``r`` and draw identical noise; ranks holding different slices have
+  different ``r`` and draw different noise. Gradients that are plain tensors (replicated, DDP-style)
+  keep the unsharded stream (``shard=0``), so DDP-style replicas stay identical too.
 
-Gradients with a ``Partial`` placement (not yet reduced) are refused: neither their σ nor their noise
-is that of the gradient they sum to.
+With noise, gradients with a ``Partial`` placement (not yet reduced) are refused: neither their σ nor
+their noise would be that of the gradient they sum to. Without noise they are scaled like any other
+(``k`` times a sum is the sum of ``k`` times its terms).
 """
 
 from __future__ import annotations
@@ -50,9 +51,10 @@ def combine_moments(count: Tensor, mean: Tensor, m2: Tensor) -> tuple[Tensor, Te
 
     ``n = Σ n_k``,  ``μ = Σ n_k μ_k / n``,  ``M2 = Σ M2_k + Σ n_k (μ_k − μ)²``
 
-    (Chan, Golub & LeVeque, 1983, eq. (2.1), applied to all parts at once: the deviations of the parts'
-    means are formed explicitly, so nothing cancels). Empty parts (``n_k = 0``) add nothing; the union of
-    empty parts has ``n = μ = M2 = 0``. The unbiased variance of the union is ``M2 / (n − 1)``.
+    — the pairwise update of Chan, Golub & LeVeque (1983), ``M2 = M2_a + M2_b + δ²·n_a·n_b/n``, applied to
+    all parts at once. The deviations of the parts' means from the merged mean are formed explicitly, so a
+    large mean does not cancel the variance. Empty parts (``n_k = 0``) add nothing; the union of empty
+    parts has ``n = μ = M2 = 0``. The unbiased variance of the union is ``M2 / (n − 1)``.
     """
     total = count.sum(0)
     safe = torch.where(total > 0, total, torch.ones_like(total))
@@ -62,20 +64,22 @@ def combine_moments(count: Tensor, mean: Tensor, m2: Tensor) -> tuple[Tensor, Te
 
 
 def _local_moments(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
-    """``[n, μ, M2]`` of each local shard, as a float64 ``[T, 3]`` tensor on ``device`` (zeros when empty)."""
-    counts = torch.tensor([float(t.numel()) for t in tensors], dtype=torch.float64).to(device)
-    means, variances = [], []
+    """``[n, μ, M2]`` of each local shard, as a float64 ``[T, 3]`` tensor on ``device`` (zeros when empty).
+
+    Nothing is read back to the host: the counts are filled in on the device.
+    """
+    rows = []
     for tensor in tensors:
         values = tensor.detach()
+        n = torch.full((), float(values.numel()), dtype=torch.float64, device=device)
         if values.numel() == 0:
-            variance = mean = torch.zeros((), dtype=torch.float64, device=device)
-        else:
-            if values.dtype not in (torch.float32, torch.float64):
-                values = values.float()
-            variance, mean = torch.var_mean(values, correction=0)
-        means.append(mean.to(device, torch.float64))
-        variances.append(variance.to(device, torch.float64))
-    return torch.stack([counts, torch.stack(means), torch.stack(variances) * counts], dim=-1)
+            rows.append(torch.stack([n, n, n]))
+            continue
+        if values.dtype not in (torch.float32, torch.float64):
+            values = values.float()
+        variance, mean = (value.to(device, torch.float64) for value in torch.var_mean(values, correction=0))
+        rows.append(torch.stack([n, mean, variance * n]))
+    return torch.stack(rows)
 
 
 def _collective_device(mesh: DeviceMesh) -> torch.device:
@@ -92,8 +96,8 @@ def _sharding_dims(grad: DTensor) -> tuple[int, ...]:
         if placement.is_partial():
             raise ValueError(
                 f"a sharded gradient of shape {tuple(grad.shape)} has placements {tuple(grad.placements)}: a "
-                "Partial placement holds an unreduced sum, whose σ and noise are not those of the gradient "
-                "(e.g. HSDP with set_requires_all_reduce(False)); reduce the gradients before optimizer.step()"
+                "Partial placement holds a term of an unreduced sum, whose σ and noise are not those of the "
+                "gradient: reduce the gradients before optimizer.step() (or modulate without noise)"
             )
         if placement.is_shard():
             dims.append(dim)
@@ -182,8 +186,7 @@ def modulate_sharded_(
             plain[modality].append(grad.to_local())
         modulate_modalities_(plain, coefficients, None, key, backend)
         return
-    modulate_modalities_(plain, coefficients, noise_scales, key, backend)
-    stds = whole_stds([grad for _, grad in sharded])
+    stds = whole_stds([grad for _, grad in sharded])  # raises on a Partial placement, before any change
     holders: dict[tuple[DeviceMesh, tuple[int, ...]], int] = {}
     streams: dict[int, tuple[list[list[Tensor]], list[list[Tensor]]]] = {}
     for (modality, grad), sigma in zip(sharded, stds):
@@ -193,6 +196,7 @@ def modulate_sharded_(
         shards, sigmas = streams.setdefault(holders[layout], ([[] for _ in groups], [[] for _ in groups]))
         shards[modality].append(grad.to_local())
         sigmas[modality].append(sigma)
+    modulate_modalities_(plain, coefficients, noise_scales, key, backend)
     for holder in sorted(streams):
         shards, sigmas = streams[holder]
         stream = NoiseKey(key.seed, key.step, shard=1 + holder)

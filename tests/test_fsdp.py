@@ -20,7 +20,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 from tiny import TinyModel, batches
 
 import gradmod
@@ -34,7 +34,7 @@ MICRO = 2  # micro-batches per step; all but the last under set_requires_gradien
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
     tensor = tensor.detach()
-    return tensor.full_tensor() if isinstance(tensor, torch.distributed.tensor.DTensor) else tensor.clone()
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor.clone()
 
 
 def _spawn(worker, world: int, tmp_path: Path) -> list[dict]:
@@ -104,18 +104,44 @@ def _noise_scenario(mesh) -> dict:
     }
 
 
+def _partial_scenario(mesh) -> dict:
+    """Gradients with a Partial placement (unreduced): refused with noise, untouched; scaled without."""
+    torch.manual_seed(0)
+    audio, visual = nn.Linear(4, 6), nn.Linear(4, 6)
+    fully_shard(audio, mesh=mesh)
+    fully_shard(visual, mesh=mesh)
+    params = [*audio.parameters(), *visual.parameters()]
+    y = torch.arange(8) % 4
+    logits = {"audio": 6 * nn.functional.one_hot(y, 4).float(), "visual": torch.zeros(8, 4)}
+    results = {}
+    for preset in (gradmod.OGMGE, gradmod.OGM):
+        mod = preset({"audio": audio, "visual": visual}, alpha=0.8, seed=1)
+        for p in params:
+            p.grad = DTensor.from_local(torch.ones(p.shape), mesh, [Partial()])
+        mod.observe(logits=logits, target=y)
+        try:
+            mod.step()
+            results[preset.__name__] = {"k": mod.last["coefficients"], "grads": [p.grad.to_local() for p in params]}
+        except ValueError as error:
+            results[preset.__name__] = {"error": str(error), "grads": [p.grad.to_local() for p in params]}
+    return results
+
+
 # ---------------------------------------------------------------- training against one process
 def _rank_half(inputs, y, rank: int, world: int):
     half = y.shape[0] // world
     return {n: x[rank * half : (rank + 1) * half] for n, x in inputs.items()}, y[rank * half : (rank + 1) * half]
 
 
-def _ogm_training(mesh, rank: int, world: int) -> dict:
+APPLY_MODES = ("params", "features")
+
+
+def _ogm_training(mesh, rank: int, world: int, apply: str) -> dict:
     """OGM with MICRO micro-batches per step (FSDP2's gradient-sync switch), the modulator built before
     fully_shard, and the first audio layer left out of FSDP (a replicated, DDP-style module)."""
     torch.manual_seed(0)
     model = TinyModel()
-    mod = gradmod.OGM({n: model.encoders[n] for n in model.names}, alpha=0.8)
+    mod = gradmod.OGM({n: model.encoders[n] for n in model.names}, alpha=0.8, apply=apply)
     plain = list(model.encoders["audio"][0].parameters())
     fully_shard(model.encoders["visual"], mesh=mesh)
     fully_shard(model, mesh=mesh, ignored_params=set(plain))
@@ -126,8 +152,8 @@ def _ogm_training(mesh, rank: int, world: int) -> dict:
         for micro, (inputs, y) in enumerate(batches(MICRO, seed=100 + step)):
             model.set_requires_gradient_sync(micro == MICRO - 1)
             inputs, y = _rank_half(inputs, y, rank, world)
-            logits, decoupled, _, _ = model(inputs)
-            mod.observe(logits=decoupled, target=y)
+            logits, decoupled, features, _ = model(inputs)
+            mod.observe(logits=decoupled, target=y, **({"features": features} if apply == "features" else {}))
             nn.functional.cross_entropy(logits, y).backward()
         for p in plain:  # what DDP would do for the module FSDP does not manage
             dist.all_reduce(p.grad)
@@ -136,17 +162,17 @@ def _ogm_training(mesh, rank: int, world: int) -> dict:
     return {"params": [_full(p) for p in model.parameters()], "history": mod.history}
 
 
-def single_process_ogm() -> tuple[list[torch.Tensor], list[dict]]:
+def single_process_ogm(apply: str) -> tuple[list[torch.Tensor], list[dict]]:
     torch.manual_seed(0)
     model = TinyModel()
-    mod = gradmod.OGM({n: model.encoders[n] for n in model.names}, alpha=0.8)
+    mod = gradmod.OGM({n: model.encoders[n] for n in model.names}, alpha=0.8, apply=apply)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     mod.attach(optimizer)
     for step in range(STEPS):
         optimizer.zero_grad()
         for inputs, y in batches(MICRO, seed=100 + step):
-            logits, decoupled, _, _ = model(inputs)
-            mod.observe(logits=decoupled, target=y)
+            logits, decoupled, features, _ = model(inputs)
+            mod.observe(logits=decoupled, target=y, **({"features": features} if apply == "features" else {}))
             nn.functional.cross_entropy(logits, y).backward()
         optimizer.step()
     return [p.detach() for p in model.parameters()], mod.history
@@ -219,7 +245,8 @@ def _fsdp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     mesh = _mesh(world)
     results = {"rank": rank, "stds": _stds_scenario(mesh), "noise": _noise_scenario(mesh)}
     if world == 2:
-        results["ogm"] = _ogm_training(mesh, rank, world)
+        results["partial"] = _partial_scenario(mesh)
+        results["ogm"] = {apply: _ogm_training(mesh, rank, world, apply) for apply in APPLY_MODES}
         results["resume"] = _resume_scenario(mesh, rank, world, out_dir)
         results["accumulation"] = _accumulation_scenario(mesh, rank, world)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -275,13 +302,26 @@ def test_ogm_ge_noise_has_the_whole_tensors_std_and_differs_across_shards(fsdp):
             torch.testing.assert_close(after, fsdp[0]["noise"]["after"][name], rtol=0, atol=0)
 
 
-def test_fsdp_ogm_matches_one_process_on_the_whole_batch(fsdp):
-    params, history = single_process_ogm()
+def test_unreduced_partial_gradients_are_refused_with_noise_and_scaled_without(fsdp):
     for result in fsdp:
-        assert len(result["ogm"]["history"]) == STEPS
-        for sharded, single in zip(result["ogm"]["params"], params):
+        noisy, plain = result["partial"]["OGMGE"], result["partial"]["OGM"]
+        assert "Partial placement" in noisy["error"]
+        assert all(torch.equal(g, torch.ones_like(g)) for g in noisy["grads"]), "a refused step changed gradients"
+        k = plain["k"]
+        assert k["audio"] < 0.9
+        for g, name in zip(plain["grads"], ["audio"] * 2 + ["visual"] * 2):
+            torch.testing.assert_close(g, torch.full_like(g, k[name]))
+
+
+@pytest.mark.parametrize("apply", APPLY_MODES)
+def test_fsdp_ogm_matches_one_process_on_the_whole_batch(fsdp, apply):
+    params, history = single_process_ogm(apply)
+    for result in fsdp:
+        run = result["ogm"][apply]
+        assert len(run["history"]) == STEPS
+        for sharded, single in zip(run["params"], params):
             torch.testing.assert_close(sharded, single, rtol=1e-5, atol=1e-6)
-        for sharded_record, single_record in zip(result["ogm"]["history"], history):
+        for sharded_record, single_record in zip(run["history"], history):
             for key in ("evidence", "coefficients"):
                 for name, value in single_record[key].items():
                     assert sharded_record[key][name] == pytest.approx(value, rel=1e-5)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -17,8 +18,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
-from gradmod.kernels import foreach, get_kernel, reference
+from gradmod.kernels import NoiseKey, foreach, get_kernel, modulate_modalities_, noise_generator, reference
 
 try:
     from gradmod.kernels import triton as triton_kernel
@@ -59,7 +61,8 @@ def gradient_lists(draw, dtypes=DTYPES, max_tensors: int = 4, max_side: int = 5)
     return grads
 
 
-coefficients = st.floats(0.0, 1.5, allow_nan=False).map(lambda k: torch.tensor(k))
+# 1.0 explicitly: the CPU path of foreach skips factors of exactly 1 and must stay bit-identical there too.
+coefficients = st.one_of(st.just(1.0), st.floats(0.0, 1.5, allow_nan=False)).map(lambda k: torch.tensor(k))
 
 
 def run(kernel: Kernel, grads, k, c=None, seed: int | None = 0, device: str = "cpu"):
@@ -201,7 +204,7 @@ def test_foreach_no_noise_equals_reference(grads, k):
 @given(
     grads=st.sampled_from(DTYPES).flatmap(lambda dtype: gradient_lists(dtypes=(dtype,))),
     k=coefficients,
-    c=st.floats(0.0, 2.0),
+    c=st.one_of(st.just(1.0), st.floats(0.0, 2.0)),
     seed=st.integers(0, 99),
 )
 def test_foreach_with_noise_is_bit_identical_to_reference_for_one_group(grads, k, c, seed):
@@ -266,6 +269,101 @@ def test_auto_backend_is_foreach_on_cpu():
     assert get_kernel("auto", torch.device("cpu")) is foreach.modulate_
 
 
+# ----------------------------------------------------------------------- modulate_modalities_, all backends
+
+
+def modalities_fixture(seed: int = 0, dtype=torch.float32) -> list[list[torch.Tensor]]:
+    """Two modalities: an empty tensor (positions still count), one multi-chunk tensor, small odd ones."""
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        [torch.empty(0), torch.randn(300, generator=generator), torch.randn(3 * 8192 + 123, generator=generator) + 4],
+        [torch.randn(5, 7, generator=generator) * 0.01, torch.randn(1, generator=generator), torch.randn(2049, generator=generator)],
+    ]
+
+
+def step_copies(groups, k, c, key, backend, stds=None, device="cpu"):
+    """Copies of ``groups`` (on ``device``) after one `modulate_modalities_` step."""
+    out = [[g.to(device).clone() for g in grads] for grads in groups]
+    modulate_modalities_(out, k, c, key, backend, stds)
+    return [[g.cpu() for g in grads] for grads in out]
+
+
+@pytest.mark.parametrize("backend", ["reference", "foreach"])
+def test_generator_backends_draw_each_modality_from_noise_generator(backend):
+    """reference/foreach: modality ``m`` on one device draws from `noise_generator` at (key, m)."""
+    groups = modalities_fixture()
+    k, c, key = torch.tensor([0.5, 0.9]), torch.tensor([1.0, 0.3]), NoiseKey(11, 4, shard=2)
+    out = step_copies(groups, k, c, key, backend)
+    kernel = get_kernel(backend, torch.device("cpu"))
+    for m, grads in enumerate(groups):
+        expected = [g.clone() for g in grads]
+        kernel(expected, k[m], c[m], noise_generator(torch.device("cpu"), key, m, len(groups)))
+        assert all(torch.equal(e, o) for e, o in zip(expected, out[m]))
+    other = step_copies(groups, k, c, NoiseKey(11, 5, shard=2), backend)
+    assert not torch.equal(out[0][2], other[0][2]), "another step must draw other noise"
+
+
+@pytest.mark.parametrize("backend", ["reference", "foreach"])
+def test_generator_backends_refuse_a_device_step(backend):
+    groups = modalities_fixture()
+    key = NoiseKey(1, torch.tensor(3))
+    with pytest.raises(ValueError, match="seed a torch.Generator from the step on the host"):
+        step_copies(groups, torch.tensor([0.5, 1.0]), torch.ones(2), key, backend)
+    step_copies(groups, torch.tensor([0.5, 1.0]), None, key, backend)  # without noise the step is unused
+
+
+def test_modulate_modalities_rejects_bad_arguments():
+    groups = modalities_fixture()
+    cases = [
+        (dict(coefficients=torch.tensor(0.5)), ValueError, "coefficients must be a 1-d floating-point tensor with one entry"),
+        (dict(coefficients=torch.ones(3)), ValueError, "one entry per modality \\(2\\)"),
+        (dict(coefficients=[0.5, 1.0]), TypeError, "coefficients must be a 1-d floating-point tensor, got list"),
+        (dict(coefficients=torch.tensor([0.5, float("nan")])), ValueError, "coefficients must be finite"),
+        (dict(noise_scales=torch.ones(2, dtype=torch.int64)), ValueError, "noise_scales must be a 1-d floating-point"),
+        (dict(key=None), ValueError, "noise_scales were given without a NoiseKey"),
+        (dict(stds=[[torch.tensor(1.0)], []]), ValueError, "stds must hold one σ per gradient"),
+        (dict(backend="cuda"), ValueError, "unknown backend 'cuda'"),
+    ]
+    for change, error, message in cases:
+        arguments = dict(coefficients=torch.tensor([0.5, 1.0]), noise_scales=torch.ones(2), key=NoiseKey(0, 0))
+        arguments.update(backend="foreach", stds=None)
+        arguments.update(change)
+        with pytest.raises(error, match=message):
+            modulate_modalities_(groups, arguments["coefficients"], arguments["noise_scales"], arguments["key"],
+                                 arguments["backend"], arguments["stds"])
+
+
+def test_noise_key_checks_its_fields():
+    assert NoiseKey(1, 2).shard == 0 and not NoiseKey(1, 2).on_device and NoiseKey(1, torch.tensor(2)).on_device
+    for args, error, message in [
+        ((1.5, 2), TypeError, "NoiseKey.seed must be an int"),
+        ((1, -1), ValueError, "NoiseKey.step must be >= 0"),
+        ((1, True), TypeError, "NoiseKey.step must be an int or a 0-d int64 tensor"),
+        ((1, torch.tensor([2])), ValueError, "a device step must be a 0-d int64 tensor"),
+        ((1, torch.tensor(2.0)), ValueError, "a device step must be a 0-d int64 tensor"),
+        ((1, 2, -3), ValueError, "NoiseKey.shard must be >= 0"),
+    ]:
+        with pytest.raises(error, match=message):
+            NoiseKey(*args)
+
+
+@pytest.mark.parametrize("kernel", [reference.modulate_, foreach.modulate_])
+def test_given_stds_replace_the_local_sigma(kernel):
+    """A shard of a larger tensor takes the whole tensor's σ: with σ given, the noise scales by it."""
+    grads = [torch.randn(50, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    own = [g.std() for g in grads]
+    k, c = torch.tensor(0.5), torch.tensor(1.0)
+    plain = run(kernel, grads, k, c, seed=3)
+    out = [g.clone() for g in grads]
+    kernel(out, k, c, torch.Generator().manual_seed(3), stds=own)
+    for a, b in zip(plain, out):
+        torch.testing.assert_close(a, b)
+    doubled = [g.clone() for g in grads]
+    kernel(doubled, k, c, torch.Generator().manual_seed(3), stds=[2 * s for s in own])
+    for g, a, b in zip(grads, plain, doubled):
+        torch.testing.assert_close(b - k * g, 2 * (a - k * g), rtol=1e-5, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------- triton
 
 
@@ -283,7 +381,7 @@ def test_triton_kernels_under_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
     selection = ["-k", "triton and not interpreter"]
     command = [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider", *selection]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and "run in test_triton_kernels_under_interpreter" not in result.stdout
 
@@ -295,6 +393,9 @@ def test_triton_chunking_covers_every_tensor_in_bounded_chunks(numel):
     chunks = math.ceil(numel / length)
     assert length % triton_kernel.BLOCK == 0 and length >= triton_kernel.BLOCK * triton_kernel.MIN_BLOCKS_PER_CHUNK
     assert 1 <= chunks <= triton_kernel.MAX_CHUNKS_PER_TENSOR and chunks * length >= numel
+
+
+# --------------------------------------------------------------- triton: the one-modality contract
 
 
 @needs_triton
@@ -314,7 +415,7 @@ def test_triton_identity_when_balanced(grads):
 @needs_triton
 def test_triton_deterministic_part_with_zero_noise_scale():
     """``c = 0`` runs both launches (statistics + update) and must leave exactly ``k·g``."""
-    grads = [torch.randn(5, 7).to(dtype) + 2 for dtype in DTYPES] + [torch.randn(1)]
+    grads = [torch.randn(5, 7).to(dtype) + 2 for dtype in DTYPES] + [torch.randn(1), torch.randn(3 * 2048 + 5)]
     out = run(triton_kernel.modulate_, grads, torch.tensor(0.6), torch.tensor(0.0), device=TRITON_DEVICE)
     for g, o in zip(grads, out):
         expected = scaled_like_reference(g, torch.tensor(0.6))
@@ -389,64 +490,336 @@ def test_triton_rejects_tensors_on_another_device():
         triton_kernel.modulate_([torch.randn(4, device=other)], torch.tensor(0.5), None, None)
 
 
-@pytest.mark.skipif(triton_kernel is None or INTERPRETED, reason="needs the compiled (non-interpreted) Triton kernels")
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_triton_kernels_compile_for_h100_without_a_gpu(dtype):
-    """Ahead-of-time compilation to an sm_90 cubin catches what the interpreter does not check (typing, lowering)."""
+# --------------------------------------------------------------- triton: every modality in one step
+
+_UINT32 = 0xFFFFFFFF
+
+
+def _mul_hi_lo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32-bit words of ``a·b`` (``a`` a 32-bit constant, ``b`` 32-bit values in int64)."""
+    low_part, high_part = a * (b & 0xFFFF), a * (b >> 16)  # each < 2⁴⁸
+    low = low_part + ((high_part & 0xFFFF) << 16)
+    return (high_part >> 16) + (low >> 32), low & _UINT32
+
+
+def philox4x32(key: int, c0, c1, c2, c3, rounds: int = 10):
+    """Philox-4x32 (Salmon et al., 2011) as ``tl.philox`` computes it, on 32-bit words held in int64 tensors."""
+    k0, k1 = key & _UINT32, key >> 32
+    for _ in range(rounds):
+        hi_b, lo_b = _mul_hi_lo(0xCD9E8D57, c2)
+        hi_a, lo_a = _mul_hi_lo(0xD2511F53, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + 0x9E3779B9) & _UINT32, (k1 + 0xBB67AE85) & _UINT32
+    return c0, c1, c2, c3
+
+
+def _uniform(words: torch.Tensor) -> torch.Tensor:
+    """``tl.uint_to_uniform_float`` of 32-bit words: the signed value, negatives flipped, times 2⁻³¹."""
+    signed = torch.where(words >= 2**31, words - 2**32, words)
+    magnitude = torch.where(signed < 0, -signed - 1, signed)
+    return magnitude.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
+
+
+def _box_muller(u1: torch.Tensor, u2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    radius = torch.sqrt(-2.0 * torch.log(u1.clamp_min(1e-7).double()))
+    angle = (u2 * torch.tensor(6.283185307179586, dtype=torch.float32)).double()
+    return radius * torch.cos(angle), radius * torch.sin(angle)
+
+
+def documented_noise(numel: int, key: NoiseKey, modality: int, position: int) -> torch.Tensor:
+    """``z`` of the documented Triton stream (`gradmod.kernels.triton`) for one tensor, in float64."""
+    block = triton_kernel.BLOCK
+    quarter = block // 4
+    e = torch.arange(numel, dtype=torch.int64)
+    q = (e // block) * quarter + e % quarter
+    step = int(key.step)
+    words = philox4x32(
+        triton_kernel.philox_key(key),
+        q & _UINT32,
+        (q >> 32) + (position << 8),
+        torch.full_like(q, step & _UINT32),
+        torch.full_like(q, ((step >> 32) & 0xFFFF) + (modality << 16)),
+    )
+    z0, z1 = _box_muller(_uniform(words[0]), _uniform(words[1]))
+    z2, z3 = _box_muller(_uniform(words[2]), _uniform(words[3]))
+    return torch.stack([z0, z1, z2, z3]).gather(0, ((e % block) // quarter).unsqueeze(0)).squeeze(0)
+
+
+def assert_documented_stream(groups, out, k, c, key, sigmas=None):
+    """``out = k·g + c·(σ + 1e-8)·z`` with ``z`` from `documented_noise` and σ of float64 ``g`` (or given),
+    within the float32 rounding of the result and of the Box–Muller functions."""
+    for m, grads in enumerate(groups):
+        for i, g in enumerate(grads):
+            if g.numel() == 0:
+                continue
+            sigma = g.double().std().item() if g.numel() > 1 else 0.0
+            sigma = sigma if sigmas is None else float(sigmas[m][i])
+            scale = float(c[m]) * (sigma + 1e-8)
+            expected = float(k[m]) * g.double() + scale * documented_noise(g.numel(), key, m, i).reshape(g.shape)
+            torch.testing.assert_close(out[m][i].double(), expected, rtol=1e-6, atol=2e-4 * scale)
+
+
+class CountingKernel:
+    """A Triton kernel whose launches are logged (and run outside any torch dispatch mode)."""
+
+    def __init__(self, name: str, kernel, log: list[str]) -> None:
+        self.name, self.kernel, self.log = name, kernel, log
+
+    def __getitem__(self, grid):
+        launcher = self.kernel[grid]
+
+        def launch(*args, **kwargs):
+            self.log.append(self.name)
+            with _disable_current_modes():
+                return launcher(*args, **kwargs)
+
+        return launch
+
+
+class OpCounter(TorchDispatchMode):
+    """Every torch operation dispatched while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket.__name__))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def launches(monkeypatch) -> list[str]:
+    """The log of Triton launches made during the test."""
+    log: list[str] = []
+    for name in ("_moments_kernel", "_update_kernel"):
+        monkeypatch.setattr(triton_kernel, name, CountingKernel(name, getattr(triton_kernel, name), log))
+    return log
+
+
+def on_triton_device(groups):
+    return [[g.to(TRITON_DEVICE) for g in grads] for grads in groups]
+
+
+@needs_triton
+def test_triton_noise_follows_the_documented_philox_stream():
+    """Every element's noise is the documented Philox draw at (key, step, modality, position, element), for a
+    host step and for a device step, a large step and seed, a shard, a tensor spanning several chunks (σ
+    combined by its last chunk) — and again with new values of the same shapes (tickets reset, σ fresh)."""
+    k = torch.tensor([0.5, 0.9], device=TRITON_DEVICE)
+    c = torch.tensor([1.0, 0.3], device=TRITON_DEVICE)
+    for round_index, (seed, step, shard) in enumerate([(2**64 + 12345, 2**40 + 5, 3), (7, 0, 0)]):
+        groups = modalities_fixture(seed=round_index)
+        for step_value in (step, torch.tensor(step, device=TRITON_DEVICE)):
+            key = NoiseKey(seed, step_value, shard)
+            out = step_copies(groups, k, c, key, "triton", device=TRITON_DEVICE)
+            assert_documented_stream(groups, out, k.cpu(), c.cpu(), NoiseKey(seed, step, shard))
+
+
+@needs_triton
+def test_triton_streams_differ_by_seed_step_modality_and_shard():
+    g = torch.randn(4096)
+    groups = [[g], [g]]
+    k, c = torch.zeros(2, device=TRITON_DEVICE), torch.ones(2, device=TRITON_DEVICE)
+    base = step_copies(groups, k, c, NoiseKey(1, 2), "triton", device=TRITON_DEVICE)
+    assert not torch.equal(base[0][0], base[1][0]), "modalities must draw different noise"
+    for other in (NoiseKey(2, 2), NoiseKey(1, 3), NoiseKey(1, 2, shard=1)):
+        out = step_copies(groups, k, c, other, "triton", device=TRITON_DEVICE)
+        assert not torch.equal(base[0][0], out[0][0]), other
+
+
+@needs_triton
+def test_triton_two_launches_per_step_for_all_modalities(launches, monkeypatch):
+    """One step of two modalities (several tensors each) is two launches; in the steady state it runs no
+    other torch op (no seed draw, no table upload, no allocation); moved buffers of the same shapes reuse
+    the cached layout and upload only their pointers; without noise a step is one launch."""
+    monkeypatch.setattr(triton_kernel, "check_modality_scalars", lambda *args: None)  # reads CPU values
+    groups = on_triton_device(modalities_fixture())
+    k = torch.tensor([0.5, 0.9], device=TRITON_DEVICE)
+    c = torch.ones(2, device=TRITON_DEVICE)
+    modulate_modalities_(groups, k, c, NoiseKey(0, 0), "triton")  # warm-up: tables built and cached
+    assert launches == ["_moments_kernel", "_update_kernel"]
+    layouts = dict(triton_kernel._layouts)
+    for step in (1, 2):
+        launches.clear()
+        with OpCounter() as counter:
+            modulate_modalities_(groups, k, c, NoiseKey(0, step), "triton")
+        assert launches == ["_moments_kernel", "_update_kernel"]
+        assert counter.ops == [], f"a steady-state step ran torch ops: {counter.ops}"
+    moved = [[g.clone() for g in grads] for grads in groups]
+    launches.clear()
+    with OpCounter() as counter:
+        modulate_modalities_(moved, k, c, NoiseKey(0, 3), "triton")
+    assert launches == ["_moments_kernel", "_update_kernel"]
+    assert dict(triton_kernel._layouts) == layouts, "moved buffers must not rebuild the layout"
+    assert not {"empty", "zeros", "randint", "stack"} & set(counter.ops), counter.ops
+    launches.clear()
+    modulate_modalities_(moved, k, None, None, "triton")
+    assert launches == ["_update_kernel"]
+
+
+@needs_triton
+def test_triton_steps_mixed_dtypes_per_launch_group(launches):
+    """Without noise every gradient becomes exactly ``k_m·g`` (k rounded to the gradient's dtype); one launch
+    per device/dtype group of all modalities."""
+    generator = torch.Generator().manual_seed(5)
+    groups = [[torch.randn(40, generator=generator).to(dtype) for dtype in DTYPES] for _ in range(3)]
+    k = torch.tensor([0.3, 1.0, 0.7])
+    out = step_copies(groups, k, None, None, "triton", device=TRITON_DEVICE)
+    assert launches == ["_update_kernel"] * len(DTYPES)
+    for m, grads in enumerate(groups):
+        for g, o in zip(grads, out[m]):
+            expected = scaled_like_reference(g, k[m])
+            if g.dtype == torch.bfloat16 and TRITON_BF16_RTOL:
+                torch.testing.assert_close(o, expected, rtol=TRITON_BF16_RTOL, atol=0)
+            else:
+                assert torch.equal(o, expected)
+
+
+@needs_triton
+def test_triton_given_stds_replace_sigma(launches):
+    """With σ given (shards), no statistics launch; the noise is the documented draw scaled by the given σ."""
+    groups = modalities_fixture()
+    stds = [[torch.tensor(float(i + 1)) for i in range(len(grads))] for grads in groups]
+    k, c, key = torch.tensor([0.5, 0.9]), torch.tensor([1.0, 0.3]), NoiseKey(4, 9, shard=2)
+    out = step_copies(groups, k, c, key, "triton", stds=stds, device=TRITON_DEVICE)
+    assert launches == ["_update_kernel"]
+    assert_documented_stream(groups, out, k, c, key, sigmas=stds)
+
+
+@needs_triton
+def test_triton_sends_other_devices_back_or_refuses_them():
+    here, elsewhere = torch.randn(10, device=TRITON_DEVICE), torch.randn(10, device="meta")
+    k = torch.tensor([0.5, 1.0])
+    leftovers: list = []
+    triton_kernel.modulate_modalities_([[here], [elsewhere]], k, None, None, leftovers=leftovers)
+    assert leftovers == [(1, elsewhere, None)]
+    with pytest.raises(ValueError, match="the triton kernel runs on"):
+        triton_kernel.modulate_modalities_([[here], [elsewhere]], k, None, None)
+
+
+@needs_triton
+def test_triton_step_rejects_what_its_stream_cannot_hold():
+    grads = [[torch.randn(10, device=TRITON_DEVICE)]]
+    k, c = torch.tensor([0.5]), torch.ones(1)
+    with pytest.raises(ValueError, match="steps below 2\\*\\*48"):
+        triton_kernel.modulate_modalities_(grads, k, c, NoiseKey(0, 2**48))
+    with pytest.raises(ValueError, match="noise_scales were given without a NoiseKey"):
+        triton_kernel.modulate_modalities_(grads, k, c, None)
+    with pytest.raises(ValueError, match="the device step lives on meta"):
+        triton_kernel.modulate_modalities_(grads, k, c, NoiseKey(0, torch.tensor(1, device="meta")))
+    with pytest.raises(TypeError, match="groups\\[1\\]\\[1\\] must be a tensor, got str"):
+        triton_kernel.modulate_modalities_([grads[0], [grads[0][0], "g"]], torch.ones(2), None, None)
+
+
+def _replay_ready(groups, k, c, key) -> None:
+    """Warm up on a side stream, as CUDA graph capture requires."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        modulate_modalities_(groups, k, c, key, "triton")
+    torch.cuda.current_stream().wait_stream(side)
+
+
+@needs_triton
+@pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(), reason="needs compiled Triton on a CUDA device")
+def test_triton_step_replays_in_a_cuda_graph_with_a_device_step():
+    """Capture-safe mode: a captured step (device step incremented in place) replays the eager step's noise."""
+    pristine = on_triton_device(modalities_fixture())
+    groups = [[g.clone() for g in grads] for grads in pristine]
+    k = torch.tensor([0.5, 0.9], device="cuda")
+    c = torch.tensor([1.0, 0.3], device="cuda")
+    step = torch.zeros((), dtype=torch.int64, device="cuda")
+    _replay_ready(groups, k, c, NoiseKey(3, step))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        modulate_modalities_(groups, k, c, NoiseKey(3, step), "triton")
+        step.add_(1)
+    for value in (5, 6, 2**33):
+        for grads, originals in zip(groups, pristine):
+            for g, o in zip(grads, originals):
+                g.copy_(o)
+        step.fill_(value)
+        graph.replay()
+        eager = step_copies(pristine, k, c, NoiseKey(3, value), "triton", device="cuda")
+        for grads, expected in zip(groups, eager):
+            assert all(torch.equal(g.cpu(), e) for g, e in zip(grads, expected))
+        assert step.item() == value + 1
+
+
+@needs_triton
+@pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(), reason="needs compiled Triton on a CUDA device")
+def test_triton_step_does_not_synchronise_and_capture_refuses_host_values():
+    groups = on_triton_device(modalities_fixture())
+    k, c = torch.tensor([0.5, 0.9], device="cuda"), torch.ones(2, device="cuda")
+    step = torch.zeros((), dtype=torch.int64, device="cuda")
+    modulate_modalities_(groups, k, c, NoiseKey(1, step), "triton")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        modulate_modalities_([[g.clone() for g in grads] for grads in groups], k, c, NoiseKey(1, step), "triton")
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    _replay_ready(groups, k, c, NoiseKey(1, step))
+    for arguments, message in [((k.cpu(), c, NoiseKey(1, step)), "coefficients live on cpu"),
+                               ((k, c, NoiseKey(1, 4)), "a host step while a CUDA graph is being captured")]:
+        graph = torch.cuda.CUDAGraph()
+        with pytest.raises(ValueError, match=message):
+            with torch.cuda.graph(graph):
+                modulate_modalities_(groups, *arguments, "triton")
+
+
+def _compile_for_sm90(kernel, signature: dict, constants: dict, num_warps: int):
     triton = pytest.importorskip("triton")
     compiler = pytest.importorskip("triton.compiler")
     target = pytest.importorskip("triton.backends.compiler").GPUTarget("cuda", 90, 32)
-    element = triton_kernel._TRITON_DTYPES[dtype]
+    signature = {**signature, **{name: "constexpr" for name in constants if name not in signature}}
+    source = compiler.ASTSource(kernel, signature=signature, constexprs=constants)
+    try:
+        return triton.compile(source, target=target, options={"num_warps": num_warps})
+    except RuntimeError as error:  # no ptxas shipped with this Triton build
+        if "ptxas" in str(error):
+            pytest.skip(f"Triton cannot assemble for sm_90 here: {error}")
+        raise
+
+
+@pytest.mark.skipif(triton_kernel is None or INTERPRETED, reason="needs the compiled (non-interpreted) Triton kernels")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_kernels_compile_for_h100_without_a_gpu(dtype):
+    """Ahead-of-time compilation to sm_90 catches what the interpreter does not check (typing, lowering), and
+    shows the code: 128-bit gradient accesses when the pointers are aligned, none otherwise, bf16 stores
+    rounded to nearest even, the last-chunk ticket as a GPU-scope acquire-release atomic."""
     acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    acc = triton_kernel._TRITON_DTYPES[acc_dtype]
-    acc_pointer = "*fp64" if dtype == torch.float64 else "*fp32"
-    tables = {"tensor_table": "*i64", "chunk_table": "*i64"}
-    shared = {"DTYPE": element, "ACC": acc, "BLOCK": triton_kernel.BLOCK}
-    moments = compiler.ASTSource(
-        triton_kernel._moments_kernel,
-        signature={**tables, "partials": acc_pointer, **dict.fromkeys(shared, "constexpr")},
-        constexprs=shared,
-    )
-    kernels = [(moments, False)]
-    for has_noise in (True, False):
-        pointers = dict.fromkeys(("partials", "coefficient_ptr", "noise_scale_ptr"), acc_pointer) | {"seed_ptr": "*i64"}
-        constants = dict(
-            shared,
-            MAX_CHUNKS=triton_kernel.MAX_CHUNKS_PER_TENSOR,
-            POSITION_SHIFT=triton_kernel._POSITION_SHIFT,
-            STD_EPS=triton_kernel.STD_EPS,
-            HAS_NOISE=has_noise,
+    acc_pointer = "*fp64" if acc_dtype == torch.float64 else "*fp32"
+    tables = {"pointers": "*i64", "tensor_table": "*i64", "chunk_table": "*i64"}
+    shared = {"DTYPE": triton_kernel._TRITON_DTYPES[dtype], "ACC": triton_kernel._TRITON_DTYPES[acc_dtype],
+              "BLOCK": triton_kernel.BLOCK}
+    vector = r"(ld|st)\.global(\.\w+)*\.v[24]\."
+    for aligned in (True, False):
+        moments = _compile_for_sm90(
+            triton_kernel._moments_kernel,
+            {**tables, "partials": acc_pointer, "sigmas": acc_pointer, "tickets": "*i32"},
+            dict(shared, MAX_CHUNKS=triton_kernel.MAX_CHUNKS_PER_TENSOR, ALIGNED=aligned),
+            num_warps=4,
         )
+        assert moments.asm["cubin"] and "atom.global.gpu.acq_rel.add" in moments.asm["ptx"]
+        assert bool(re.search(vector, moments.asm["ptx"])) == aligned
+    variants = [(True, True, False, False), (True, False, True, True), (False, True, False, False)]
+    for has_noise, aligned, key_in_memory, step_in_memory in variants:
+        signature = {**tables, "sigmas": acc_pointer, "coefficients": "*fp32",
+                     "noise_scales": "*fp32" if has_noise else "constexpr",
+                     "key": "*i64" if key_in_memory else "i64", "step": "*i64" if step_in_memory else "i64"}
+        constants = dict(shared, ALIGNED=aligned, HAS_NOISE=has_noise, KEY_IN_MEMORY=key_in_memory,
+                         STEP_IN_MEMORY=step_in_memory, STD_EPS=triton_kernel.STD_EPS)
         if not has_noise:
-            constants.update(partials=None, noise_scale_ptr=None, seed_ptr=None)
-            pointers.update(partials="constexpr", noise_scale_ptr="constexpr", seed_ptr="constexpr")
-        signature = {**tables, **pointers, **{name: "constexpr" for name in constants if name not in pointers}}
-        update = compiler.ASTSource(triton_kernel._update_kernel, signature=signature, constexprs=constants)
-        kernels.append((update, True))
-    for source, stores_gradients in kernels:
-        try:
-            compiled = triton.compile(source, target=target)
-        except RuntimeError as error:  # no ptxas shipped with this Triton build
-            if "ptxas" in str(error):
-                pytest.skip(f"Triton cannot assemble for sm_90 here: {error}")
-            raise
-        assert compiled.asm["cubin"], "an empty cubin"
-        if stores_gradients and dtype == torch.bfloat16:
-            assert "cvt.rn.bf16.f32" in compiled.asm["ptx"], "bf16 stores must round to nearest even"
-
-
-@pytest.mark.parametrize("kernel", [reference.modulate_, foreach.modulate_])
-def test_given_stds_replace_the_local_sigma(kernel):
-    """A shard of a larger tensor takes the whole tensor's σ: with σ given, the noise scales by it."""
-    grads = [torch.randn(50, generator=torch.Generator().manual_seed(i)) for i in range(3)]
-    own = [g.std() for g in grads]
-    k, c = torch.tensor(0.5), torch.tensor(1.0)
-    plain = run(kernel, grads, k, c, seed=3)
-    out = [g.clone() for g in grads]
-    kernel(out, k, c, torch.Generator().manual_seed(3), stds=own)
-    for a, b in zip(plain, out):
-        torch.testing.assert_close(a, b)
-    doubled = [g.clone() for g in grads]
-    kernel(doubled, k, c, torch.Generator().manual_seed(3), stds=[2 * s for s in own])
-    for g, a, b in zip(grads, plain, doubled):
-        torch.testing.assert_close(b - k * g, 2 * (a - k * g), rtol=1e-5, atol=1e-6)
+            constants["noise_scales"] = None
+        update = _compile_for_sm90(triton_kernel._update_kernel, signature, constants,
+                                   num_warps=triton_kernel._update_warps(dtype))
+        ptx = update.asm["ptx"]
+        assert update.asm["cubin"], "an empty cubin"
+        wide = re.findall(r"(?:ld|st)\.global(?:\.\w+)*\.v([24])\.b(\d+)", ptx)
+        if aligned:
+            assert {int(lanes) * int(bits) for lanes, bits in wide} == {128}, wide
+        else:
+            assert not wide, wide
+        if dtype == torch.bfloat16:
+            assert "cvt.rn.bf16.f32" in ptx, "bf16 stores must round to nearest even"

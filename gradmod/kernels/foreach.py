@@ -9,7 +9,9 @@ synchronisation, and with multi-tensor launches where they pay:
 2. ``g ← k·g + z``: ``torch._foreach_mul_`` then ``torch._foreach_add_`` over the bucket on an
    accelerator (two launches for all tensors); on the CPU, where ``_foreach_*`` ops are per-tensor
    loops anyway (and measured a few per cent slower than the tensor methods), ``g.mul_(k).add_(z)``
-   tensor by tensor, while ``g`` and ``z`` are in cache.
+   tensor by tensor, while ``g`` and ``z`` are in cache, and a factor of exactly 1 (``k`` of an
+   undamped modality, ``c`` of GE noise) is skipped — it changes no bit, and reading it costs no
+   synchronisation on the CPU.
 
 **Noise stream.** Tensors are grouped by ``(device, dtype)`` in order of first appearance (as
 ``torch.optim`` does); inside a group they keep list order and each draws ``torch.randn(g.shape)`` as
@@ -52,16 +54,10 @@ def buckets(tensors: Sequence[Tensor], max_elements: int = BUCKET_ELEMENTS) -> I
 
 
 def _scale_add_(grads: list[Tensor], k: Tensor, noise: list[Tensor] | None) -> None:
-    """``g ← k·g (+ z)`` for every gradient: multi-tensor launches on an accelerator, tensor by tensor on the CPU."""
-    if grads[0].device.type != "cpu":
-        torch._foreach_mul_(grads, k)
-        if noise is not None:
-            torch._foreach_add_(grads, noise)
-        return
-    for index, grad in enumerate(grads):
-        grad.mul_(k)
-        if noise is not None:
-            grad.add_(noise[index])
+    """``g ← k·g (+ z)`` for every gradient, in multi-tensor launches (on an accelerator)."""
+    torch._foreach_mul_(grads, k)
+    if noise is not None:
+        torch._foreach_add_(grads, noise)
 
 
 def _sigma(grad: Tensor, given: dict[int, Tensor]) -> Tensor:
@@ -69,6 +65,28 @@ def _sigma(grad: Tensor, given: dict[int, Tensor]) -> Tensor:
     if id(grad) in given:
         return given[id(grad)].to(grad.device, torch.float32) + STD_EPS
     return ge_noise_std(grad)
+
+
+def _modulate_on_cpu(
+    grads: list[Tensor], k: Tensor, noise_scale: Tensor | None, generator: torch.Generator | None, given: dict[int, Tensor]
+) -> None:
+    """The CPU path: tensor by tensor, while ``g`` and ``z`` are in cache, with as few ops per tensor as the
+    reference's roundings allow. Reading ``k`` and ``c`` costs no synchronisation here, so a factor of
+    exactly 1 (``c`` of GE noise, ``k`` of an undamped modality) is not applied: ``x·1 = x`` in every dtype."""
+    dtype = grads[0].dtype
+    scale_k = k.item() != 1.0
+    c = None if noise_scale is None else to_device(noise_scale, torch.device("cpu"), noise_scale.dtype)
+    unit_c = c is not None and c.item() == 1.0
+    for grad in grads:
+        if c is not None:
+            std = _sigma(grad, given)
+            if not unit_c:
+                std = std * c
+            noise = torch.randn(grad.shape, generator=generator, dtype=dtype).mul_(std.to(dtype))
+        if scale_k:
+            grad.mul_(k)
+        if c is not None:
+            grad.add_(noise)
 
 
 def modulate_(
@@ -89,11 +107,14 @@ def modulate_(
     for (device, dtype), members in group_by_device_and_dtype(grads).items():
         group = [grad for _, grad in members]
         k = to_device(coefficient, device, dtype)
+        if device.type == "cpu":
+            _modulate_on_cpu(group, k, noise_scale, generator, sigma_of)
+            continue
         if noise_scale is None:
             _scale_add_(group, k, None)
             continue
         c = to_device(noise_scale, device, noise_scale.dtype)
-        for bucket in buckets(group, BUCKET_ELEMENTS if device.type != "cpu" else 0):
+        for bucket in buckets(group, BUCKET_ELEMENTS):
             noise = [
                 torch.randn(grad.shape, generator=generator, device=device, dtype=dtype).mul_(
                     (_sigma(grad, sigma_of) * c).to(dtype)

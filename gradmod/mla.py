@@ -105,12 +105,21 @@ def owm_update(projector: Tensor, direction: Tensor, alpha: float) -> Tensor:
         raise ValueError(f"projector must be a square floating-point [d, d] matrix, got {projector.dtype} {tuple(projector.shape)}")
     if direction.shape != projector.shape[:1]:
         raise ValueError(f"direction must be [d] = [{projector.shape[0]}], got shape {tuple(direction.shape)}")
+    return _store_(projector.clone(), direction, alpha)
+
+
+def _store_(projector: Tensor, direction: Tensor, alpha: float) -> Tensor:
+    """`owm_update` in place, on checked arguments: one rank-one update, no ``d × d`` temporary.
+
+    ``s = P r / √(α + rᵀ P r)`` and ``P ← P − s sᵀ``, which keeps ``P`` exactly symmetric.
+    """
     r = direction.to(projector.dtype)
     pr = projector @ r
     residual = r @ pr
     if alpha == 0.0 and not bool(residual > _span_tolerance(projector.dtype) * (r @ r)):
-        return projector.clone()
-    return projector - torch.outer(pr, pr) / (alpha + residual)
+        return projector
+    scaled = pr / torch.sqrt(alpha + residual)
+    return projector.addr_(scaled, scaled, alpha=-1.0)
 
 
 def entropy_weights(logits: Mapping[str, Tensor], reading: str = "sample") -> dict[str, Tensor]:
@@ -273,7 +282,7 @@ class MLA:
 
     @property
     def projector(self) -> Tensor | None:
-        """The current projector ``P`` (``[d, d]``), ``None`` without projection."""
+        """The current projector ``P`` (``[d, d]``, updated in place at each step), ``None`` without projection."""
         return self._projector
 
     def observe(self, name: str, features: Tensor) -> None:
@@ -391,7 +400,7 @@ class MLA:
         if _distributed():
             dist.all_reduce(total, op=dist.ReduceOp.SUM)
         mean = total[:-1] / total[-1]
-        self._projector = owm_update(self._projector, mean.to(self._projector.device), self.alpha)
+        _store_(self._projector, mean.to(self._projector.device), self.alpha)
 
     # ------------------------------------------------------------------ test time
     def fused_logits(self, features: Mapping[str, Tensor], reading: str = "sample") -> Tensor:

@@ -7,10 +7,13 @@ STAMP := $(VENV)/.gradmod-installed
 
 .PHONY: demo test test-all docs docs-check bench-speed bench-accuracy clean
 
+# gradmod (editable) with its trainer extras, and the dev and reference dependency groups of
+# pyproject.toml: what the tests, docs, demo and benchmarks need, not part of the published package
+# (pip >= 25.1 installs groups).
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,reference]'
+	$(PY) -m pip install --quiet --upgrade 'pip>=25.1'
+	$(PY) -m pip install --quiet -e '.[lightning,transformers]' --group dev --group reference
 	touch $(STAMP)
 
 demo: $(STAMP)

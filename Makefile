@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.gradmod-installed
 
-.PHONY: demo test test-all docs docs-check bench-speed bench-accuracy clean
+.PHONY: demo test test-all docs docs-check bench-speed gpu-check bench-accuracy clean
 
 # gradmod (editable) with its trainer extras, and the dev and reference dependency groups of
 # pyproject.toml: what the tests, docs, demo and benchmarks need, not part of the published package
@@ -37,6 +37,13 @@ docs-check: $(STAMP)
 
 bench-speed: $(STAMP)
 	$(PY) benchmarks/speed.py
+
+# The first GPU run in one command (benchmarks/gpu_check.py): kernel tests compiled, capture and compile
+# checks, the speed benchmark; writes benchmarks/results/speed_gpu.json and the GPU section of
+# docs/benchmarks/speed.md within 8 minutes. Uses the virtual environment when there is one, else
+# $(PYTHON) as it is (a GPU machine may have torch and Triton installed and no network).
+gpu-check:
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) benchmarks/gpu_check.py
 
 bench-accuracy: $(STAMP)
 	$(PY) benchmarks/accuracy.py

@@ -194,18 +194,21 @@ def official_three_modal_coefficients(steps, alpha, cap):
     return out
 
 
-def test_three_modalities_follow_the_official_three_modal_rule():
+@pytest.mark.parametrize("cap", [7.0, 0.2])  # the UR-Funny cap, and one that the gaps reach
+def test_three_modalities_follow_the_official_three_modal_rule(cap):
     g = torch.Generator().manual_seed(3)
     names = ("vision", "audio", "text")
     steps = []
     for _ in range(5):
         y = torch.randint(0, 3, (10,), generator=g)
         steps.append(([torch.randn(10, 3, generator=g) * scale for scale in (2.0, 0.5, 1.0)], y))
-    policy = agm.AGMPolicy(alpha=1.5, cap=7.0)
-    for (outputs, y), want in zip(steps, official_three_modal_coefficients(steps, 1.5, 7.0)):
+    policy = agm.AGMPolicy(alpha=1.5, cap=cap)
+    expected = official_three_modal_coefficients(steps, 1.5, cap)
+    for (outputs, y), want in zip(steps, expected):
         got = policy(agm.response_evidence(dict(zip(names, outputs)), y))
         policy.commit()
         assert [got[n].item() for n in names] == pytest.approx(want, rel=2e-5)  # float32 evidence
+    assert (max(max(k) for k in expected) == pytest.approx(math.exp(1.5 * cap))) == (cap < 1)
 
 
 # ------------------------------------------------------------------ the equations

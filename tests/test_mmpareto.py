@@ -234,6 +234,22 @@ def test_accumulated_micro_batches_equal_one_batch(rule):
     assert mod.step_count == 2 and [r["step"] for r in mod.history] == [0, 1]
 
 
+def test_gradients_already_in_grad_are_kept_and_added_to():
+    torch.manual_seed(0)
+    model = Net()
+    alone = copy.deepcopy(model)
+    inputs, y, y_uni = batches(2)[1]
+    make(alone).backward(*losses(alone, inputs, y, y_uni))
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.25)  # e.g. another loss's backward() before this one
+    mod = make(model)
+    for _ in range(2):  # and the second call of the step rewrites the combination, not the earlier gradient
+        loss_mm, unimodal = losses(model, inputs, y, y_uni)
+        mod.backward(loss_mm / 2, {n: loss / 2 for n, loss in unimodal.items()})
+    for (name, p), q in zip(model.named_parameters(), alone.parameters()):
+        torch.testing.assert_close(p.grad, q.grad + 0.25, rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_grad_scaler_sees_the_combined_gradients_and_skips_inf_steps():
     torch.manual_seed(0)
     model = Net()

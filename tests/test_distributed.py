@@ -33,6 +33,15 @@ def train(model, mod, data, rank=None, world=1):
     return mod.history
 
 
+def assert_records_close(found, expected, rel=1e-4, abs=1e-6):
+    """The history ``found`` (distributed) records the evidence and coefficients of ``expected``."""
+    assert len(found) == len(expected)
+    for found_record, expected_record in zip(found, expected):
+        for key in ("evidence", "coefficients"):
+            for name, value in expected_record[key].items():
+                assert found_record[key][name] == pytest.approx(value, rel=rel, abs=abs)
+
+
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.manual_seed(0)
@@ -61,10 +70,7 @@ def test_two_gloo_ranks_match_each_other_and_a_single_process_run(tmp_path):
     mod = gradmod.OGMGE({n: model.encoders[n] for n in model.names}, alpha=0.8, seed=7)
     single = train(model, mod, batches(STEPS))
     assert len(single) == STEPS
-    for dist_record, single_record in zip(r0["history"], single):
-        for key in ("evidence", "coefficients"):
-            for name, value in single_record[key].items():
-                assert dist_record[key][name] == pytest.approx(value, rel=1e-4, abs=1e-6)
+    assert_records_close(r0["history"], single)
     for a, b in zip(r0["params"], model.parameters()):
         torch.testing.assert_close(a, b.detach(), rtol=1e-4, atol=1e-5)
 
@@ -183,9 +189,6 @@ def test_ddp_no_sync_accumulation_modulates_once_per_step_with_every_micro_batch
         assert result["history"] == seams[0]["history"]
         for a, b in zip(result["params"], seams[0]["params"]):
             assert torch.equal(a, b), "replicas diverged"
-        for dist_record, single_record in zip(result["history"], history):
-            for key in ("evidence", "coefficients"):
-                for name, value in single_record[key].items():
-                    assert dist_record[key][name] == pytest.approx(value, rel=1e-4, abs=1e-6)
+        assert_records_close(result["history"], history)
         for a, b in zip(result["params"], params):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

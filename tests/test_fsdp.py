@@ -21,6 +21,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+from test_distributed import assert_records_close
 from tiny import TinyModel, batches
 
 import gradmod
@@ -318,13 +319,9 @@ def test_fsdp_ogm_matches_one_process_on_the_whole_batch(fsdp, apply):
     params, history = single_process_ogm(apply)
     for result in fsdp:
         run = result["ogm"][apply]
-        assert len(run["history"]) == STEPS
         for sharded, single in zip(run["params"], params):
             torch.testing.assert_close(sharded, single, rtol=1e-5, atol=1e-6)
-        for sharded_record, single_record in zip(run["history"], history):
-            for key in ("evidence", "coefficients"):
-                for name, value in single_record[key].items():
-                    assert sharded_record[key][name] == pytest.approx(value, rel=1e-5)
+        assert_records_close(run["history"], history, rel=1e-5)
     assert min(record["coefficients"]["audio"] for record in history) < 0.95, "the run must modulate something"
 
 
@@ -338,8 +335,9 @@ def test_resume_through_distributed_checkpoint_continues_the_same_run(fsdp):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="gradmod._backward compares the DTensor wrapper's version counter, which FSDP2's in-place "
-    "accumulation into the local shard never moves: the second pass looks like a discard",
+    reason="gradmod._backward reads the DTensor wrapper's version counter, which FSDP2's in-place "
+    "accumulation into the local shard never moves (the shards, views of one buffer, share theirs): the "
+    "second pass looks like a discard",
 )
 def test_accumulation_with_a_reduce_scatter_per_pass_keeps_every_micro_batch(fsdp):
     for result in fsdp:

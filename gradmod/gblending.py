@@ -180,8 +180,9 @@ def checkpoint(
 
     ``forward(model, batch)`` returns ``({head: [B, C] logits}, [B] class indices)`` for one batch of a
     loader. The model is put in eval mode (its mode is restored) and no gradient is kept. Targets equal to
-    ``ignore_index`` count nowhere. Under ``torch.distributed`` the sums and counts are all-reduced, so
-    every rank returns the means over all ranks' samples. Costs one forward pass over each loader.
+    ``ignore_index`` count nowhere. Under ``torch.distributed`` the sums and counts are all-reduced (a
+    collective: call it on every rank), so every rank returns the means over all ranks' samples. Costs one
+    forward pass over each loader.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -233,7 +234,11 @@ class GBlending:
         return [dict(entry) for entry in self._history]
 
     def update(self, before: HeadLosses, after: HeadLosses) -> dict[str, float]:
-        """Estimate the weights from two checkpoints (`blending_weights`) and use them from now on."""
+        """Estimate the weights from two checkpoints (`blending_weights`) and use them from now on.
+
+        Under ``torch.distributed`` this is a collective (call it on every rank): it raises a ``ValueError``
+        when the ranks recorded different losses.
+        """
         for name, losses in (("before", before), ("after", after)):
             if not isinstance(losses, HeadLosses):
                 raise TypeError(f"{name} must be a gradmod.gblending.HeadLosses, got {type(losses).__name__}")

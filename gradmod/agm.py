@@ -349,9 +349,8 @@ class ResponseScore(Measure):
     def problems(self, names, responses=None, target=None, **_):
         responses = self._checked(names, responses, target)
         flags: dict[str, Tensor] = {}
-        for name in names:
-            for message, flag in _target_problems(name, responses[name], target, self.ignore_index).items():
-                flags[message.replace("logits of modality", "the response of modality")] = flag
+        for name in names:  # a response is the modality's logits: the messages say so
+            flags.update(_target_problems(name, responses[name], target, self.ignore_index))
         return flags
 
     def __repr__(self) -> str:

@@ -398,7 +398,7 @@ def test_bad_input_fails_by_name():
     with pytest.raises(ValueError, match="target holds class indices outside"):
         mod.observe(responses=responses, target=y + 10)
     bad = {"audio": responses["audio"], "visual": responses["visual"] * float("nan")}
-    with pytest.raises(ValueError, match="the response of modality 'visual' contain NaN"):
+    with pytest.raises(ValueError, match="logits of modality 'visual' contain NaN"):
         mod.observe(responses=bad, target=y)
     with pytest.raises(ValueError, match=r"responses\['audio'\] must be \[batch, classes\]"):
         mod.observe(responses={"audio": responses["audio"][0], "visual": responses["visual"]}, target=y)

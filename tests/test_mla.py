@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from hypothesis import given
+from hypothesis import given, settings
 from tiny import batches
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -103,6 +103,7 @@ def random_logits(seed, batch, classes, modalities, scale=3.0):
 
 
 @pytest.mark.parametrize("reading", ["sample", "batch"])
+@settings(max_examples=25)  # parametrized: 50 examples in all
 @given(args=logit_batches)
 def test_entropy_weights_are_a_distribution_over_modalities_and_follow_renaming(reading, args):
     logits = random_logits(*args)
@@ -117,6 +118,7 @@ def test_entropy_weights_are_a_distribution_over_modalities_and_follow_renaming(
 
 
 @pytest.mark.parametrize("reading", ["sample", "batch"])
+@settings(max_examples=25)  # parametrized: 50 examples in all
 @given(args=logit_batches)
 def test_identical_predictions_weigh_equally_and_fuse_to_themselves(reading, args):
     z = random_logits(*args[:3], 1)["m0"]
@@ -173,6 +175,7 @@ def official_gating_weights(*outputs):
 
 
 @pytest.mark.parametrize("modalities", [2, 3])
+@settings(max_examples=25)  # parametrized: 50 examples in all
 @given(seed=st.integers(0, 2**31))
 def test_batch_reading_matches_the_official_gating_weights(modalities, seed):
     logits = random_logits(seed, 8, 6, modalities, scale=2.0)

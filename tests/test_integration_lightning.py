@@ -37,11 +37,12 @@ def loader(items) -> torch.utils.data.DataLoader:
 class Module(L.LightningModule):
     """TinyModel trained with cross-entropy; ``inf_at``: (epoch, batch) whose loss is made infinite."""
 
-    def __init__(self, inf_at: tuple = ()) -> None:
+    def __init__(self, inf_at: tuple = (), fused: bool = False) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.model = TinyModel()
         self.inf_at = set(inf_at)
+        self.fused = fused
 
     def training_step(self, batch, batch_idx):
         inputs, y = batch
@@ -51,7 +52,7 @@ class Module(L.LightningModule):
         return loss * math.inf if (self.current_epoch, batch_idx) in self.inf_at else loss
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=LR, momentum=0.9)
+        return torch.optim.SGD(self.parameters(), lr=LR, momentum=0.9, fused=self.fused)
 
 
 def ogm_ge(module: Module) -> gradmod.Modulator:
@@ -74,9 +75,9 @@ def fit(module: L.LightningModule, callback: GradModCallback, ckpt_path=None, **
     return run
 
 
-def plain_run(precision="32-true", accumulate=1, clip=None, clip_first=False, inf_at=()):
+def plain_run(precision="32-true", accumulate=1, clip=None, clip_first=False, inf_at=(), fused=False):
     """The same training as ``fit`` in a hand-written loop; returns (model, modulator)."""
-    module = Module(inf_at)
+    module = Module(inf_at, fused)
     model = module.model
     optimizer = module.configure_optimizers()
     mod = ogm_ge(module)
@@ -136,17 +137,19 @@ def test_fit_follows_the_plain_loop(precision, accumulate):
     assert_same_run(module, callback.modulator, *plain_run(precision, accumulate))
 
 
-def test_a_step_the_scaler_skips_is_not_modulated_and_drops_its_evidence():
-    """16-mixed: an infinite loss makes the scaler skip a step; the next step sees only its own batches."""
+@pytest.mark.parametrize("fused", [False, True], ids=["unscaled-by-lightning", "fused-unscales-in-step"])
+def test_a_step_the_scaler_skips_is_not_modulated_and_drops_its_evidence(fused):
+    """16-mixed: an infinite loss makes the scaler skip a step; the next step sees only its own batches.
+    A fused optimizer unscales inside its step, so Lightning leaves the gradients scaled for the callback."""
     inf_at = ((0, 3),)  # the second batch of the second accumulation window
-    module = Module(inf_at)
+    module = Module(inf_at, fused)
     callback = GradModCallback(ogm_ge)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # no "step without observe()" after the skip
         fit(module, callback, precision="16-mixed", accumulate_grad_batches=2)
     mod = callback.modulator
     assert mod.step_count == EPOCHS * BATCHES // 2 - 1
-    assert_same_run(module, mod, *plain_run("16-mixed", 2, inf_at=inf_at))
+    assert_same_run(module, mod, *plain_run("16-mixed", 2, inf_at=inf_at, fused=fused))
 
 
 def test_modulation_comes_before_lightnings_gradient_clipping():

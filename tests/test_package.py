@@ -13,6 +13,7 @@ index, so the versions this test environment holds satisfy every requirement the
 from __future__ import annotations
 
 import email.parser
+import importlib
 import json
 import os
 import shutil
@@ -113,6 +114,8 @@ import gradmod
 site = Path(sysconfig.get_paths()["purelib"]).resolve()
 assert Path(gradmod.__file__).resolve().is_relative_to(site), f"gradmod imported from {gradmod.__file__}"
 assert importlib.util.find_spec("reference_models") is None, "the wheel must not ship reference_models"
+optional = sorted({m.split(".")[0] for m in sys.modules} & {"lightning", "transformers", "accelerate"})
+assert not optional, f"import gradmod imported {optional}: the core needs torch and numpy only"
 import gradmod.integrations.lightning, gradmod.integrations.transformers
 pages = json.loads(sys.argv[1])
 for page, blocks in pages.items():
@@ -143,3 +146,12 @@ def test_the_wheel_installed_alone_runs_the_readme_examples(dist, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = run(python, "-I", "-c", CHECK, json.dumps(pages), cwd=work, env=env).stdout
     assert out.strip().endswith(f"{gradmod.__version__} {site / 'gradmod' / '__init__.py'}")
+
+
+@pytest.mark.parametrize("extra", sorted(EXTRAS))
+def test_an_integration_without_its_library_names_the_extra(extra, monkeypatch):
+    module = f"gradmod.integrations.{extra}"
+    monkeypatch.delitem(sys.modules, module, raising=False)
+    monkeypatch.setitem(sys.modules, extra, None)  # as if the library were not installed
+    with pytest.raises(ImportError, match=rf"pip install 'gradmod\[{extra}\]'"):
+        importlib.import_module(module)

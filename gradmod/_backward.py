@@ -8,6 +8,10 @@ The modulator needs two facts about gradients that no optimizer hook reports:
   (a weak reference to the tensor and its in-place version counter). A gradient that is later ``None``,
   another tensor, or changed in place (``zero_grad(set_to_none=False)``) was discarded — unless the change
   is exactly one more backward accumulation, which the accumulate hooks see (version + 1 on the same tensor).
+  Gradients that are views of one shared buffer (DDP's ``gradient_as_bucket_view=True``, FSDP2's shards)
+  share its counter, which the other parameters' accumulations move too: for them an accumulation is
+  "at least one more", so zeroing such gradients in place cannot be told from accumulating
+  (``set_to_none=True``, torch's default, is still seen).
 * **Which modalities did a pass reach?** Features mode must know that a pass reached an encoder's
   parameters without passing its scaled feature tensor.
 
@@ -33,6 +37,12 @@ _Record = tuple[weakref.ReferenceType, int]
 def _queue_callback(callback: Callable[[], None]) -> None:
     """Run ``callback`` when the current backward pass ends (the engine's queue, as DDP and FSDP use it)."""
     torch.autograd.Variable._execution_engine.queue_callback(callback)
+
+
+def _version_holder(grad: Tensor) -> Tensor:
+    """The tensor whose version counter moves when ``grad`` changes in place: a DTensor's local shard
+    (FSDP2 accumulates into it, never touching the wrapper's counter), else the gradient itself."""
+    return getattr(grad, "_local_tensor", grad)
 
 
 def _remove_hooks(hooks: dict[int, RemovableHandle]) -> None:
@@ -97,7 +107,12 @@ class BackwardMonitor:
     def _intact(self, key: int, accumulations: int) -> bool:
         reference, version = self._records[key]
         grad = self._params[key].grad
-        return grad is not None and reference() is grad and grad._version == version + accumulations
+        if grad is None or reference() is not grad:
+            return False
+        counter = _version_holder(grad)
+        if accumulations and counter._is_view():  # views of one buffer share its counter: others move it too
+            return counter._version >= version + accumulations
+        return counter._version == version + accumulations
 
     def _accumulated(self, parameter: Tensor) -> None:
         key = id(parameter)
@@ -112,7 +127,7 @@ class BackwardMonitor:
         for key in self._reached_keys():
             grad = self._params[key].grad
             if grad is not None:
-                self._records[key] = (weakref.ref(grad), grad._version)
+                self._records[key] = (weakref.ref(grad), _version_holder(grad)._version)
         reached, discarded = frozenset(self._reached), self._discarded_in_pass
         self._reached.clear()
         self._discarded_in_pass = False

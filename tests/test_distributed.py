@@ -167,11 +167,6 @@ def test_ddp_accumulation_without_no_sync_keeps_all_evidence(seams):
             assert result["evidence"][name] == pytest.approx(value, rel=1e-5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="with gradient_as_bucket_view=True the gradients are views of one bucket and share its version "
-    "counter, so gradmod._backward reads another gradient's accumulation as a discard",
-)
 def test_ddp_bucket_view_accumulation_keeps_all_evidence(seams):
     for result in seams:
         assert result["bucket_view"] is not None, "the step was not modulated: its evidence was dropped"

@@ -333,12 +333,6 @@ def test_resume_through_distributed_checkpoint_continues_the_same_run(fsdp):
             torch.testing.assert_close(resumed, straight, rtol=0, atol=0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gradmod._backward reads the DTensor wrapper's version counter, which FSDP2's in-place "
-    "accumulation into the local shard never moves (the shards, views of one buffer, share theirs): the "
-    "second pass looks like a discard",
-)
 def test_accumulation_with_a_reduce_scatter_per_pass_keeps_every_micro_batch(fsdp):
     for result in fsdp:
         assert len(result["accumulation"]["history"]) == 1

@@ -153,6 +153,23 @@ def test_resuming_from_a_checkpoint_gives_the_uninterrupted_run(tmp_path, given)
     assert_same_run(model, callback.modulator, whole, whole_callback.modulator)
 
 
+class Wrapper(nn.Module):
+    """The Trainer's model; the evidence comes from the forward of a submodule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = TwoTower()
+
+    def forward(self, audio, visual, labels=None):
+        return self.inner(audio, visual, labels)
+
+
+def test_a_submodule_of_the_trainers_model_reports_the_evidence(tmp_path):
+    callback = GradModCallback(lambda model: ogm_ge(model.inner))
+    trainer, model = train(tmp_path, callback, model=Wrapper())
+    assert callback.modulator.step_count == trainer.state.global_step == EPOCHS * SAMPLES // BATCH
+
+
 # ------------------------------------------------------------------ misuse is a clear error
 def test_observe_in_training_mode_outside_trainer_train_is_an_error():
     model = TwoTower()

@@ -20,7 +20,7 @@ frozen when the modulator was built and unfrozen later is modulated too.
 
 from __future__ import annotations
 
-import math
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -94,6 +94,12 @@ class _Selection:
                         "a parameter can belong to one modality only"
                     )
                 owner[id(p)] = (name, pname)
+                if getattr(p, "_fsdp_flattened", False):
+                    raise ValueError(
+                        f"parameter {pname!r} of modality {name!r} is a flattened FSDP1 (FullyShardedDataParallel) "
+                        "parameter, whose pieces are not the model's tensors: gradmod cannot modulate it; shard the "
+                        "model with FSDP2's fully_shard instead (see the Distributed page of the docs)"
+                    )
                 if self._filter is None or self._filter(pname, p):
                     chosen.append(entry)
             if not chosen and self._require_some:
@@ -204,6 +210,7 @@ class ParamsApplier(Applier):
         self.param_filter = param_filter
         self.draws_noise = noise is not None
         self._selection = None
+        self._warned_empty: set[str] = set()
 
     def _param_filter(self) -> ParamFilter | None:
         return self.param_filter
@@ -215,6 +222,14 @@ class ParamsApplier(Applier):
         grads, sharded = [], False
         for name, params in zip(self.names, self.parameter_groups()):
             present = [p.grad for p in params if p.grad is not None]
+            if not present and name not in self._warned_empty:
+                self._warned_empty.add(name)
+                warnings.warn(
+                    f"gradmod: modality {name!r} has no gradient at step {step}: nothing of it to modulate (an unused "
+                    "branch, or gradients not materialised when the optimizer steps); this warning is shown once",
+                    RuntimeWarning,
+                    stacklevel=5,
+                )
             if any(g.is_sparse for g in present):
                 raise ValueError(f"modality {name!r} has sparse gradients, which gradmod does not modulate")
             sharded = sharded or any(is_dtensor(g) for g in present)  # FSDP2: see gradmod.sharded

@@ -246,6 +246,13 @@ def test_a_parameter_moved_into_two_modalities_after_build_fails_by_name():
         mod.params
 
 
+def test_flattened_fsdp1_parameters_fail_by_name():
+    model = TinyModel()
+    model.encoders["audio"][0].weight._fsdp_flattened = True  # what FSDP1 marks its flat parameters with
+    with pytest.raises(ValueError, match="'0.weight' of modality 'audio' is a flattened FSDP1"):
+        make_ogm(model)
+
+
 # ------------------------------------------------------------------ 4. features mode
 class TwoTower(nn.Module):
     """Encoders and a concat head; optionally routes features through a modulator's scale_grad."""

@@ -52,28 +52,33 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gradmod._internal import check_logits_target, check_names, per_modality, real_scalar
+from gradmod._internal import (
+    check_logits_target,
+    check_names,
+    per_modality,
+    real_scalar,
+)
 from gradmod.appliers import Applier, Modality, scale_grad
 from gradmod.measures import IGNORE_INDEX, Measure, _ignore_index, _target_problems
 from gradmod.modulator import Modulator
 
 __all__ = [
     "AGM",
-    "AGMModulator",
-    "AGMPolicy",
-    "ResponseScore",
-    "ResponseApplier",
-    "MonoResponses",
-    "mono_responses",
-    "coalitions",
-    "shapley_values",
-    "response_evidence",
-    "centered_scores",
-    "agm_ratios",
-    "agm_coefficients",
-    "official_clip_",
     "CONVENTIONS",
     "PROBABILITY_FLOOR",
+    "AGMModulator",
+    "AGMPolicy",
+    "MonoResponses",
+    "ResponseApplier",
+    "ResponseScore",
+    "agm_coefficients",
+    "agm_ratios",
+    "centered_scores",
+    "coalitions",
+    "mono_responses",
+    "official_clip_",
+    "response_evidence",
+    "shapley_values",
 ]
 
 #: The official code replaces a true-class probability below this by it before the logarithm.

@@ -38,7 +38,6 @@ as usual (pass ``scaler.scale(loss)`` for each loss).
 
 from __future__ import annotations
 
-import math
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -50,7 +49,7 @@ from torch import Tensor, nn
 from gradmod._internal import check_names, real_scalar
 from gradmod.appliers import Modality, _Selection
 
-__all__ = ["MMPareto", "RULES", "min_norm_weight", "official_min_norm_weight", "pareto_weight", "combine_gradients"]
+__all__ = ["RULES", "MMPareto", "combine_gradients", "min_norm_weight", "official_min_norm_weight", "pareto_weight"]
 
 #: ``"paper"``: exact min-norm weights, whole-encoder rescaling to ``γ·‖g + u‖``, ``γ = 1`` by default;
 #: ``"official"``: the official code's weights (0.999/0.001 at the ends), per-tensor upward rescaling, ``γ = 1.5``.

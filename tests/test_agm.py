@@ -3,8 +3,8 @@ backward-time applier, and a cross-check against a transcription of the official
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import itertools
 import math
 import os
 
@@ -243,7 +243,7 @@ def test_shapley_values_are_efficient_symmetric_and_exact_on_additive_models(cas
 def test_official_responses_are_shapley_values_plus_an_mth_of_the_empty_coalition():
     torch.manual_seed(0)
     model = Net()
-    inputs, y = batches(1)[0]
+    inputs, _ = batches(1)[0]
     shapley = agm.mono_responses(copy.deepcopy(model), inputs)  # each full pass updates batch-norm statistics
     official = agm.mono_responses(model, inputs, convention="official")
     assert official.remainder is None and shapley.remainder is not None
@@ -304,7 +304,7 @@ def test_ratios_multiply_to_one_and_are_one_when_balanced(m, batch, seed):
 @given(st.floats(0.01, 20.0), st.floats(0.01, 20.0), st.floats(0.0, 4.0), st.one_of(st.none(), st.floats(0.0, 10.0)))
 def test_coefficients_lie_in_range_are_one_on_target_and_fall_with_the_ratio(ratio, target, alpha, cap):
     def k(r, t):
-        as_tensor = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
+        as_tensor = lambda x: torch.tensor(x, dtype=torch.float64)
         return agm.agm_coefficients({"a": as_tensor(r)}, {"a": as_tensor(t)}, alpha, cap)["a"].item()
 
     assert 0 < k(ratio, target) <= (math.exp(alpha * cap) if cap is not None else math.inf) * (1 + 1e-12)
@@ -412,9 +412,8 @@ def test_bad_input_fails_by_name():
         agm.mono_responses(
             model, inputs, convention="official", forward=lambda x: model(**x)[:, :3] if (x["visual"] == 0).all() else model(**x)
         )
-    with pytest.raises(ValueError, match="does not require grad"):
-        with torch.no_grad():
-            mod.combine(agm.mono_responses(model, inputs))
+    with pytest.raises(ValueError, match="does not require grad"), torch.no_grad():
+        mod.combine(agm.mono_responses(model, inputs))
 
 
 def test_without_a_cap_an_overflowing_coefficient_is_refused_before_any_gradient_changes():
@@ -558,3 +557,33 @@ def test_two_gloo_ranks_agree_with_each_other_and_with_the_global_batch(tmp_path
             assert got["evidence"][n] == pytest.approx(want["evidence"][n], rel=1e-5)
     for a, b in zip(r0["params"], model.parameters()):
         torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_without_validation_a_degenerate_step_leaves_the_targets_alone_as_with_validation():
+    """validate=False: no host synchronisation, the policy runs on every step's evidence, also a degenerate one
+    (every target ignored), which must not move the running targets; validate=True never calls it there."""
+    model, twin, data = twin_runs(4)
+    data[2] = (data[2][0], torch.full_like(data[2][1], -100))
+    runs = []
+    for net, validate in ((model, True), (twin, False)):
+        opt = torch.optim.SGD(net.parameters(), lr=0.5)
+        mod = make_agm(net, alpha=2.0, validate=validate)
+        mod.attach(opt)
+        for inputs, y in data:
+            degenerate = validate and bool((y == -100).all())
+            with pytest.warns(RuntimeWarning, match="degenerate step 2") if degenerate else contextlib.nullcontext():
+                opt.zero_grad()
+                responses = agm.mono_responses(net, inputs)
+                mod.observe(responses=responses, target=y)
+                F.cross_entropy(mod.combine(responses), y, reduction="sum").backward()
+                opt.step()
+        runs.append(mod)
+    assert [r["status"] for r in runs[1].history] == ["applied", "applied", "degenerate", "applied"]
+    assert runs[0].policy.steps == 3 and runs[1].policy.steps == 3
+    for a, b in zip(runs[0].history, runs[1].history):
+        for n in NAMES:
+            assert a["coefficients"][n] == pytest.approx(b["coefficients"][n], rel=1e-6)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q)
+    info = gradmod.METHODS["agm"]
+    assert info.preset is gradmod.AGM and info.loop == "responses" and isinstance(runs[0], agm.AGMModulator)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 from torch.nn import functional as F
@@ -155,7 +155,7 @@ def test_the_paper_rule_rescales_the_whole_encoder_and_the_official_rule_each_te
     u = [torch.tensor([-1.0, 0.5], dtype=torch.float64), torch.tensor([2.0, 1.0], dtype=torch.float64)]
     paper, stats = mmpareto.combine_gradients(g, u, "paper", gamma=1.0)
     official, _ = mmpareto.combine_gradients(g, u, "official", gamma=1.0)
-    flat = lambda ts: torch.cat(ts)  # noqa: E731
+    flat = lambda ts: torch.cat(ts)
     v11, v12, v22 = flat(g) @ flat(g), flat(g) @ flat(u), flat(u) @ flat(u)
     assert v12 < 0
     w = mmpareto.min_norm_weight(v11, v12, v22)
@@ -369,3 +369,17 @@ def test_two_gloo_ranks_agree_with_each_other_and_with_the_global_batch(tmp_path
     for got, want in zip(r0["history"], single.history):
         for n in NAMES:
             assert got["unimodal_weight"][n] == pytest.approx(want["unimodal_weight"][n], rel=1e-4, abs=1e-6)
+
+
+def test_the_history_keeps_the_last_steps_and_the_registry_names_mmpareto():
+    torch.manual_seed(0)
+    model = Net()
+    mod = make(model, history_size=2)
+    for inputs, y, y_uni in batches(4):
+        model.zero_grad()
+        mod.backward(*losses(model, inputs, y, y_uni))
+    assert [r["step"] for r in mod.history] == [2, 3] and mod.history_dropped == 2
+    with pytest.raises(ValueError, match="history_size must be None"):
+        make(model, history_size=0)
+    info = gradmod.METHODS["mmpareto"]
+    assert info.preset is gradmod.MMPareto and info.loop == "backward"

@@ -303,11 +303,10 @@ class MMPareto:
 
     def _accumulate(self, p: Tensor, g: Tensor, u: Tensor) -> None:
         entry = self._accumulated.get(id(p))
-        if entry is None:
-            self._accumulated[id(p)] = (p, g.clone(), u.clone(), p.grad)
+        if entry is None:  # kept as they are, never written to (autograd may return expanded views)
+            self._accumulated[id(p)] = (p, g, u, p.grad)
         else:
-            entry[1].add_(g)
-            entry[2].add_(u)
+            self._accumulated[id(p)] = (p, entry[1] + g, entry[2] + u, entry[3])
 
     def _combined(self, groups: list[list[Tensor]]) -> tuple[dict[Tensor, Tensor], Tensor]:
         """The combined gradient of every accumulated parameter, and the step's statistics ``[3, M]``."""

@@ -233,11 +233,14 @@ class MMPareto:
         """
         losses = self._checked_losses(multimodal_loss, unimodal_losses)
         groups = [[p for p in params if p.requires_grad] for params in self._selection.groups()]
+        frozen = [name for name, params in zip(self.names, groups) if not params]
+        if frozen:
+            raise ValueError(f"the encoders of {frozen} have no parameter that requires grad: MMPareto has nothing to combine there")
         everything = [p for params in groups for p in params]
         multimodal = list(torch.autograd.grad(losses[0], everything, retain_graph=True, allow_unused=True))
         unimodal: list[Tensor | None] = []
         for name, params, loss in zip(self.names, groups, losses[1:]):
-            grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True) if params else ()
+            grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
             if all(grad is None for grad in grads):
                 raise ValueError(
                     f"the unimodal loss of modality {name!r} reaches none of {name!r}'s encoder parameters: "

@@ -295,6 +295,9 @@ def test_bad_input_fails_by_name():
         make(model, gamma=0.0)
     with pytest.raises(ValueError, match="two or more names"):
         gradmod.MMPareto({"audio": model.encoders["audio"]})
+    model.encoders["visual"].requires_grad_(False)
+    with pytest.raises(ValueError, match=r"the encoders of \['visual'\] have no parameter that requires grad"):
+        mod.backward(loss_mm, unimodal)
     assert all(p.grad is None for p in model.parameters()), "failed calls must leave the gradients alone"
 
 

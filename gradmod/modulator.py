@@ -366,23 +366,22 @@ class Modulator:
     def attach(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
         """Run `step` before every ``optimizer.step()``; returns the hook's handle (`detach` removes it).
 
-        Checks that the optimizer holds the modulated parameters: none held raises ``ValueError``, some not
-        held warns with their names. One modulator attaches to one optimizer, once. Under
+        Checks the optimizer first (`check_optimizer`). A wrapper that holds a torch optimizer in its
+        ``optimizer`` attribute (Accelerate's ``AcceleratedOptimizer``) is attached through that optimizer,
+        whose ``step()`` the wrapper calls. One modulator attaches to one optimizer, once. Under
         ``torch.amp.GradScaler`` a step with ``inf``/``NaN`` gradients is skipped by the scaler and not seen
         here (fused optimizers: the hook reads the scaler's ``found_inf`` and skips as well); its evidence is
         dropped. Optimizers whose ``step()`` takes a closure (LBFGS) compute gradients inside ``step()``,
         after the hook: they raise a ``RuntimeError`` at the first step.
         """
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"attach() needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        optimizer = _unwrapped(optimizer)
         if self.attached_to is not None:
             where = "this optimizer" if self.attached_to is optimizer else "another optimizer"
             raise ValueError(
                 f"this modulator is already attached to {where}; a modulator steps with one optimizer, once "
                 "(detach() first; for per-modality learning rates use parameter groups of one optimizer)"
             )
-        self._check_optimizer_holds_parameters(optimizer)
-        self.applier.prepare()  # the model may have moved to its device since the modulator was built
+        self.check_optimizer(optimizer)
         self._handle = optimizer.register_step_pre_hook(self._pre_step)
         self._optimizer = weakref.ref(optimizer)
         return self._handle
@@ -404,7 +403,13 @@ class Modulator:
             self._handle.remove()
         self._handle = self._optimizer = None
 
-    def _check_optimizer_holds_parameters(self, optimizer: torch.optim.Optimizer) -> None:
+    def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """What `attach` checks, for loops that call `step` themselves (trainer callbacks).
+
+        The optimizer must hold the modulated parameters: none held raises ``ValueError``, some not held
+        warns with their names. Also places the applier's buffers on the parameters' current device.
+        """
+        optimizer = _unwrapped(optimizer)
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
         named = self.applier.named_parameters()
         missing = [f"{name}: {pname}" for name, params in named.items() for pname, p in params if id(p) not in held]
@@ -422,6 +427,16 @@ class Modulator:
                 RuntimeWarning,
                 stacklevel=3,
             )
+        self.applier.prepare()  # the model may have moved to its device since the modulator was built
+
+    def skip_step(self) -> None:
+        """The optimizer skips this step (e.g. ``GradScaler`` found ``inf``): drop its evidence, count nothing.
+
+        What the `attach` hook does by itself when it sees a skipped step; for loops that step the
+        modulator themselves.
+        """
+        self._drop_pending()
+        self._prepared = None
 
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)  # args[0] is the optimizer
@@ -435,8 +450,7 @@ class Modulator:
         if found_inf is not None and self.capture_safe:
             self._step_on_device(skipped=found_inf)
         elif found_inf is not None and bool(found_inf.item()):
-            self._drop_pending()  # GradScaler skips this step: so does modulation, and its evidence goes
-            self._prepared = None
+            self.skip_step()  # GradScaler skips this step: so does modulation, and its evidence goes
         else:
             self.step()
 
@@ -611,6 +625,17 @@ class Modulator:
             f"Modulator(modalities={list(self.names)}, measure={self.measure!r}, policy={self.policy!r}, "
             f"apply={self.applier!r}, window=[{self.start_step}, {self.stop_step}))"
         )
+
+
+def _unwrapped(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer a wrapper holds in ``.optimizer`` (Accelerate's ``AcceleratedOptimizer``, itself an
+    ``Optimizer`` subclass without step hooks of its own), or ``optimizer``; else a ``TypeError``."""
+    inner = optimizer
+    while isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer):
+        inner = inner.optimizer
+    if not isinstance(inner, torch.optim.Optimizer):
+        raise TypeError(f"attach() needs a torch.optim.Optimizer (or a wrapper holding one), got {type(optimizer).__name__}")
+    return inner
 
 
 def _history_from_version_1(entries: list[tuple[int, Tensor, Tensor, Tensor]]) -> dict[str, Any]:

@@ -616,3 +616,34 @@ def test_the_package_cites_papers_by_title_not_by_file():
         if any(word in line for word in ("paper 00", "shared/papers", "papers/README", "``00"))
     ]
     assert offenders == []
+
+
+def test_skip_step_drops_the_evidence_without_counting_a_step():
+    torch.manual_seed(0)
+    model = TinyModel()
+    mod = make_ogm(model)
+    first, second = batches(2, seed=9)
+    _, decoupled, _, _ = model(first[0])
+    mod.observe(logits=decoupled, target=first[1])
+    mod.skip_step()
+    plain, _ = one_step(model, mod, seed=9)  # one_step observes batches(1, seed=9): the first batch again
+    assert mod.step_count == 1
+    _, decoupled, _, _ = model(first[0])
+    assert mod.last["evidence"]["audio"] == pytest.approx(summed_scores(decoupled, first[1])["audio"], rel=1e-5)
+
+
+def test_attach_reaches_the_torch_optimizer_inside_a_wrapper():
+    class Wrapper:  # the shape of Accelerate's AcceleratedOptimizer
+        def __init__(self, optimizer):
+            self.optimizer = optimizer
+
+        def step(self):
+            self.optimizer.step()
+
+    model = TinyModel()
+    mod = make_ogm(model)
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    mod.attach(Wrapper(inner))
+    assert mod.attached_to is inner
+    with pytest.raises(TypeError, match="needs a torch.optim.Optimizer"):
+        make_ogm(model).attach(object())

@@ -83,11 +83,9 @@ class GradModCallback(_pl.Callback):
                 "the modulator is attached to an optimizer, but GradModCallback steps it itself: do not call "
                 "attach() (or detach() it first)"
             )
-        # attach() checks that this optimizer holds the modulated parameters and places the applier's
-        # buffers on the module's device; its pre-hook would run before Lightning's closure computes the
-        # gradients, so the callback steps the modulator itself.
-        modulator.attach(optimizer)
-        modulator.detach()
+        # attach()'s pre-hook would run before Lightning's closure computes the gradients, so the callback
+        # steps the modulator itself, after the same checks
+        modulator.check_optimizer(optimizer)
         if self._restored is not None:
             modulator.load_state_dict(self._restored)
             self._restored = None
@@ -100,7 +98,7 @@ class GradModCallback(_pl.Callback):
             return
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if scaler is not None and scaler.is_enabled() and _scaler_skips(scaler, optimizer):
-            _drop_pending_evidence(self._modulator)
+            self._modulator.skip_step()
             return
         self._modulator.step()
 
@@ -167,9 +165,3 @@ def _scaler_skips(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer
     found = scaler._found_inf_per_device(optimizer) or scaler._check_inf_per_device(optimizer)
     return bool(sum(value.item() for value in found.values()))
 
-
-def _drop_pending_evidence(modulator: Modulator) -> None:
-    """Forget the evidence of a step the scaler skips: the modulator's state without it (step unchanged)."""
-    state = modulator.state_dict()
-    state["pending"] = None
-    modulator.load_state_dict(state)

@@ -84,7 +84,7 @@ class GradModCallback(_transformers.TrainerCallback):
             )
         if state.global_step > 0:  # resumed: the Trainer loaded the checkpoint's trainer state
             modulator.load_state_dict(self._saved_state(args, state))
-        modulator.attach(_torch_optimizer(optimizer))
+        modulator.attach(optimizer)  # through Accelerate's AcceleratedOptimizer to the torch optimizer
         self._modulator, self._attached = modulator, True
         _TRAINING[model] = self
 
@@ -137,13 +137,6 @@ def observe(model: nn.Module, **inputs: Any) -> None:
             "from the forward of the Trainer's model (or of one of its submodules) during trainer.train()"
         )
     callback.modulator.observe(**inputs)
-
-
-def _torch_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """The torch optimizer inside Accelerate's ``AcceleratedOptimizer`` (which has no step hooks of its own)."""
-    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
-        optimizer = optimizer.optimizer
-    return optimizer
 
 
 def _checkpoint_folder(args: _transformers.TrainingArguments, state: _transformers.TrainerState) -> str:

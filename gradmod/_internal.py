@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 #: Added to a gradient's standard deviation before it scales the GE noise: ``grad.std() + 1e-8`` in the
@@ -96,3 +97,34 @@ def constants(m: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor,
 def wide_dtype(device: torch.device) -> torch.dtype:
     """float64 for evidence and ratios (float32 on MPS, which has no float64)."""
     return torch.float32 if device.type == "mps" else torch.float64
+
+
+def distributed() -> bool:
+    """Whether ``torch.distributed`` is available and initialised."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def collective_device(device: torch.device) -> torch.device:
+    """Where a tensor for a collective must live: the current CUDA device under NCCL, else ``device``."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def target_problems(name: str, logits: Tensor, target: Tensor, ignore_index: int | None) -> dict[str, Tensor]:
+    """Device flags for bad logits/target values (a measure's ``problems``): NaN logits, classes out of range."""
+    classes = logits.shape[1]
+    outside = (target < 0) | (target >= classes)
+    if ignore_index is not None:
+        outside &= target != ignore_index
+    return {
+        f"logits of modality {name!r} contain NaN or inf": ~torch.isfinite(logits.detach()).all(),
+        f"target holds class indices outside [0, {classes})": outside.any(),
+    }
+
+
+def checked_ignore_index(value: int | None) -> int | None:
+    """``ignore_index`` checked to be an int (or ``None``)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise TypeError(f"ignore_index must be an int or None, got {value!r}")
+    return value

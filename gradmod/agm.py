@@ -55,11 +55,13 @@ from torch import Tensor, nn
 from gradmod._internal import (
     check_logits_target,
     check_names,
+    checked_ignore_index,
     per_modality,
     real_scalar,
+    target_problems,
 )
 from gradmod.appliers import Applier, Modality, scale_grad
-from gradmod.measures import IGNORE_INDEX, Measure, _ignore_index, _target_problems
+from gradmod.measures import IGNORE_INDEX, Measure
 from gradmod.modulator import Modulator
 
 __all__ = [
@@ -337,7 +339,7 @@ class ResponseScore(Measure):
     inputs = ("responses", "target")
 
     def __init__(self, ignore_index: int | None = IGNORE_INDEX) -> None:
-        self.ignore_index = _ignore_index(ignore_index)
+        self.ignore_index = checked_ignore_index(ignore_index)
 
     def _checked(self, names: Sequence[str], responses: Any, target: Any) -> Mapping[str, Tensor]:
         responses = per_modality(responses, names, "observe(responses=...)")
@@ -355,7 +357,7 @@ class ResponseScore(Measure):
         responses = self._checked(names, responses, target)
         flags: dict[str, Tensor] = {}
         for name in names:  # a response is the modality's logits: the messages say so
-            flags.update(_target_problems(name, responses[name], target, self.ignore_index))
+            flags.update(target_problems(name, responses[name], target, self.ignore_index))
         return flags
 
     def __repr__(self) -> str:

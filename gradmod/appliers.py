@@ -33,7 +33,7 @@ from gradmod._internal import constants, per_modality
 from gradmod.kernels import BACKENDS, NoiseKey, modulate_modalities_
 from gradmod.sharded import is_dtensor, modulate_sharded_
 
-__all__ = ["Applier", "ParamsApplier", "FeaturesApplier", "ParamFilter", "Modality", "scale_grad"]
+__all__ = ["Applier", "ParamsApplier", "FeaturesApplier", "ParameterSelection", "ParamFilter", "Modality", "scale_grad"]
 
 #: ``param_filter(name, parameter) -> bool`` selects the parameters of a modality to modulate.
 ParamFilter = Callable[[str, nn.Parameter], bool]
@@ -64,8 +64,14 @@ def _entries(source: Modality, modality: str) -> list[_Entry]:
     return entries
 
 
-class _Selection:
-    """The parameters of each modality, resolved from their sources and re-resolved when one was replaced."""
+class ParameterSelection:
+    """The parameters of each modality, resolved from their sources (modules or parameter lists) when used.
+
+    A module's parameters are re-resolved when one of them was replaced (``to_empty()``,
+    ``load_state_dict(assign=True)``), checked to belong to one modality only, and filtered by
+    ``param_filter``; ``require_some`` makes a modality with nothing selected an error. Appliers and the
+    methods outside the modulator (MLA, MMPareto) resolve their modalities through it.
+    """
 
     def __init__(self, modalities: Mapping[str, Modality], param_filter: ParamFilter | None, require_some: bool) -> None:
         if not isinstance(modalities, (Mapping, nn.ModuleDict)):
@@ -136,7 +142,7 @@ class Applier(ABC):
         """Resolve the modalities' parameters (called once by the modulator)."""
         if getattr(self, "_selection", None) is not None:
             raise ValueError(f"{self!r} is already bound to a modulator: build one applier per modulator")
-        self._selection = _Selection(modalities, self._param_filter(), require_some=self._requires_parameters())
+        self._selection = ParameterSelection(modalities, self._param_filter(), require_some=self._requires_parameters())
 
     def _param_filter(self) -> ParamFilter | None:
         return None

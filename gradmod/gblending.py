@@ -55,7 +55,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gradmod._internal import check_logits_target, check_names, per_modality, real_scalar
+from gradmod._internal import check_logits_target, check_names, collective_device, distributed, per_modality, real_scalar
 from gradmod.measures import IGNORE_INDEX
 
 __all__ = ["GBlending", "HeadLosses", "blending_statistics", "blending_weights", "checkpoint"]
@@ -125,16 +125,6 @@ def blending_weights(before: HeadLosses, after: HeadLosses, *, tolerance: float 
     return {k: s / total for k, s in scores.items()}
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _collective_device(fallback: torch.device) -> torch.device:
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return fallback
-
-
 @torch.no_grad()
 def _mean_losses(model: nn.Module, forward: Forward, loader: Iterable, split: str, ignore_index: int) -> dict[str, float]:
     """Mean cross-entropy per head over ``loader`` (sums and counts all-reduced under torch.distributed)."""
@@ -155,8 +145,8 @@ def _mean_losses(model: nn.Module, forward: Forward, loader: Iterable, split: st
         sums = batch_totals if sums is None else sums + batch_totals.to(sums.device)
     if sums is None:
         raise ValueError(f"the {split} loader yielded no batch")
-    if _distributed():
-        sums = sums.to(_collective_device(sums.device))
+    if distributed():
+        sums = sums.to(collective_device(sums.device))
         dist.all_reduce(sums, op=dist.ReduceOp.SUM)
     *totals, count = sums.tolist()
     if count == 0:
@@ -243,7 +233,7 @@ class GBlending:
             if not isinstance(losses, HeadLosses):
                 raise TypeError(f"{name} must be a gradmod.gblending.HeadLosses, got {type(losses).__name__}")
             check_names(losses.heads, self.heads, f"the heads of the {name!r} checkpoint")
-        if _distributed():
+        if distributed():
             self._check_ranks_agree(before, after)
         generalization, overfitting = blending_statistics(before, after)
         self._weights = blending_weights(before, after, tolerance=self.tolerance)
@@ -285,7 +275,7 @@ class GBlending:
 
     def _check_ranks_agree(self, before: HeadLosses, after: HeadLosses) -> None:
         values = [c.train[h] for c in (before, after) for h in self.heads] + [c.held_out[h] for c in (before, after) for h in self.heads]
-        bounds = torch.tensor([values, [-v for v in values]], dtype=torch.float64, device=_collective_device(torch.device("cpu")))
+        bounds = torch.tensor([values, [-v for v in values]], dtype=torch.float64, device=collective_device(torch.device("cpu")))
         dist.all_reduce(bounds, op=dist.ReduceOp.MAX)
         if not torch.equal(bounds[0], -bounds[1]):
             raise ValueError(

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from gradmod import functional as F
-from gradmod._internal import check_logits_target, check_names, per_modality, real_scalar
+from gradmod._internal import check_logits_target, check_names, checked_ignore_index, per_modality, real_scalar, target_problems
 
 #: How far scores may stray outside [0, 1] through floating-point rounding before they count as bad input.
 _SCORE_TOLERANCE = 1e-5
@@ -51,23 +51,6 @@ class Measure(ABC):
         return f"{type(self).__name__}()"
 
 
-def _target_problems(name: str, logits: Tensor, target: Tensor, ignore_index: int | None) -> dict[str, Tensor]:
-    classes = logits.shape[1]
-    outside = (target < 0) | (target >= classes)
-    if ignore_index is not None:
-        outside &= target != ignore_index
-    return {
-        f"logits of modality {name!r} contain NaN or inf": ~torch.isfinite(logits.detach()).all(),
-        f"target holds class indices outside [0, {classes})": outside.any(),
-    }
-
-
-def _ignore_index(value: int | None) -> int | None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-        raise TypeError(f"ignore_index must be an int or None, got {value!r}")
-    return value
-
-
 class SoftmaxScore(Measure):
     """OGM-GE's score: ``s_u = Σ_i softmax(z_u,i)[y_i]`` (`gradmod.functional.ogm_scores`).
 
@@ -78,7 +61,7 @@ class SoftmaxScore(Measure):
     inputs = ("logits", "target")
 
     def __init__(self, ignore_index: int | None = IGNORE_INDEX) -> None:
-        self.ignore_index = _ignore_index(ignore_index)
+        self.ignore_index = checked_ignore_index(ignore_index)
 
     def _checked(self, names: Sequence[str], logits: Any, target: Any) -> Mapping[str, Tensor]:
         logits = per_modality(logits, names, "observe(logits=...)")
@@ -96,7 +79,7 @@ class SoftmaxScore(Measure):
         logits = self._checked(names, logits, target)
         flags: dict[str, Tensor] = {}
         for name in names:
-            flags.update(_target_problems(name, logits[name], target, self.ignore_index))
+            flags.update(target_problems(name, logits[name], target, self.ignore_index))
         return flags
 
     def __repr__(self) -> str:
@@ -115,7 +98,7 @@ class DGMScore(Measure):
     inputs = ("scores", "logits", "target")
 
     def __init__(self, ignore_index: int | None = IGNORE_INDEX) -> None:
-        self.ignore_index = _ignore_index(ignore_index)
+        self.ignore_index = checked_ignore_index(ignore_index)
 
     def _checked(self, names, scores, logits, target) -> tuple[str, Mapping[str, Tensor]]:
         if (scores is None) == (logits is None):
@@ -157,7 +140,7 @@ class DGMScore(Measure):
         for name in names:
             x = given[name].detach()
             if target.dim() == 1:
-                flags.update(_target_problems(name, x, target, self.ignore_index))
+                flags.update(target_problems(name, x, target, self.ignore_index))
             else:
                 flags["multi-hot target holds values outside [0, 1]"] = ((target < 0) | (target > 1)).any()
             if kind == "logits":

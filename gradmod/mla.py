@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import math
 import warnings
-import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -67,8 +66,9 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from gradmod._backward import BackwardMonitor
-from gradmod._internal import per_modality, real_scalar
-from gradmod.appliers import Modality, _Selection
+from gradmod._hooks import StepHook, unwrapped_optimizer
+from gradmod._internal import distributed, per_modality, real_scalar
+from gradmod.appliers import Modality, ParameterSelection
 
 __all__ = ["MLA", "PROJECTIONS", "READINGS", "entropy_fusion", "entropy_weights", "owm_update"]
 
@@ -158,10 +158,6 @@ def entropy_fusion(logits: Mapping[str, Tensor], reading: str = "sample") -> Ten
     return torch.stack(terms).sum(0)
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
 class MLA:
     """Alternating unimodal steps through a shared head, with its weight gradient projected (MLA).
 
@@ -206,7 +202,7 @@ class MLA:
         self.head = head
         self.projection = projection
         self.alpha = real_scalar(alpha, "alpha")
-        self._selection = _Selection(modalities, None, require_some=False)
+        self._selection = ParameterSelection(modalities, None, require_some=False)
         self._check_head_is_shared()
         self._projector: Tensor | None = None
         if projection is not None:
@@ -222,8 +218,7 @@ class MLA:
         self._warned: set[str] = set()
         self._monitor = BackwardMonitor(self._pass_ended)
         self._monitor.watch(self._selection.groups())
-        self._handle: RemovableHandle | None = None
-        self._optimizer: weakref.ReferenceType | None = None
+        self._hook = StepHook("MLA", self.step, lambda found_inf: self._drop_turn())
 
     def _check_head_is_shared(self) -> None:
         owner = {id(p): (name, pname) for name, params in self._selection.named().items() for pname, p in params}
@@ -239,40 +234,24 @@ class MLA:
     def attach(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
         """Check and project before every ``optimizer.step()``; returns the hook's handle.
 
-        The optimizer must hold the head's weight (when projecting) and parameters of every modality.
+        The optimizer must hold the head's weight (when projecting) and parameters of every modality. A
+        wrapper holding a torch optimizer (Accelerate's) is attached through it; one optimizer, once; a
+        ``step(closure)`` raises, and a step ``GradScaler`` skips drops its turn.
         """
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"attach() needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if self._handle is not None and self._handle.id in (self._handle.hooks_dict_ref() or {}):
-            raise ValueError("this MLA is already attached to an optimizer (detach() first)")
-        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        if self.projection is not None and id(self.head.weight) not in held:
-            raise ValueError("the optimizer does not hold the shared head's weight: attach MLA to the optimizer that steps the head")
-        for name, params in zip(self.names, self._selection.groups()):
-            trainable = [p for p in params if p.requires_grad]
-            if trainable and not any(id(p) in held for p in trainable):
-                raise ValueError(f"the optimizer holds none of modality {name!r}'s parameters")
-        self._handle = optimizer.register_step_pre_hook(self._pre_step)
-        self._optimizer = weakref.ref(optimizer)
-        return self._handle
+        optimizer = unwrapped_optimizer(optimizer)
+        if self._hook.attached_to is None:
+            held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            if self.projection is not None and id(self.head.weight) not in held:
+                raise ValueError("the optimizer does not hold the shared head's weight: attach MLA to the optimizer that steps the head")
+            for name, params in zip(self.names, self._selection.groups()):
+                trainable = [p for p in params if p.requires_grad]
+                if trainable and not any(id(p) in held for p in trainable):
+                    raise ValueError(f"the optimizer holds none of modality {name!r}'s parameters")
+        return self._hook.attach(optimizer)
 
     def detach(self) -> None:
         """Remove the optimizer hook installed by `attach` (no-op when not attached)."""
-        if self._handle is not None:
-            self._handle.remove()
-        self._handle = self._optimizer = None
-
-    def _pre_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-        if kwargs.get("closure", args[1] if len(args) > 1 else None) is not None:
-            raise RuntimeError(
-                f"gradmod MLA: {type(optimizer).__name__}.step() was given a closure, which computes the gradients "
-                "after the pre-step hook: call step() without a closure"
-            )
-        found_inf = getattr(optimizer, "found_inf", None)  # fused optimizers under GradScaler
-        if found_inf is not None and bool(found_inf.item()):
-            self._drop_turn()
-            return
-        self.step()
+        self._hook.detach()
 
     # ------------------------------------------------------------------ observe
     @property
@@ -397,7 +376,7 @@ class MLA:
 
     def _store_direction(self) -> None:
         total = torch.cat([self._feature_sum, self._feature_sum.new_tensor([self._feature_count])])
-        if _distributed():
+        if distributed():
             dist.all_reduce(total, op=dist.ReduceOp.SUM)
         mean = total[:-1] / total[-1]
         _store_(self._projector, mean.to(self._projector.device), self.alpha)

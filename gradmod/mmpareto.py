@@ -46,8 +46,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from gradmod._internal import check_names, real_scalar
-from gradmod.appliers import Modality, _Selection
+from gradmod._internal import check_names, distributed, real_scalar
+from gradmod.appliers import Modality, ParameterSelection
 
 __all__ = ["RULES", "MMPareto", "combine_gradients", "min_norm_weight", "official_min_norm_weight", "pareto_weight"]
 
@@ -168,10 +168,6 @@ def combine_gradients(
 
 
 # ----------------------------------------------------------------------------------------- drop-in
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
 class MMPareto:
     """MMPareto as a drop-in: ``mod.backward(loss_mm, {name: unimodal loss})`` instead of ``loss.backward()``.
 
@@ -202,7 +198,7 @@ class MMPareto:
         _check_rule(rule)
         if history_size is not None and (isinstance(history_size, bool) or not isinstance(history_size, int) or history_size < 1):
             raise ValueError(f"history_size must be None (keep every step) or an int >= 1, got {history_size!r}")
-        self._selection = _Selection(modalities, None, require_some=True)
+        self._selection = ParameterSelection(modalities, None, require_some=True)
         self.names: tuple[str, ...] = self._selection.names
         self.rule = rule
         self.gamma = _DEFAULT_GAMMA[rule] if gamma is None else real_scalar(gamma, "gamma", strict=True)
@@ -251,7 +247,7 @@ class MMPareto:
         with torch.no_grad():
             g_all = [torch.zeros_like(p) if g is None else g for p, g in zip(everything, multimodal)]
             u_all = [torch.zeros_like(p) if u is None else u for p, u in zip(everything, unimodal)]
-            if _distributed():
+            if distributed():
                 g_all, u_all = self._averaged(g_all, u_all)
             if not self._intact():
                 self._start_step()

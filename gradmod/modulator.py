@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import warnings
-import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +14,8 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from gradmod._backward import BackwardMonitor
-from gradmod._internal import constants
+from gradmod._hooks import StepHook, unwrapped_optimizer
+from gradmod._internal import collective_device, constants, distributed
 from gradmod.appliers import Applier, FeaturesApplier, Modality, ParamFilter, ParamsApplier
 from gradmod.history import History
 from gradmod.measures import Measure
@@ -55,10 +55,6 @@ def make_applier(apply: str | Applier) -> Applier:
 def _default_seed() -> int:
     """A noise seed derived from ``torch.initial_seed()``: fixed by ``torch.manual_seed``, drawing nothing."""
     return (torch.initial_seed() * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) % (2**63 - 1)
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
 
 
 @dataclass
@@ -170,13 +166,12 @@ class Modulator:
         self._monitor = BackwardMonitor(self._pass_ended)
         if not capture_safe:
             self._monitor.watch(self.applier.parameter_groups())
-        self._handle: RemovableHandle | None = None
-        self._optimizer: weakref.ReferenceType | None = None
+        self._hook = StepHook("modulator", self.step, self._scaler_skipped, on_device=capture_safe)
 
     # ------------------------------------------------------------------ set-up
     @staticmethod
     def _broadcast(seed: int) -> int:
-        if _distributed():
+        if distributed():
             shared = [seed]
             dist.broadcast_object_list(shared, src=0)
             seed = int(shared[0])
@@ -293,7 +288,7 @@ class Modulator:
 
     # ------------------------------------------------------------------ policy
     def _all_reduced(self, evidence: Tensor) -> Tensor:
-        if self.measure.needs_observe and _distributed():
+        if self.measure.needs_observe and distributed():
             evidence = evidence.clone()
             dist.all_reduce(evidence, op=dist.ReduceOp.SUM)
         return evidence
@@ -374,34 +369,19 @@ class Modulator:
         dropped. Optimizers whose ``step()`` takes a closure (LBFGS) compute gradients inside ``step()``,
         after the hook: they raise a ``RuntimeError`` at the first step.
         """
-        optimizer = _unwrapped(optimizer)
-        if self.attached_to is not None:
-            where = "this optimizer" if self.attached_to is optimizer else "another optimizer"
-            raise ValueError(
-                f"this modulator is already attached to {where}; a modulator steps with one optimizer, once "
-                "(detach() first; for per-modality learning rates use parameter groups of one optimizer)"
-            )
-        self.check_optimizer(optimizer)
-        self._handle = optimizer.register_step_pre_hook(self._pre_step)
-        self._optimizer = weakref.ref(optimizer)
-        return self._handle
+        optimizer = unwrapped_optimizer(optimizer)
+        if self.attached_to is None:
+            self.check_optimizer(optimizer)
+        return self._hook.attach(optimizer)
 
     @property
     def attached_to(self) -> torch.optim.Optimizer | None:
         """The optimizer this modulator is attached to (``None`` when detached or its handle was removed)."""
-        if self._handle is None or self._optimizer is None:
-            return None
-        hooks = self._handle.hooks_dict_ref()
-        optimizer = self._optimizer()
-        if hooks is None or self._handle.id not in hooks or optimizer is None:
-            return None
-        return optimizer
+        return self._hook.attached_to
 
     def detach(self) -> None:
         """Remove the optimizer hook installed by `attach` (no-op when not attached)."""
-        if self._handle is not None:
-            self._handle.remove()
-        self._handle = self._optimizer = None
+        self._hook.detach()
 
     def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """What `attach` checks, for loops that call `step` themselves (trainer callbacks).
@@ -409,7 +389,7 @@ class Modulator:
         The optimizer must hold the modulated parameters: none held raises ``ValueError``, some not held
         warns with their names. Also places the applier's buffers on the parameters' current device.
         """
-        optimizer = _unwrapped(optimizer)
+        optimizer = unwrapped_optimizer(optimizer)
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
         named = self.applier.named_parameters()
         missing = [f"{name}: {pname}" for name, params in named.items() for pname, p in params if id(p) not in held]
@@ -438,21 +418,12 @@ class Modulator:
         self._drop_pending()
         self._prepared = None
 
-    def _pre_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)  # args[0] is the optimizer
-        if closure is not None:
-            raise RuntimeError(
-                f"gradmod: {type(optimizer).__name__}.step() was given a closure, which computes the gradients "
-                "after gradmod's pre-step hook has run: modulation cannot apply to them. Call step() without a "
-                "closure, or detach() and call mod.step() yourself after backward() inside the closure"
-            )
-        found_inf = getattr(optimizer, "found_inf", None)  # set by GradScaler for fused optimizers
-        if found_inf is not None and self.capture_safe:
+    def _scaler_skipped(self, found_inf: Tensor) -> None:
+        """GradScaler skips this step (fused optimizers): so does modulation, and its evidence goes."""
+        if self.capture_safe:
             self._step_on_device(skipped=found_inf)
-        elif found_inf is not None and bool(found_inf.item()):
-            self.skip_step()  # GradScaler skips this step: so does modulation, and its evidence goes
         else:
-            self.step()
+            self.skip_step()
 
     @torch.no_grad()
     def step(self) -> dict[str, Tensor] | None:
@@ -521,11 +492,10 @@ class Modulator:
 
     def _check_seeds(self, device: torch.device) -> None:
         """Once, under ``torch.distributed`` with noise: every rank must hold the same seed (or noise differs)."""
-        if self._seeds_checked or not self.applier.draws_noise or not _distributed():
+        if self._seeds_checked or not self.applier.draws_noise or not distributed():
             return
         self._seeds_checked = True
-        backend_device = device if dist.get_backend() != "nccl" else torch.device("cuda", torch.cuda.current_device())
-        bounds = torch.tensor([self.seed, -self.seed], dtype=torch.int64, device=backend_device)
+        bounds = torch.tensor([self.seed, -self.seed], dtype=torch.int64, device=collective_device(device))
         dist.all_reduce(bounds, op=dist.ReduceOp.MAX)
         if bounds[0].item() != -bounds[1].item():
             raise RuntimeError(
@@ -625,17 +595,6 @@ class Modulator:
             f"Modulator(modalities={list(self.names)}, measure={self.measure!r}, policy={self.policy!r}, "
             f"apply={self.applier!r}, window=[{self.start_step}, {self.stop_step}))"
         )
-
-
-def _unwrapped(optimizer: Any) -> torch.optim.Optimizer:
-    """The torch optimizer a wrapper holds in ``.optimizer`` (Accelerate's ``AcceleratedOptimizer``, itself an
-    ``Optimizer`` subclass without step hooks of its own), or ``optimizer``; else a ``TypeError``."""
-    inner = optimizer
-    while isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer):
-        inner = inner.optimizer
-    if not isinstance(inner, torch.optim.Optimizer):
-        raise TypeError(f"attach() needs a torch.optim.Optimizer (or a wrapper holding one), got {type(optimizer).__name__}")
-    return inner
 
 
 def _history_from_version_1(entries: list[tuple[int, Tensor, Tensor, Tensor]]) -> dict[str, Any]:

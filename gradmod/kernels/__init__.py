@@ -197,6 +197,6 @@ def _per_modality(
                 kernel(group, k, scale, generator, stds=[stds[index][p] for p in positions])
 
 
-from gradmod.kernels import _op  # noqa: E402  (registers the custom operator; imports nothing from here)
+from gradmod.kernels import _op
 
 __all__ = ["BACKENDS", "Kernel", "NoiseKey", "get_kernel", "modulate_modalities_", "noise_generator"]

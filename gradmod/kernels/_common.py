@@ -47,7 +47,8 @@ class NoiseKey:
         step = self.step
         if isinstance(step, Tensor):
             if step.dim() != 0 or step.dtype != torch.int64:
-                raise ValueError(f"a device step must be a 0-d int64 tensor, got shape {tuple(step.shape)} {step.dtype}")
+                shape = tuple(step.shape)
+                raise ValueError(f"a device step must be a 0-d int64 tensor, got shape {shape} {step.dtype}")
         elif not isinstance(step, int) or isinstance(step, bool):
             raise TypeError(f"NoiseKey.step must be an int or a 0-d int64 tensor, got {type(step).__name__}")
         elif step < 0:

@@ -5,14 +5,13 @@ launches) without graph breaks. Under compilation `gradmod.kernels.modulate_moda
 ``torch.ops.gradmod.modulate_modalities_``: an opaque operator that mutates the gradients in place and
 returns nothing, so the compiled graph keeps it as one call and runs the eager implementation there. Its
 arguments are the flattened call: every gradient in one list with the modalities' counts, the key's parts
-as integers, the optional σ as a flag and a list (the seed reduced modulo ``2⁶³ − 1``, which leaves every noise stream unchanged) and a device
-step as an optional tensor.
+as integers (the seed reduced modulo ``2⁶³ − 1``, which leaves every noise stream unchanged), a device
+step as an optional tensor, and the optional σ as a flag and a list.
 """
 
 # No ``from __future__ import annotations``: torch.library reads the operator's schema from the annotations.
 
 from collections.abc import Sequence
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -27,11 +26,11 @@ def modulate_modalities_op(
     grads: list[Tensor],
     counts: list[int],
     coefficients: Tensor,
-    noise_scales: Optional[Tensor],
+    noise_scales: Tensor | None,
     has_key: bool,
     seed: int,
     step: int,
-    device_step: Optional[Tensor],
+    device_step: Tensor | None,
     shard: int,
     backend: str,
     has_stds: bool,
@@ -51,17 +50,17 @@ def modulate_modalities_op(
 
 
 @modulate_modalities_op.register_fake
-def _(grads, counts, coefficients, noise_scales, has_key, seed, step, device_step, shard, backend, has_stds, stds) -> None:
+def _(*args) -> None:  # mutates its inputs, returns nothing: nothing to describe
     return None
 
 
 def call(
     groups: Sequence[Sequence[Tensor]],
     coefficients: Tensor,
-    noise_scales: Optional[Tensor],
-    key: Optional[NoiseKey],
+    noise_scales: Tensor | None,
+    key: NoiseKey | None,
     backend: str,
-    stds: Optional[Sequence[Sequence[Tensor]]],
+    stds: Sequence[Sequence[Tensor]] | None,
 ) -> None:
     """Flatten the arguments of `gradmod.kernels.modulate_modalities_` into one operator call."""
     grads = [grad for members in groups for grad in members]

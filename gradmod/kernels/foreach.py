@@ -68,7 +68,11 @@ def _sigma(grad: Tensor, given: dict[int, Tensor]) -> Tensor:
 
 
 def _modulate_on_cpu(
-    grads: list[Tensor], k: Tensor, noise_scale: Tensor | None, generator: torch.Generator | None, given: dict[int, Tensor]
+    grads: list[Tensor],
+    k: Tensor,
+    noise_scale: Tensor | None,
+    generator: torch.Generator | None,
+    given: dict[int, Tensor],
 ) -> None:
     """The CPU path: tensor by tensor, while ``g`` and ``z`` are in cache, with as few ops per tensor as the
     reference's roundings allow. Reading ``k`` and ``c`` costs no synchronisation here, so a factor of

@@ -28,8 +28,9 @@ Numbers: As Easy as 1, 2, 3*, 2011) turned into normals by Box–Muller (as ``tl
 ``(r₀, r₁)`` and ``(r₂, r₃)`` give two pairs). Element ``e`` of the tensor at position ``i`` of modality
 ``m``'s list, at step ``s``, takes output ``j = ⌊(e mod B)/(B/4)⌋`` of the counter
 
-    q  = ⌊e/B⌋·B/4 + (e mod B/4),                  B = BLOCK = 2048
-    c₀ = q mod 2³²,   c₁ = ⌊q/2³²⌋ + 2⁸·i,   c₂ = s mod 2³²,   c₃ = ⌊s/2³²⌋ mod 2¹⁶ + 2¹⁶·m
+    q  = ⌊e/B⌋·B/4 + (e mod B/4),      B = BLOCK = 2048
+    c₀ = q mod 2³²,      c₁ = ⌊q/2³²⌋ + 2⁸·i,
+    c₂ = s mod 2³²,      c₃ = ⌊s/2³²⌋ mod 2¹⁶ + 2¹⁶·m
 
 under the 64-bit key ``(seed mod (2⁶³ − 1) + shard·0x9E3779B97F4A7C15) mod 2⁶⁴`` (low word ``k₀``, high
 word ``k₁``) of ``NoiseKey(seed, step, shard)``. Distinct (step, modality, position, element) are distinct
@@ -71,7 +72,13 @@ from torch import Tensor
 from triton.runtime.interpreter import InterpretedFunction
 
 from gradmod._internal import STD_EPS
-from gradmod.kernels._common import NoiseKey, check_gradient, check_modality_scalars, check_scalars, to_device
+from gradmod.kernels._common import (
+    NoiseKey,
+    check_gradient,
+    check_modality_scalars,
+    check_scalars,
+    to_device,
+)
 
 #: Elements per block (a power of two, a multiple of 4: each Philox call yields 4 normals).
 BLOCK = 2048
@@ -166,7 +173,8 @@ def _moments_kernel(
         x = tl.load(ptr + tl.multiple_of(block_start + lanes, BLOCK)).to(ACC)
         block_mean = tl.sum(x, axis=0) / BLOCK
         centred = x - block_mean
-        count, mean, m2 = _merge(count, mean, m2, tl.full((), BLOCK, ACC), block_mean, tl.sum(centred * centred, axis=0))
+        block_m2 = tl.sum(centred * centred, axis=0)
+        count, mean, m2 = _merge(count, mean, m2, tl.full((), BLOCK, ACC), block_mean, block_m2)
     if full_end < end:
         offsets = tl.multiple_of(full_end + lanes, BLOCK)
         mask = offsets < end
@@ -218,7 +226,16 @@ def _normals(key, q, c1, c2, c3):
 
 @triton.jit
 def _scale_add(
-    ptr, offsets, end, k, scale, z, DTYPE: tl.constexpr, ACC: tl.constexpr, HAS_NOISE: tl.constexpr, MASKED: tl.constexpr
+    ptr,
+    offsets,
+    end,
+    k,
+    scale,
+    z,
+    DTYPE: tl.constexpr,
+    ACC: tl.constexpr,
+    HAS_NOISE: tl.constexpr,
+    MASKED: tl.constexpr,
 ):
     """``g ← k·g (+ scale·z)`` on one quarter of a block."""
     if MASKED:
@@ -263,10 +280,11 @@ def _update_block(
         z0, z1, z2, z3 = _normals(key, block_start // 4 + lanes, c1, c2, c3)
     # Offsets hinted as runs of QUARTER starting at multiples of QUARTER: with an aligned pointer, the
     # unmasked loads and stores become 128-bit accesses.
-    _scale_add(ptr, tl.multiple_of(block_start + lanes, QUARTER), end, k, scale, z0, DTYPE, ACC, HAS_NOISE, MASKED)
-    _scale_add(ptr, tl.multiple_of(block_start + QUARTER + lanes, QUARTER), end, k, scale, z1, DTYPE, ACC, HAS_NOISE, MASKED)
-    _scale_add(ptr, tl.multiple_of(block_start + 2 * QUARTER + lanes, QUARTER), end, k, scale, z2, DTYPE, ACC, HAS_NOISE, MASKED)
-    _scale_add(ptr, tl.multiple_of(block_start + 3 * QUARTER + lanes, QUARTER), end, k, scale, z3, DTYPE, ACC, HAS_NOISE, MASKED)
+    first = tl.multiple_of(block_start + lanes, QUARTER)
+    _scale_add(ptr, first, end, k, scale, z0, DTYPE, ACC, HAS_NOISE, MASKED)
+    _scale_add(ptr, tl.multiple_of(first + QUARTER, QUARTER), end, k, scale, z1, DTYPE, ACC, HAS_NOISE, MASKED)
+    _scale_add(ptr, tl.multiple_of(first + 2 * QUARTER, QUARTER), end, k, scale, z2, DTYPE, ACC, HAS_NOISE, MASKED)
+    _scale_add(ptr, tl.multiple_of(first + 3 * QUARTER, QUARTER), end, k, scale, z3, DTYPE, ACC, HAS_NOISE, MASKED)
 
 
 @triton.jit(do_not_specialize=["key", "step"])
@@ -337,7 +355,7 @@ def is_available() -> tuple[bool, str]:
 
 def _is_dense(tensor: Tensor) -> bool:
     """Whether ``tensor`` covers exactly ``numel`` consecutive elements from its data pointer (any dim order)."""
-    if tensor.is_contiguous():
+    if tensor.is_contiguous() or (tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last)):
         return True
     expected = 1
     for stride, size in sorted((st, s) for s, st in zip(tensor.shape, tensor.stride()) if s > 1):
@@ -366,7 +384,7 @@ def _upload(values: list[int], device: torch.device) -> tuple[Tensor, Tensor]:
 class _Layout:
     """The launch tables of one group's structure: sizes, positions and modalities of its tensors."""
 
-    __slots__ = ("host", "tensor_table", "chunk_table", "num_chunks", "multi_chunk", "workspaces", "captured")
+    __slots__ = ("captured", "chunk_table", "host", "multi_chunk", "num_chunks", "tensor_table", "workspaces")
 
     def __init__(self, signature: tuple[int, ...], device: torch.device) -> None:
         rows: list[int] = []
@@ -403,7 +421,7 @@ class _Layout:
 class _PointerTable:
     """The data pointers of one group's tensors on the device, and whether all are 16-byte aligned."""
 
-    __slots__ = ("host", "table", "aligned", "captured")
+    __slots__ = ("aligned", "captured", "host", "table")
 
     def __init__(self, pointers: tuple[int, ...], device: torch.device) -> None:
         self.host, self.table = _upload(list(pointers), device)
@@ -415,12 +433,12 @@ _layouts: OrderedDict[tuple, _Layout] = OrderedDict()
 _pointer_tables: OrderedDict[tuple, _PointerTable] = OrderedDict()
 
 
-def _cached(cache: OrderedDict, key: tuple, build, capturing: bool):
-    """``cache[key]``, built on a miss; least recently used entries beyond `_CACHE_SIZE` are dropped,
-    except those a CUDA graph captured (its replays read them)."""
+def _cached(cache: OrderedDict, kind: type, key: tuple[torch.device, tuple[int, ...]], capturing: bool):
+    """``cache[key]``, built as ``kind(values, device)`` on a miss; least recently used entries beyond
+    `_CACHE_SIZE` are dropped, except those a CUDA graph captured (its replays read them)."""
     entry = cache.get(key)
     if entry is None:
-        entry = cache[key] = build()
+        entry = cache[key] = kind(key[1], key[0])
         if len(cache) > _CACHE_SIZE:
             for old_key, old in list(cache.items()):
                 if not old.captured and old is not entry:
@@ -433,23 +451,15 @@ def _cached(cache: OrderedDict, key: tuple, build, capturing: bool):
     return entry
 
 
-def clear_caches() -> None:
-    """Drop every cached launch table that no CUDA graph captured."""
-    for cache in (_layouts, _pointer_tables):
-        for key in [key for key, entry in cache.items() if not entry.captured]:
-            del cache[key]
-
-
 # --------------------------------------------------------------------------------------------- host
 
 
 class _Group:
-    """The tensors of one launch group (device, dtype) and what the tables are built from."""
+    """One launch group (device, dtype): what its tables are built from, σ given, strided copies to write back."""
 
-    __slots__ = ("tensors", "signature", "pointers", "sigmas", "copies")
+    __slots__ = ("copies", "pointers", "sigmas", "signature")
 
     def __init__(self) -> None:
-        self.tensors: list[Tensor] = []
         self.signature: list[int] = []
         self.pointers: list[int] = []
         self.sigmas: list[Tensor] = []
@@ -457,34 +467,40 @@ class _Group:
 
 
 def _gather(groups, stds, leftovers) -> dict[tuple[torch.device, torch.dtype], _Group]:
-    """Check every gradient and sort the non-empty ones into launch groups, in order of first appearance."""
+    """Check every gradient and sort the non-empty ones into launch groups, in order of first appearance.
+
+    The per-tensor hot path of a step: a handful of attribute reads per gradient, no torch op."""
     launch: dict[tuple[torch.device, torch.dtype], _Group] = {}
+    strided = torch.strided
+    last_device = last_dtype = group = None
     for modality, grads in enumerate(groups):
         if len(grads) > MAX_POSITIONS:
             raise ValueError(f"the triton kernel takes at most {MAX_POSITIONS} tensors per modality, got {len(grads)}")
         given = None if stds is None else stds[modality]
         for position, grad in enumerate(grads):
-            check_gradient(grad, position, None if len(groups) == 1 else modality)
+            if not isinstance(grad, Tensor) or grad.layout != strided or not (dtype := grad.dtype).is_floating_point:
+                check_gradient(grad, position, None if len(groups) == 1 else modality)
             numel = grad.numel()
             if numel == 0:
                 continue
             device = grad.device
-            if device.type != KERNEL_DEVICE_TYPE:
-                if leftovers is None:
-                    raise ValueError(
-                        f"the triton kernel runs on {KERNEL_DEVICE_TYPE} tensors here, got a gradient on {device}; "
-                        "use backend='foreach'"
-                    )
-                leftovers.append((modality, grad, None if given is None else given[position]))
-                continue
-            group = launch.get((device, grad.dtype))
-            if group is None:
-                group = launch[(device, grad.dtype)] = _Group()
-            if not _is_dense(grad):
+            if dtype is not last_dtype or device != last_device:
+                if device.type != KERNEL_DEVICE_TYPE:
+                    if leftovers is None:
+                        raise ValueError(
+                            f"the triton kernel runs on {KERNEL_DEVICE_TYPE} tensors here, got a gradient on "
+                            f"{device}; use backend='foreach'"
+                        )
+                    leftovers.append((modality, grad, None if given is None else given[position]))
+                    continue
+                group = launch.get((device, dtype))
+                if group is None:
+                    group = launch[(device, dtype)] = _Group()
+                last_device, last_dtype = device, dtype
+            if not grad.is_contiguous() and not _is_dense(grad):
                 dense = grad.contiguous()
                 group.copies.append((grad, dense))
                 grad = dense
-            group.tensors.append(grad)
             group.signature += (numel, position, modality)
             group.pointers.append(grad.data_ptr())
             if given is not None:
@@ -515,10 +531,11 @@ def _launch(
         if isinstance(step, Tensor) and step.device != device:
             raise ValueError(f"the device step lives on {step.device}, the gradients on {device}")
         signature, addresses = tuple(group.signature), tuple(group.pointers)
-        layout = _cached(_layouts, (device, signature), lambda: _Layout(signature, device), capturing)
-        pointers = _cached(_pointer_tables, (device, addresses), lambda: _PointerTable(addresses, device), capturing)
+        layout = _cached(_layouts, _Layout, (device, signature), capturing)
+        pointers = _cached(_pointer_tables, _PointerTable, (device, addresses), capturing)
         acc = torch.float64 if dtype == torch.float64 else torch.float32
-        constants = dict(DTYPE=_TRITON_DTYPES[dtype], ACC=_TRITON_DTYPES[acc], BLOCK=BLOCK, ALIGNED=pointers.aligned)
+        constants = {"DTYPE": _TRITON_DTYPES[dtype], "ACC": _TRITON_DTYPES[acc], "BLOCK": BLOCK}
+        constants["ALIGNED"] = pointers.aligned
         tables = (pointers.table, layout.tensor_table, layout.chunk_table)
         grid = (layout.num_chunks,)
         partials, sigmas, tickets = layout.workspace(_stream(device), acc)
@@ -586,7 +603,10 @@ def _signed(value: int) -> int:
 
 
 def philox_key(key: NoiseKey) -> int:
-    """The 64-bit Philox key of ``key`` (unsigned): ``(seed mod (2⁶³ − 1) + shard·0x9E3779B97F4A7C15) mod 2⁶⁴``."""
+    """The 64-bit Philox key of ``key`` (unsigned).
+
+    ``(seed mod (2⁶³ − 1) + shard·0x9E3779B97F4A7C15) mod 2⁶⁴``.
+    """
     return (key.seed % SEED_MODULUS + key.shard * SHARD_MULTIPLIER) % 2**64
 
 

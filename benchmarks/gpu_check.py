@@ -40,6 +40,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +62,7 @@ class Stage:
     minimum_s: float
 
 
-STAGES = (Stage("capture", 45, 20), Stage("speed", 210, 60), Stage("tests", 150, 40), Stage("compile", 60, 25))
+STAGES = (Stage("capture", 45, 20), Stage("speed", 190, 60), Stage("tests", 150, 40), Stage("compile", 75, 25))
 
 
 # --------------------------------------------------------------------------------------- stages
@@ -119,6 +120,19 @@ def _count_launches(call: Callable[[], None]) -> int:
     return len(launches)
 
 
+def _guarded(checks: dict, name: str, measure: Callable[[], object]) -> object:
+    """``checks[name] = measure()``, or ``"failed: …"`` when it raises: on a first run every check reports,
+    whatever an earlier one did."""
+    try:
+        value = measure()
+    except Exception as error:  # noqa: BLE001 — reported, and the stage fails on it
+        traceback.print_exc()
+        value = f"failed: {type(error).__name__}: {error}"
+    checks[name] = value
+    print(f"  {name}: {value}", flush=True)
+    return value
+
+
 def stage_capture(device: str, dry_run: bool) -> dict:
     """The Triton step's checks and times (see the module docstring)."""
     import torch
@@ -127,10 +141,9 @@ def stage_capture(device: str, dry_run: bool) -> dict:
 
     cuda = device == "cuda"
     pristine = _groups(20_000 if dry_run else 22_327_552, device)  # CREMA-D's conv weights: 22.3 M elements
-    tensors = sum(len(g) for g in pristine)
     k = torch.tensor([0.6, 1.0], device=device)
     c = torch.ones(2, device=device)
-    checks: dict = {"tensors": tensors, "elements": sum(t.numel() for g in pristine for t in g)}
+    checks: dict = {"tensors": sum(len(g) for g in pristine), "elements": sum(t.numel() for g in pristine for t in g)}
 
     def fresh():
         return [[t.clone() for t in grads] for grads in pristine]
@@ -138,70 +151,83 @@ def stage_capture(device: str, dry_run: bool) -> dict:
     def step(groups, key, scales=c) -> None:
         modulate_modalities_(groups, k, scales, key, "triton")
 
-    out = fresh()
-    step(out, None, None)
-    checks["deterministic part exact"] = all(
-        torch.equal(o, t * float(k[m])) for m in range(2) for o, t in zip(out[m], pristine[m])
-    )
-    out = fresh()
-    step(out, NoiseKey(1, 7))
-    ratios = [
-        ((o - t * float(k[m])).std() / (t.std() + 1e-8)).item() for m in range(2) for o, t in zip(out[m], pristine[m])
-    ]
-    checks["noise std / σ (median, expected 1)"] = statistics.median(ratios)
+    def stepped(key, scales=c):
+        out = fresh()
+        step(out, key, scales)
+        return out
+
+    def same(first, second) -> bool:
+        return all(torch.equal(a, b) for ga, gb in zip(first, second) for a, b in zip(ga, gb))
+
+    def deterministic() -> bool:
+        out = stepped(None, None)
+        return all(torch.equal(o, t * float(k[m])) for m in range(2) for o, t in zip(out[m], pristine[m]))
+
+    def noise_ratio() -> float:
+        out = stepped(NoiseKey(1, 7))
+        residuals = [(o - t * float(k[m])).std() / (t.std() + 1e-8) for m in range(2) for o, t in zip(out[m], pristine[m])]
+        return statistics.median(r.item() for r in residuals)
+
     device_step = torch.tensor(7, device=device)
-    again = fresh()
-    step(again, NoiseKey(1, device_step))
-    same = all(torch.equal(a, b) for ga, gb in zip(again, out) for a, b in zip(ga, gb))
-    checks["device step equals host step"] = same
     groups = fresh()
+    _guarded(checks, "deterministic part exact", deterministic)
+    _guarded(checks, "noise std / σ (median, expected 1)", noise_ratio)
+    _guarded(checks, "device step equals host step",
+             lambda: same(stepped(NoiseKey(1, device_step)), stepped(NoiseKey(1, 7))))
     step(groups, NoiseKey(1, device_step))  # warm: tables cached
-    checks["launches per step"] = _count_launches(lambda: step(groups, NoiseKey(1, device_step)))
-    print(f"  launches per step (host count): {checks['launches per step']}", flush=True)
+    _guarded(checks, "launches per step", lambda: _count_launches(lambda: step(groups, NoiseKey(1, device_step))))
     if not cuda:
         checks["skipped"] = "profiler kernel count, host synchronisation, CUDA graph and times need CUDA"
         return checks
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
-        step(groups, NoiseKey(1, device_step))
-        torch.cuda.synchronize()
-    kernels = [e.name for e in profile.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    checks["kernels per step (profiler)"] = len(kernels)
-    checks["kernel names"] = sorted(set(kernels))
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        step(groups, NoiseKey(1, device_step))
-        checks["no host synchronisation"] = True
-    except RuntimeError as error:
-        checks["no host synchronisation"] = f"failed: {error}"
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step(groups, NoiseKey(1, device_step))
-    torch.cuda.current_stream().wait_stream(side)
+
+    def profiled() -> int:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+            step(groups, NoiseKey(1, device_step))
+            torch.cuda.synchronize()
+        kernels = [e.name for e in profile.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        checks["kernel names"] = sorted(set(kernels))
+        return len(kernels)
+
+    def synchronisation_free() -> bool:
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            step(groups, NoiseKey(1, device_step))
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        return True
+
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step(groups, NoiseKey(1, device_step))
-        device_step.add_(1)
-    equal = True
-    for value in (5, 6, 2**33 + 1):
-        for grads, originals in zip(groups, pristine):
-            for g, o in zip(grads, originals):
-                g.copy_(o)
-        device_step.fill_(value)
-        graph.replay()
-        eager = fresh()
-        step(eager, NoiseKey(1, value))
-        equal &= all(torch.equal(a, b) for ga, gb in zip(groups, eager) for a, b in zip(ga, gb))
-        equal &= device_step.item() == value + 1
-    checks["graph replay equals eager step"] = equal
-    checks.update(_step_times(lambda: step(groups, NoiseKey(1, device_step)), graph))
+
+    def replayed() -> bool:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up on a side stream, as capture requires
+            step(groups, NoiseKey(1, device_step))
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.cuda.graph(graph):
+            step(groups, NoiseKey(1, device_step))
+            device_step.add_(1)
+        equal = True
+        for value in (5, 6, 2**33 + 1):
+            for grads, originals in zip(groups, pristine):
+                for g, o in zip(grads, originals):
+                    g.copy_(o)
+            device_step.fill_(value)
+            graph.replay()
+            equal &= same(groups, stepped(NoiseKey(1, value))) and device_step.item() == value + 1
+        return equal
+
+    _guarded(checks, "kernels per step (profiler)", profiled)
+    _guarded(checks, "no host synchronisation", synchronisation_free)
+    replays = _guarded(checks, "graph replay equals eager step", replayed)
+    _guarded(checks, "times", lambda: _step_times(lambda: step(groups, NoiseKey(1, device_step)),
+                                                  graph if replays is True else None))
     return checks
 
 
 def _step_times(eager: Callable[[], None], graph) -> dict:
-    """Median times of an eager step (host and GPU) and of a graph replay, over 30 calls each."""
+    """Median times over 30 calls: an eager step on the host (the call returns before the GPU is done) and
+    on the GPU, and a graph replay on the GPU (when the graph was captured)."""
     import torch
 
     def timed(call: Callable[[], None]) -> tuple[float, float]:
@@ -217,14 +243,14 @@ def _step_times(eager: Callable[[], None], graph) -> dict:
 
     for _ in range(3):
         eager()
-        graph.replay()
     eager_times = [timed(eager) for _ in range(30)]
-    replay_times = [timed(graph.replay) for _ in range(30)]
-    return {
+    times = {
         "eager step host ms": statistics.median(t[0] for t in eager_times),
         "eager step GPU ms": statistics.median(t[1] for t in eager_times),
-        "graph replay GPU ms": statistics.median(t[1] for t in replay_times),
     }
+    if graph is not None:
+        times["graph replay GPU ms"] = statistics.median(timed(graph.replay)[1] for _ in range(30))
+    return times
 
 
 def stage_compile(device: str, dry_run: bool) -> dict:
@@ -244,9 +270,9 @@ def stage_compile(device: str, dry_run: bool) -> dict:
     def call(groups) -> None:
         modulate_modalities_(groups, k, c, NoiseKey(3, 5), backend)
 
-    torch._dynamo.reset()
-    explanation = torch._dynamo.explain(call)(_groups(10_000, device))
-    result["graph breaks in the kernel call"] = explanation.graph_break_count
+    def kernel_call_breaks() -> int:
+        torch._dynamo.reset()
+        return torch._dynamo.explain(call)(_groups(10_000, device)).graph_break_count
 
     def optimizer_breaks(apply: bool) -> int:
         torch._dynamo.reset()
@@ -265,19 +291,22 @@ def stage_compile(device: str, dry_run: bool) -> dict:
         torch._dynamo.explain(optimizer.step)()
         return sum(counters["graph_break"].values())
 
-    with_kernels, without = optimizer_breaks(True), optimizer_breaks(False)
-    result["graph breaks of optimizer.step() with gradmod's hook"] = with_kernels
-    result["graph breaks added by the kernels"] = with_kernels - without
-    torch._dynamo.reset()
     compiler = "aot_eager" if dry_run else "inductor"
+
+    def compiled_equals_eager() -> bool:
+        torch._dynamo.reset()
+        compiled = torch.compile(call, backend=compiler, fullgraph=True)
+        eager_groups, compiled_groups = _groups(10_000, device), _groups(10_000, device)
+        call(eager_groups)
+        compiled(compiled_groups)
+        return all(torch.equal(a, b) for ga, gb in zip(eager_groups, compiled_groups) for a, b in zip(ga, gb))
+
+    _guarded(result, "graph breaks in the kernel call", kernel_call_breaks)
+    total = _guarded(result, "graph breaks of optimizer.step() with gradmod's hook", lambda: optimizer_breaks(True))
+    if isinstance(total, int):
+        _guarded(result, "graph breaks added by the kernels", lambda: total - optimizer_breaks(False))
     started = time.perf_counter()
-    compiled = torch.compile(call, backend=compiler, fullgraph=True)
-    eager_groups, compiled_groups = _groups(10_000, device), _groups(10_000, device)
-    call(eager_groups)
-    compiled(compiled_groups)
-    result[f"{compiler} call equals eager"] = all(
-        torch.equal(a, b) for ga, gb in zip(eager_groups, compiled_groups) for a, b in zip(ga, gb)
-    )
+    _guarded(result, f"{compiler} call equals eager", compiled_equals_eager)
     result[f"{compiler} compile + first call s"] = time.perf_counter() - started
     return result
 
@@ -333,7 +362,7 @@ def run_stage(stage: Stage, args: argparse.Namespace, limit_s: float, work: Path
         files = ["tests/test_kernels.py", "tests/test_compile_kernels.py"]
         selection = ["-k", "two_launches or traces_as_one_operator"] if args.dry_run else []
         status, output = _run([sys.executable, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider", "-rfE",
-                               *selection], limit_s, env)
+                               "--durations=15", *selection], limit_s, env)
         record.update(_pytest_summary(output))
         passed = status == 0
     elif stage.name == "speed":
@@ -440,8 +469,9 @@ def markdown(report: dict) -> str:
         lines.append(f"- bookkeeping ops per modulator step (`benchmarks/op_count.py`): {counts}")
     for name in ("capture", "compile"):
         for check, value in ((stages.get(name) or {}).get("results") or {}).items():
-            if check not in ("kernel names",):
-                lines.append(f"- {name}: {check}: {_fmt(value, 3)}")
+            entries = value.items() if isinstance(value, dict) else [(check, value)]
+            if check != "kernel names":
+                lines += [f"- {name}: {entry}: {_fmt(number, 3)}" for entry, number in entries]
     tests = stages.get("tests") or {}
     if tests.get("counts"):
         lines.append("- tests: " + ", ".join(f"{n} {word}" for word, n in tests["counts"].items()))

@@ -40,6 +40,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,11 +219,23 @@ def _holders(sizes: list[int], device: torch.device, dtype: torch.dtype) -> Work
     return workload
 
 
+def resnet18_conv_sizes() -> list[int]:
+    """Elements of the conv weights of a torchvision ResNet-18 (3 input channels), in parameter order:
+    the 7×7 stem, then per stage two basic blocks of two 3×3 convs, the first block of stages 2–4 with a
+    1×1 downsampling conv after them."""
+    sizes, channels = [64 * 3 * 7 * 7], 64
+    for width in (64, 128, 256, 512):
+        for block in range(2):
+            sizes += [width * channels * 9, width * width * 9]
+            if block == 0 and width != channels:
+                sizes.append(width * channels)
+            channels = width
+    return sizes
+
+
 def synthetic_workload(elements: int, device: torch.device, dtype: torch.dtype) -> Workload:
     """``elements`` gradient elements in tensors of ResNet-18 conv-weight sizes, split over two modalities."""
-    from torchvision.models import resnet18
-
-    pattern = [p.numel() for p in resnet18(weights=None).parameters() if p.dim() == 4]
+    pattern = resnet18_conv_sizes()
     sizes, total, i = [], 0, 0
     while total < elements:
         size = min(pattern[i % len(pattern)], elements - total)
@@ -469,14 +482,19 @@ def main(argv: list[str] | None = None) -> dict:
     if any(d.type == "cuda" for d in devices) and not torch.cuda.is_available():
         raise SystemExit("--device cuda requested but no CUDA device is available")
     command = " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])])
-    results = {"environment": environment(devices), "command": command, "config": {}, "results": [], "skipped": []}
+    results = {"environment": environment(devices), "command": command, "config": {}, "results": [], "skipped": [],
+               "failed": []}
 
     def save() -> None:
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(results, indent=2, default=str))
 
-    results["bookkeeping"] = bookkeeping()
+    try:
+        results["bookkeeping"] = bookkeeping()
+    except Exception as error:  # noqa: BLE001 — recorded; the timings still run
+        traceback.print_exc()
+        results["failed"].append({"device": "any", "workload": "bookkeeping count", "error": repr(error)})
     save()
     for device in devices:
         cuda = device.type == "cuda"
@@ -489,11 +507,15 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"\n{device.type} · {name}: skipped (time budget of {args.budget_s:.0f} s spent)")
                 results["skipped"].append({"device": device.type, "workload": name, "reason": "time budget"})
                 continue
-            workload, steps = build()
-            seconds = time_modulation(workload, device, local)
-            results["results"].append(report(device, name, workload, seconds, steps))
+            try:
+                workload, steps = build()
+                seconds = time_modulation(workload, device, local)
+                results["results"].append(report(device, name, workload, seconds, steps))
+            except Exception as error:  # noqa: BLE001 — recorded; the next workloads still run
+                traceback.print_exc()
+                results["failed"].append({"device": device.type, "workload": name, "error": repr(error)})
             save()
-            del workload
+            workload = steps = None
             if cuda:
                 torch.cuda.empty_cache()
     results["seconds"] = time.perf_counter() - started
@@ -504,4 +526,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(1 if main()["failed"] else 0)

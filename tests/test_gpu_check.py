@@ -96,12 +96,14 @@ def test_report_of_a_failed_run_still_renders():
         "command": "python benchmarks/gpu_check.py",
         "environment": {"torch": "2", "triton": "3", "gpu": "NVIDIA H200"},
         "seconds": 12.0,
-        "stages": {"capture": {"status": "failed", "seconds": 3.0, "results": None},
+        "stages": {"capture": {"status": "failed", "seconds": 3.0,
+                               "results": {"launches per step": 2, "times": {"eager step host ms": 0.25}}},
                    "speed": {"status": "timed out", "seconds": 200.0, "results": None},
                    "tests": {"status": "skipped", "reason": "4 s left"}},
     }
     section = gpu_check.markdown(report)
     assert "| capture | failed | 3.0 |" in section and "| tests | skipped |  |" in section
+    assert "- capture: launches per step: 2" in section and "- capture: eager step host ms: 0.250" in section
     assert "NVIDIA H200" in section
 
 
@@ -113,3 +115,11 @@ def test_docs_update_needs_exactly_one_marked_section(tmp_path):
     page.write_text(f"before\n{gpu_check.BEGIN}\nold\n{gpu_check.END}\nafter\n")
     gpu_check.update_docs(page, "new\n")
     assert page.read_text() == f"before\n{gpu_check.BEGIN}\nnew\n{gpu_check.END}\nafter\n"
+
+
+def test_synthetic_workloads_have_resnet18_conv_weight_sizes():
+    """`benchmarks/speed.py` builds its synthetic lists without torchvision; the sizes are ResNet-18's."""
+    resnet18 = pytest.importorskip("torchvision.models").resnet18
+    from benchmarks.speed import resnet18_conv_sizes
+
+    assert resnet18_conv_sizes() == [p.numel() for p in resnet18(weights=None).parameters() if p.dim() == 4]

@@ -18,8 +18,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
+import gradmod
 from gradmod.kernels import (
     NoiseKey,
     foreach,
@@ -723,6 +725,33 @@ def test_triton_step_rejects_what_its_stream_cannot_hold():
         triton_kernel.modulate_modalities_([grads[0], [grads[0][0], "g"]], torch.ones(2), None, None)
 
 
+@needs_triton
+def test_triton_capture_safe_modulator_steps_equal_ordinary_steps():
+    """Through the modulator: a capture-safe OGM-GE (step counter on the device, read by the kernel) draws the
+    same noise as an ordinary one (step on the host), step after step."""
+
+    def train(capture_safe: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        audio, visual = nn.Linear(8, 4).to(TRITON_DEVICE), nn.Linear(8, 4).to(TRITON_DEVICE)
+        optimizer = torch.optim.SGD([*audio.parameters(), *visual.parameters()], lr=0.1)
+        modulator = gradmod.OGMGE({"audio": audio, "visual": visual}, alpha=0.5, backend="triton", seed=3,
+                                  validate=False, capture_safe=capture_safe)
+        modulator.attach(optimizer)
+        data = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            x = torch.randn(16, 8, generator=data).to(TRITON_DEVICE)
+            y = torch.randint(0, 4, (16,), generator=data).to(TRITON_DEVICE)
+            optimizer.zero_grad()
+            logits = {"audio": audio(x), "visual": visual(x) * 3}
+            modulator.observe(logits=logits, target=y)
+            nn.functional.cross_entropy(logits["audio"] + logits["visual"], y).backward()
+            optimizer.step()
+        return [p.detach().cpu() for p in [*audio.parameters(), *visual.parameters()]]
+
+    ordinary, capture_safe = train(False), train(True)
+    assert all(torch.equal(a, b) for a, b in zip(ordinary, capture_safe))
+
+
 def _replay_ready(groups, k, c, key) -> None:
     """Warm up on a side stream, as CUDA graph capture requires."""
     side = torch.cuda.Stream()
@@ -793,6 +822,7 @@ def _compile_for_sm90(kernel, signature: dict, constants: dict, num_warps: int):
 
 
 @pytest.mark.skipif(triton_kernel is None or INTERPRETED, reason="needs the compiled (non-interpreted) Triton kernels")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the other tests compile the kernels for it")
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_triton_kernels_compile_for_h100_without_a_gpu(dtype):
     """Ahead-of-time compilation to sm_90 catches what the interpreter does not check (typing, lowering), and
@@ -813,11 +843,15 @@ def test_triton_kernels_compile_for_h100_without_a_gpu(dtype):
         )
         assert moments.asm["cubin"] and "atom.global.gpu.acq_rel.add" in moments.asm["ptx"]
         assert bool(re.search(vector, moments.asm["ptx"])) == aligned
-    variants = [(True, True, False, False), (True, False, True, True), (False, True, False, False)]
-    for has_noise, aligned, key_in_memory, step_in_memory in variants:
+    # (noise, aligned, key, step): Triton types a host integer as i32 when it fits, else i64; a pointer when
+    # the value lives in memory (the one-modality key; the device step of capture-safe mode).
+    variants = [(True, True, "i64", "i64"), (True, False, "*i64", "*i64"), (False, True, "i64", "i64")]
+    if dtype == torch.float32:
+        variants += [(True, True, "i32", "*i64"), (True, True, "i64", "i32")]
+    for has_noise, aligned, key_type, step_type in variants:
+        key_in_memory, step_in_memory = key_type.startswith("*"), step_type.startswith("*")
         signature = {**tables, "sigmas": acc_pointer, "coefficients": "*fp32",
-                     "noise_scales": "*fp32" if has_noise else "constexpr",
-                     "key": "*i64" if key_in_memory else "i64", "step": "*i64" if step_in_memory else "i64"}
+                     "noise_scales": "*fp32" if has_noise else "constexpr", "key": key_type, "step": step_type}
         constants = dict(shared, ALIGNED=aligned, HAS_NOISE=has_noise, KEY_IN_MEMORY=key_in_memory,
                          STEP_IN_MEMORY=step_in_memory, STD_EPS=triton_kernel.STD_EPS)
         if not has_noise:

@@ -88,12 +88,19 @@ def get_kernel(backend: str, device: torch.device) -> Kernel:
 _generators: dict[str, torch.Generator] = {}
 
 
+#: Stride of the shard index in a generator's seed: ⌊2³²/φ⌋, odd (see `noise_generator`).
+_SHARD_STRIDE = 0x9E3779B9
+
+
 def noise_generator(device: torch.device, key: NoiseKey, modality: int, num_modalities: int) -> torch.Generator:
     """The generator of ``device``, re-seeded for modality ``modality`` at ``key``: counter-based noise.
 
-    Stream ``(seed·1,000,003 + step·M + modality + shard·(2³² + 15)) mod (2⁶³ − 1)``: distinct for every
-    (step, modality) of a seed and, for shards, every shard; the generator carries no state between steps,
-    so there is nothing to save or synchronise. Needs a host step: a device step raises ``ValueError``.
+    Stream ``(seed·1,000,003 + step·M + modality + shard·0x9E3779B9) mod (2⁶³ − 1)``: distinct for every
+    (step, modality) of a seed; the generator carries no state between steps, so there is nothing to save or
+    synchronise. CPU generators keep only the low 32 bits of a seed, so the shard term is an odd multiple of
+    the golden ratio times 2³²: different shards of up to 64 are then ≥ 3·10⁷ apart in that space, and their
+    streams stay distinct for the first ~10⁷ steps (CUDA generators keep all 64 bits). Needs a host step: a
+    device step raises ``ValueError``.
     """
     if key.on_device:
         raise ValueError(
@@ -103,7 +110,7 @@ def noise_generator(device: torch.device, key: NoiseKey, modality: int, num_moda
     name = str(device)
     if name not in _generators:
         _generators[name] = torch.Generator(device=device)
-    stream = (key.seed * 1_000_003 + key.step * num_modalities + modality + key.shard * (2**32 + 15)) % (2**63 - 1)
+    stream = (key.seed * 1_000_003 + key.step * num_modalities + modality + key.shard * _SHARD_STRIDE) % (2**63 - 1)
     return _generators[name].manual_seed(stream)
 
 

@@ -128,3 +128,14 @@ def checked_ignore_index(value: int | None) -> int | None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
         raise TypeError(f"ignore_index must be an int or None, got {value!r}")
     return value
+
+
+_STD_EPS_TENSORS: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+
+def std_eps(device: torch.device, dtype: torch.dtype) -> Tensor:
+    """`STD_EPS` as a cached 0-d tensor: adding it to a 0-d tensor is cheaper than adding a Python float."""
+    key = (torch.device(device), dtype)
+    if key not in _STD_EPS_TENSORS:
+        _STD_EPS_TENSORS[key] = torch.tensor(STD_EPS, dtype=dtype, device=device)
+    return _STD_EPS_TENSORS[key]

@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from gradmod._internal import STD_EPS, check_logits_target, check_names, constants, real_scalar, wide_dtype
+from gradmod._internal import STD_EPS, check_logits_target, check_names, constants, real_scalar, std_eps, wide_dtype
 
 __all__ = [
     "ogm_scores",
@@ -196,7 +196,7 @@ def ge_noise_std(grad: Tensor) -> Tensor:
     g = grad.detach()
     if g.dtype not in (torch.float32, torch.float64):
         g = g.float()
-    return g.std() + STD_EPS
+    return torch.add(g.std(), std_eps(g.device, g.dtype))
 
 
 def noise_scale(kind: str | None, coefficient: Tensor) -> Tensor | None:

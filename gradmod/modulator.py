@@ -114,7 +114,8 @@ class Modulator:
             ``validate=False``; noise then needs the ``"triton"`` kernel (its Philox key reads the device step).
             Steps without evidence are recorded as degenerate, steps outside the window as ``"outside"``; the
             backward-pass checks (discarded evidence, features routed) are off. Run a few steps before
-            capturing: the buffers are made at the first step.
+            capturing: the buffers are made at the first step. The step counter lives on the evidence's
+            device, so the noisy kernel needs the gradients there too (one device).
     """
 
     def __init__(

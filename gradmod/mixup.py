@@ -26,8 +26,16 @@ the stronger modality's input is left as it is, and the label follows the mix. (
 between one sample's audio and visual features is a different method and is not done here.)
 
 * After every training epoch the caller passes the training-set accuracy of each unimodal branch (the
-  other modalities masked to zero, eqs. (5)–(6)) to `BalancedMixup.update`, which computes
-  ``κ_u = acc_u / mean_{v≠u} acc_v``.
+  other modalities masked to zero, eqs. (5)–(6)) to `BalancedMixup.update`, which smooths it over epochs
+  (`smoothed_accuracy`, below) and computes ``κ_u = ā_u / mean_{v≠u} ā_v`` from the smoothed ``ā``.
+* **A stable estimate.** Which modality is weak decides what gets mixed, so a noisy estimate of two
+  close accuracies mixes the *strong* one in some epochs. `BalancedMixup` therefore keeps an exponential
+  moving average, ``ā_t = s·ā_{t−1} + (1 − s)·acc_t`` with ``ā_1 = acc_1`` (``smoothing = s``, default
+  0.5): for noise independent across epochs it keeps ``(1 − s)/(1 + s)`` of the variance (a third for
+  0.5) and lags a real change by ``s/(1 − s)`` epochs (one). ``smoothing=0`` uses each epoch's own
+  accuracies, as the paper prints eq. (5). Measure the accuracies in eval mode on a fixed set (the
+  whole training split, or a fixed slice of it), from decoupled per-modality logits where the head has
+  them; a fresh random subset per epoch adds sampling noise that the average then has to remove.
 * The strength for the next epoch is ``λ = tanh(β·(κ_max − 1))`` (eq. (7), gradmod's reading via
   ``bmm_strength``; ``β`` = ``degree``), ``κ_max`` the strongest modality's factor. Each batch draws a
   permutation ``π``; every weak modality's input becomes ``(1 − λ)·x_w + λ·x_w[π]`` (eq. (8)) and the soft
@@ -45,8 +53,8 @@ between one sample's audio and visual features is a different method and is not 
   modalities (``κ_u ≥ 1``) are never mixed. For two modalities this is exactly eq. (8).
 * Reproducibility: ``π`` comes from a CPU ``torch.Generator`` seeded with ``seed`` (or, if ``seed`` is
   None, with a seed drawn from torch's global RNG, so ``torch.manual_seed`` fixes it).
-  `BalancedMixup.state_dict` saves the epoch count, κ and the generator state, so a resumed run
-  mixes exactly as an uninterrupted one. Under ``torch.distributed`` every rank permutes only its local
+  `BalancedMixup.state_dict` saves the epoch count, the smoothed accuracies, κ and the generator
+  state, so a resumed run mixes exactly as an uninterrupted one. Under ``torch.distributed`` every rank permutes only its local
   batch; equal seeds on all ranks are harmless because the ranks hold different samples.
 
 Inputs must be floating point (any shape ``[B, …]``: spectrograms, frames, features); targets are ``[B]``
@@ -65,10 +73,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gradmod._internal import real_scalar
+from gradmod._internal import check_names, real_scalar
 from gradmod.functional import bmm_strength, imbalance_factor
 
-__all__ = ["MultimodalMixup", "BalancedMixup", "soft_cross_entropy"]
+__all__ = ["BalancedMixup", "MultimodalMixup", "smoothed_accuracy", "soft_cross_entropy"]
 
 _SEED_HIGH = 2**62
 _REDUCTIONS = ("mean", "sum", "none")
@@ -117,6 +125,33 @@ def _check_features(x: Tensor, name: str) -> int:
 def _mix_with_partner(x: Tensor, permutation: Tensor, partner_weight: float) -> Tensor:
     """``(1 − w)·x + w·x[π]`` along the batch dimension (eqs. (3) and (8))."""
     return torch.lerp(x, x[permutation.to(x.device)], partner_weight)
+
+
+def smoothed_accuracy(
+    previous: Mapping[str, float] | None, current: Mapping[str, float], smoothing: float
+) -> dict[str, float]:
+    """One step of the exponential moving average of per-modality accuracies, B-MM's stable estimate:
+
+    ``ā_u = s·previous_u + (1 − s)·current_u``, and ``ā_u = current_u`` when ``previous`` is ``None`` (the
+    first epoch). ``s = smoothing ∈ [0, 1)``; ``s = 0`` returns ``current``. Each ``ā_u`` lies between
+    ``previous_u`` and ``current_u``; the average follows the modalities under renaming and treats them
+    alike. Accuracies must be finite numbers ``≥ 0``, keyed by the same modalities.
+    """
+    s = real_scalar(smoothing, "smoothing")
+    if s >= 1.0:
+        raise ValueError(f"smoothing must lie in [0, 1) (1 would never move), got {s}")
+    now = _accuracies(current, "current accuracies")
+    if previous is None:
+        return now
+    before = _accuracies(previous, "previous accuracies")
+    check_names(now, before, "the current accuracies")
+    return {name: s * before[name] + (1.0 - s) * value for name, value in now.items()}
+
+
+def _accuracies(values: Mapping[str, float], what: str) -> dict[str, float]:
+    if not isinstance(values, Mapping) or not values:
+        raise ValueError(f"{what} must be a non-empty mapping modality name -> accuracy, got {values!r}")
+    return {str(name): real_scalar(value, f"{what}[{name!r}]") for name, value in values.items()}
 
 
 def soft_cross_entropy(logits: Tensor, soft_target: Tensor, reduction: str = "mean") -> Tensor:
@@ -199,7 +234,8 @@ class BalancedMixup:
     """B-MM (eqs. (5)–(8)): mixup of the weaker modality's input, driven by the imbalance factor.
 
     Call `update` once after each training epoch with every modality's unimodal training accuracy,
-    and call the object on each training batch. See the module docstring for the warm-up rule and M > 2.
+    and call the object on each training batch. See the module docstring for the warm-up rule, the
+    smoothing and M > 2.
 
     Args:
         modalities: the modality names (two or more), as used in the input mappings.
@@ -207,6 +243,8 @@ class BalancedMixup:
         degree: ``β ≥ 0`` of eq. (7); larger mixes harder, ``0`` never mixes.
         warmup_epochs: number of epochs trained before mixing may start.
         seed: seed of the generator of the permutations; None draws one from torch's global RNG.
+        smoothing: ``s ∈ [0, 1)`` of the moving average of the accuracies (`smoothed_accuracy`); ``0``
+            uses each epoch's own.
     """
 
     def __init__(
@@ -216,6 +254,8 @@ class BalancedMixup:
         degree: float,
         warmup_epochs: int,
         seed: int | None = None,
+        *,
+        smoothing: float = 0.5,
     ) -> None:
         if isinstance(modalities, str) or not all(isinstance(m, str) and m for m in modalities):
             raise ValueError(f"modalities must be a sequence of non-empty names, got {modalities!r}")
@@ -227,8 +267,11 @@ class BalancedMixup:
         self.num_classes = _check_int(num_classes, "num_classes", 1)
         self.degree = float(degree)
         self.warmup_epochs = _check_int(warmup_epochs, "warmup_epochs", 0)
+        smoothed_accuracy(None, {name: 0.0 for name in names}, smoothing)  # checks the smoothing
+        self.smoothing = float(smoothing)
         self._generator = _seeded_generator(seed)
         self._epochs_seen = 0
+        self._accuracy: dict[str, float] = {}
         self._kappa: dict[str, float] = {}
 
     def _check_names(self, names: Sequence[str], what: str) -> None:
@@ -240,10 +283,18 @@ class BalancedMixup:
             )
 
     def update(self, unimodal_accuracy: Mapping[str, float]) -> None:
-        """Record one finished epoch: κ from each modality's unimodal training accuracy (eqs. (5)–(6))."""
+        """Record one finished epoch: each modality's unimodal training accuracy, smoothed over epochs
+        (`smoothed_accuracy`), sets κ (eqs. (5)–(6))."""
         self._check_names(list(unimodal_accuracy), "unimodal_accuracy")
-        self._kappa = imbalance_factor({m: unimodal_accuracy[m] for m in self.modalities})
+        current = {m: unimodal_accuracy[m] for m in self.modalities}
+        self._accuracy = smoothed_accuracy(self._accuracy or None, current, self.smoothing)
+        self._kappa = imbalance_factor(self._accuracy)
         self._epochs_seen += 1
+
+    @property
+    def accuracy(self) -> dict[str, float]:
+        """The smoothed unimodal accuracies κ comes from (empty before the first `update`)."""
+        return dict(self._accuracy)
 
     @property
     def epochs_seen(self) -> int:
@@ -291,23 +342,33 @@ class BalancedMixup:
         return outputs, _mix_with_partner(one_hot, permutation, strength)
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything that changes the mixing: epoch count, κ and the generator state."""
+        """Everything that changes the mixing: epoch count, smoothing, smoothed accuracies, κ and the generator state."""
         return {
             "modalities": list(self.modalities),
             "epochs_seen": self._epochs_seen,
+            "smoothing": self.smoothing,
+            "accuracy": dict(self._accuracy),
             "kappa": dict(self._kappa),
             "generator": self._generator.get_state(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a `state_dict` saved by a B-MM over the same modalities."""
+        """Restore a `state_dict` saved by a B-MM over the same modalities with the same smoothing (a state
+        saved before the smoothing existed restores as ``smoothing=0`` with no average kept)."""
         if list(state["modalities"]) != list(self.modalities):
             raise ValueError(f"state was saved for modalities {list(state['modalities'])}, not {list(self.modalities)}")
+        smoothing = float(state.get("smoothing", 0.0))
+        if smoothing != self.smoothing:
+            raise ValueError(f"state was saved with smoothing={smoothing}, this BalancedMixup has smoothing={self.smoothing}")
+        accuracy = {str(m): float(a) for m, a in state.get("accuracy", {}).items()}
+        if accuracy:
+            self._check_names(list(accuracy), "saved accuracy")
         kappa = {str(m): float(k) for m, k in state["kappa"].items()}
         if kappa:
             self._check_names(list(kappa), "saved kappa")
         if any(math.isnan(k) for k in kappa.values()):
             raise ValueError(f"saved kappa holds NaN: {kappa}")
         self._epochs_seen = _check_int(state["epochs_seen"], "saved epochs_seen", 0)
+        self._accuracy = accuracy
         self._kappa = kappa
         self._generator.set_state(state["generator"])

@@ -1,10 +1,12 @@
-"""Tests of gradmod.mixup: MM (paper 001, eq. (3)), B-MM (eqs. (5)–(8)) and the soft cross-entropy."""
+"""Tests of gradmod.mixup: MM (Ma, Ding & Chen, 2025, eq. (3)), B-MM (eqs. (5)–(8)), its stable estimate of the
+unimodal accuracies and the soft cross-entropy."""
 
 from __future__ import annotations
 
 import io
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +14,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gradmod.functional import bmm_strength, imbalance_factor
-from gradmod.mixup import BalancedMixup, MultimodalMixup, soft_cross_entropy
+from gradmod.mixup import (
+    BalancedMixup,
+    MultimodalMixup,
+    smoothed_accuracy,
+    soft_cross_entropy,
+)
 
 FAST = settings(max_examples=25, deadline=None)
 ACCURACY = st.floats(min_value=0.05, max_value=1.0)
@@ -437,3 +444,103 @@ def test_bmm_rejects_bad_input(make, message):
 def test_bmm_validates_even_while_passing_through():
     with pytest.raises(ValueError, match="outside"):
         _bmm()(GOOD, torch.tensor([0, 5]))
+
+
+# ---------------------------------------------------------------- the stable estimate of B-MM's accuracies
+NAMES = st.lists(st.sampled_from(["audio", "visual", "text", "depth"]), min_size=2, max_size=4, unique=True)
+SMOOTHING = st.floats(0.0, 0.99)
+
+
+@FAST
+@given(names=NAMES, data=st.data(), smoothing=SMOOTHING)
+def test_smoothed_accuracy_lies_between_the_average_and_the_new_accuracy(names, data, smoothing):
+    previous = {n: data.draw(ACCURACY) for n in names}
+    current = {n: data.draw(ACCURACY) for n in names}
+    smoothed = smoothed_accuracy(previous, current, smoothing)
+    for n in names:
+        low, high = sorted((previous[n], current[n]))
+        assert low - 1e-12 <= smoothed[n] <= high + 1e-12
+        assert smoothed[n] == pytest.approx(smoothing * previous[n] + (1 - smoothing) * current[n])
+
+
+@FAST
+@given(names=NAMES, data=st.data(), smoothing=SMOOTHING)
+def test_smoothed_accuracy_starts_at_the_first_accuracy_and_keeps_a_constant_one(names, data, smoothing):
+    current = {n: data.draw(ACCURACY) for n in names}
+    assert smoothed_accuracy(None, current, smoothing) == current
+    assert smoothed_accuracy(current, current, smoothing) == pytest.approx(current)
+    other = {n: data.draw(ACCURACY) for n in names}
+    assert smoothed_accuracy(other, current, 0.0) == current  # no smoothing: the epoch's own
+
+
+@FAST
+@given(names=NAMES, data=st.data(), smoothing=SMOOTHING)
+def test_smoothed_accuracy_follows_the_modalities_when_they_are_renamed(names, data, smoothing):
+    previous = {n: data.draw(ACCURACY) for n in names}
+    current = {n: data.draw(ACCURACY) for n in names}
+    renamed = dict(zip(names, reversed(names)))
+    swapped = smoothed_accuracy(
+        {renamed[n]: v for n, v in previous.items()}, {renamed[n]: v for n, v in current.items()}, smoothing
+    )
+    assert swapped == {renamed[n]: v for n, v in smoothed_accuracy(previous, current, smoothing).items()}
+
+
+@pytest.mark.parametrize(
+    ("previous", "current", "smoothing", "message"),
+    [
+        (None, {"audio": 0.5, "visual": 0.4}, 1.0, r"\[0, 1\)"),
+        (None, {"audio": 0.5, "visual": 0.4}, -0.1, "smoothing"),
+        ({"audio": 0.5}, {"audio": 0.5, "visual": 0.4}, 0.5, r"unknown \['visual'\]"),
+        (None, {"audio": math.nan, "visual": 0.4}, 0.5, "audio"),
+        (None, {}, 0.5, "non-empty"),
+    ],
+)
+def test_smoothed_accuracy_rejects_bad_input(previous, current, smoothing, message):
+    with pytest.raises(ValueError, match=message):
+        smoothed_accuracy(previous, current, smoothing)
+
+
+def test_bmm_kappa_comes_from_the_smoothed_accuracies():
+    bmm = _bmm(smoothing=0.5)
+    bmm.update({"audio": 0.9, "visual": 0.3})
+    assert bmm.accuracy == {"audio": 0.9, "visual": 0.3} and bmm.kappa["audio"] == pytest.approx(3.0)
+    bmm.update({"audio": 0.5, "visual": 0.7})
+    assert bmm.accuracy == pytest.approx({"audio": 0.7, "visual": 0.5})
+    assert bmm.kappa == pytest.approx(imbalance_factor({"audio": 0.7, "visual": 0.5}))
+    assert bmm.weak_modalities == ("visual",)  # the raw accuracies of this epoch alone would mix audio
+    raw = _bmm(smoothing=0.0)
+    for accuracy in ({"audio": 0.9, "visual": 0.3}, {"audio": 0.5, "visual": 0.7}):
+        raw.update(accuracy)
+    assert raw.weak_modalities == ("audio",)
+
+
+def test_smoothing_steadies_which_modality_is_mixed():
+    """Two close modalities measured with noise over 39 epochs: the average mixes the strong one far less often."""
+    wrong = {0.0: 0, 0.5: 0}
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        epochs = [{"audio": 0.62 + rng.normal(0, 0.03), "visual": 0.58 + rng.normal(0, 0.03)} for _ in range(39)]
+        for smoothing in wrong:
+            bmm = _bmm(smoothing=smoothing)
+            for accuracy in epochs:
+                bmm.update(accuracy)
+                wrong[smoothing] += bmm.weak_modalities == ("audio",)
+    assert wrong[0.5] * 3 < wrong[0.0], wrong
+
+
+def test_bmm_state_keeps_the_average_and_its_smoothing():
+    bmm = _bmm(smoothing=0.5)
+    for accuracy in ({"audio": 0.9, "visual": 0.3}, {"audio": 0.5, "visual": 0.7}):
+        bmm.update(accuracy)
+    resumed = _bmm(smoothing=0.5)
+    resumed.load_state_dict(bmm.state_dict())
+    assert resumed.accuracy == bmm.accuracy and resumed.kappa == bmm.kappa
+    resumed.update({"audio": 0.1, "visual": 0.9})
+    bmm.update({"audio": 0.1, "visual": 0.9})
+    assert resumed.kappa == bmm.kappa
+    with pytest.raises(ValueError, match="smoothing=0.5, this BalancedMixup has smoothing=0.0"):
+        _bmm(smoothing=0.0).load_state_dict(bmm.state_dict())
+    legacy = {key: value for key, value in _bmm(smoothing=0.0).state_dict().items() if key not in ("smoothing", "accuracy")}
+    _bmm(smoothing=0.0).load_state_dict(legacy)  # saved before the average existed: each epoch's own
+    with pytest.raises(ValueError, match="smoothing"):
+        _bmm(smoothing=1.0)

@@ -1,21 +1,20 @@
 """Train a reference model with or without gradient modulation: ``python -m reference_models.train --help``.
 
-One loop for every dataset × method × fusion head. Per epoch it evaluates the val split (AVE, LLP) and
-the test split: fused accuracy, macro-F1 and each modality's unimodal accuracy, both masked (the fused
-head with the other modality's features zeroed) and decoupled (OGM-GE's convention, concat and sum
-heads), and the mean modulation coefficients. It saves a checkpoint (``--resume`` continues exactly),
-``results.json`` and ``curves.png`` under ``--out``, and ends with the test scores of the last epoch,
-of the best epoch on test and of the epoch selected on val, each labelled (`select_epochs`).
+One loop for every dataset × method × fusion head. Each method enters it through the loop of its kind
+(`reference_models.loops`: ``gradmod.METHODS[name].loop`` for gradmod's methods). Per epoch it evaluates the
+val split (AVE, LLP, or ``--val-size`` items held out of the training split) and the test split: fused
+accuracy, macro-F1 and each modality's unimodal accuracy, both masked (the fused head with the other
+modality's features zeroed) and decoupled (OGM-GE's convention, concat, sum and shared heads), and the
+mean modulation coefficients. It saves a checkpoint (``--resume`` continues exactly), ``results.json`` and
+``curves.png`` under ``--out``, and ends with the test scores of the last epoch, of the best epoch on test
+and of the epoch selected on val, each labelled (`select_epochs`).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
-import inspect
 import json
-import math
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -24,24 +23,42 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 from torch.utils.data import DataLoader, random_split
 from tqdm import tqdm
 
 import gradmod
-from gradmod.mixup import BalancedMixup, MultimodalMixup, soft_cross_entropy
-from reference_models.models.common import FUSION_KINDS, ModelOutput
+from gradmod.mla import PROJECTIONS
+from gradmod.mmpareto import RULES
+from reference_models.loops import (
+    MODULATOR_METHODS,
+    PARAM_FILTERS,
+    make_loop,
+    make_modulator,
+    make_optimizer,
+    observe_inputs,
+    unimodal_metrics,
+)
+from reference_models.models.common import FUSION_KINDS
 from reference_models.tasks import DATASETS, IndexedDataset, Task, build_task
 
-__all__ = ["METHODS", "TrainConfig", "train", "main", "unimodal_metrics", "select_epochs", "summary_lines"]
+__all__ = [
+    "METHODS",
+    "MODULATOR_METHODS",
+    "TrainConfig",
+    "main",
+    "make_modulator",
+    "observe_inputs",
+    "select_epochs",
+    "summary_lines",
+    "train",
+    "unimodal_metrics",
+]
 
-#: The gradient-modulation methods the CLI drives through a `gradmod.Modulator`, by their `gradmod.METHODS` name.
-MODULATOR_METHODS = ("ogm", "ogm_ge", "pdmp", "dgm", "decoupling_free")
-#: Every ``--method``: no modulation, the modulator methods, and the data-level mixups (Ma, Ding & Chen, 2025).
-METHODS = ("baseline", *MODULATOR_METHODS, "mm", "bmm")
-#: Preset keyword → the `TrainConfig` field that sets it (the presets' hyper-parameters share these names).
-PRESET_OPTIONS = {"alpha": "alpha", "gamma": "gamma", "gamma_p": "gamma_p", "gamma_r": "gamma_r"}
-PARAM_FILTERS = {"all": None, "weights": gradmod.filters.weights, "conv": gradmod.filters.conv_weights}
+#: Every ``--method``: no modulation, every gradmod method by its `gradmod.METHODS` name, and the data-level
+#: mixups of Ma, Ding & Chen (2025).
+METHODS = ("baseline", *gradmod.METHODS, "mm", "bmm")
+#: Offset of the seed that draws the ``--val-size`` split from the run's seed.
+VAL_SEED_OFFSET = 30_011
 
 #: Per-dataset training defaults: OGM-GE's CREMA-D protocol (SGD 1e-3, momentum 0.9, wd 1e-4, StepLR(70, 0.1),
 #: batch 64); Fu, Gao & Xu's Adam 5e-4, ×0.25 every 6 epochs, for LLP; what works on the generated AV-digits in a
@@ -56,7 +73,8 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
 
 @dataclass
 class TrainConfig:
-    """Everything that defines a run; ``None`` fields take the dataset's `DATASET_DEFAULTS`."""
+    """Everything that defines a run; ``None`` fields take the dataset's `DATASET_DEFAULTS` (training) or
+    the method's own default (``alpha``, ``gamma``)."""
 
     dataset: str = "avdigits"
     method: str = "baseline"
@@ -76,16 +94,24 @@ class TrainConfig:
     param_filter: str = "all"
     modulation_start: int = 0
     modulation_end: int | None = None
-    alpha: float = 0.8
-    gamma: float = 0.1
+    alpha: float | None = None
+    gamma: float | None = None
     noise: str | None = "default"
     gamma_p: float = 1.0
     gamma_r: float = 0.5
     pdmp_metrics: dict[str, float] | None = None
     pdmp_budget: int = 1
+    agm_clip: float | None = 1.0
+    mmpareto_rule: str = "paper"
+    mla_projection: str = "owm"
+    gblending_super_epoch: int = 1
+    gblending_holdout: float = 0.08
     mixup_alpha: float = 0.4
     bmm_degree: float = 1.0
     bmm_warmup: int = 1
+    bmm_smoothing: float = 0.5
+    solo: str | None = None
+    val_size: int | None = None
     max_items: int | None = None
     avdigits: dict[str, Any] = field(default_factory=dict)
     device: str = "auto"
@@ -104,6 +130,11 @@ class TrainConfig:
             raise ValueError(f"unknown fusion {self.fusion!r}; expected one of {FUSION_KINDS}")
         if self.param_filter not in PARAM_FILTERS:
             raise ValueError(f"unknown param filter {self.param_filter!r}; expected one of {tuple(PARAM_FILTERS)}")
+        if self.mmpareto_rule not in RULES:
+            raise ValueError(f"unknown MMPareto rule {self.mmpareto_rule!r}; expected one of {RULES}")
+        projections = tuple(p or "none" for p in PROJECTIONS)
+        if self.mla_projection not in projections:
+            raise ValueError(f"unknown MLA projection {self.mla_projection!r}; expected one of {projections}")
         filled = {k: v for k, v in DATASET_DEFAULTS[self.dataset].items() if getattr(self, k) is None}
         config = dataclasses.replace(self, **filled)
         if config.optimizer not in ("sgd", "adam"):
@@ -112,119 +143,35 @@ class TrainConfig:
             raise ValueError("epochs and batch size must be >= 1")
         if config.resume and config.out is None:
             raise ValueError("--resume needs --out (the folder holding checkpoint.pt)")
+        if config.solo is not None and config.method != "baseline":
+            raise ValueError(f"--solo trains one modality alone without any method: use --method baseline, not {config.method}")
+        if config.gblending_super_epoch < 1 or not 0.0 < config.gblending_holdout < 1.0:
+            raise ValueError("--gblending-super-epoch must be >= 1 and --gblending-holdout in (0, 1)")
+        if not 0.0 <= config.bmm_smoothing < 1.0:
+            raise ValueError(f"--bmm-smoothing must lie in [0, 1), got {config.bmm_smoothing}")
+        if config.agm_clip is not None and not config.agm_clip > 0:
+            raise ValueError(f"--agm-clip must be > 0 (or none), got {config.agm_clip}")
+        if config.val_size is not None and config.val_size < 1:
+            raise ValueError(f"--val-size must be >= 1, got {config.val_size}")
         return config
 
 
-# ---------------------------------------------------------------------------------------------- methods
-def make_modulator(config: TrainConfig, task: Task, steps_per_epoch: int, pdmp_ranking: Sequence[str] | None = None):
-    """The gradmod modulator of ``config.method`` over the task model's modalities (``None`` for non-gradient methods).
-
-    The preset is ``gradmod.METHODS[config.method].preset``; its hyper-parameters come from the config fields of
-    the same name (`PRESET_OPTIONS`), and ``ranking`` from PDMP's unimodal stage.
-    """
-    if config.method not in MODULATOR_METHODS:
-        return None
-    end = config.epochs - 1 if config.modulation_end is None else config.modulation_end
-    start_step, stop_step = gradmod.epoch_window(config.modulation_start, end, steps_per_epoch)
-    options: dict[str, Any] = {
-        "apply": config.apply,
-        "backend": config.backend,
-        "param_filter": PARAM_FILTERS[config.param_filter],
-        "start_step": start_step,
-        "stop_step": stop_step,
-        "seed": config.seed,
-    }
-    if config.noise != "default":
-        options["noise"] = config.noise
-    elif config.apply == "features":
-        options["noise"] = None
-    preset = gradmod.METHODS[config.method].preset
-    parameters = _preset_parameters(config.method)
-    options.update({name: getattr(config, field) for name, field in PRESET_OPTIONS.items() if name in parameters})
-    if "ranking" in parameters:
-        options["ranking"] = pdmp_ranking
-    return preset(task.model.modality_modules(), **options)
-
-
-def _preset_parameters(method: str) -> frozenset[str]:
-    """The keyword parameters of ``method``'s gradmod preset (none for the CLI's other methods)."""
-    if method not in MODULATOR_METHODS:
-        return frozenset()
-    return frozenset(inspect.signature(gradmod.METHODS[method].preset).parameters)
-
-
-def observe_inputs(modulator: gradmod.Modulator, task: Task, output: ModelOutput, target: Tensor) -> dict[str, Any]:
-    """What the modulator's measure reads (``measure.inputs``), taken from a model output.
-
-    A fusion gate for ``zeta``; a decision unit's pure unimodal scores for ``scores`` when the model has them
-    (the MSDU of Fu, Gao & Xu), else decoupled per-modality logits for ``logits``. A clear error when the
-    head cannot give what the measure reads.
-    """
-    reads = modulator.measure.inputs
-    if "zeta" in reads:
-        if output.zeta is None:
-            raise ValueError("decoupling_free needs a gated head: --fusion gated, gated_simam or film_zeta")
-        return {"zeta": output.zeta}
-    if "scores" in reads and output.unimodal_scores is not None:
-        return {"scores": output.unimodal_scores, "target": target}
-    if output.unimodal_logits is None:
-        raise ValueError(
-            f"{modulator.measure!r} measures decoupled per-modality logits, which this head cannot give "
-            "(FiLM and gated heads mix the modalities): use --fusion concat or sum, or --method decoupling_free "
-            "with a gated head"
-        )
-    return {"logits": output.unimodal_logits, "target": task.model.measure_target(target)}
-
-
-def _mix_features(mixer: MultimodalMixup, features: Mapping[str, Tensor], target: Tensor, classes: int):
-    """MM (Ma, Ding & Chen, 2025, eq. (3)): mix the fused representation — all modalities' features with one λ and π."""
-    names = list(features)
-    widths = [features[n].shape[-1] for n in names]
-    mixed, soft = mixer(torch.cat([features[n] for n in names], -1), target, classes)
-    return dict(zip(names, mixed.split(widths, -1))), soft
-
-
-def unimodal_metrics(task: Task, config: TrainConfig, device: torch.device) -> dict[str, float]:
-    """PDMP stage 1: train each modality's branch alone (others zeroed) for ``pdmp_budget`` epochs from the
-    same initialisation, and return its unimodal accuracy on a held-out 10% of the training split."""
-    held = max(1, len(task.train_set) // 10)
-    fit, held_out = random_split(task.train_set, [len(task.train_set) - held, held], torch.Generator().manual_seed(config.seed))
-    initial = copy.deepcopy(task.model.state_dict())
-    results = {}
-    for name in task.modalities:
-        task.model.load_state_dict(initial)
-        optimizer = _optimizer(config, task.model)
-        loader = DataLoader(fit, config.batch_size, shuffle=True, generator=torch.Generator().manual_seed(config.seed))
-        for _ in range(config.pdmp_budget):
-            for inputs, target in tqdm(loader, desc=f"PDMP unimodal {name}", leave=False, disable=None if config.progress else True):
-                optimizer.zero_grad(set_to_none=True)
-                inputs = {n: x.to(device) for n, x in inputs.items()}
-                task.unimodal_loss(inputs, target.to(device), keep=name).backward()
-                optimizer.step()
-        evaluation = task.evaluate(DataLoader(IndexedDataset(held_out), config.batch_size), device)
-        results[name] = evaluation["unimodal"][name]
-    task.model.load_state_dict(initial)
-    return results
+def _hold_out_val(task: Task, config: TrainConfig) -> None:
+    """``--val-size``: move that many training items, drawn with the run's seed, into a val split."""
+    if task.val_set is not None:
+        raise ValueError(f"--val-size holds a val split out of the training split; {task.name} has its own val split")
+    size = len(task.train_set)
+    if config.val_size >= size:
+        raise ValueError(f"--val-size {config.val_size} leaves nothing of the {size} training items to train on")
+    generator = torch.Generator().manual_seed(config.seed + VAL_SEED_OFFSET)
+    task.train_set, task.val_set = random_split(task.train_set, [size - config.val_size, config.val_size], generator)
 
 
 # ---------------------------------------------------------------------------------------------- training
-def _optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-
-
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def _epoch_coefficients(modulator, first_step: int) -> dict[str, float]:
-    records = [r for r in modulator.history if r["step"] >= first_step] if modulator is not None else []
-    if not records:
-        return {}
-    return {n: sum(r["coefficients"][n] for r in records) / len(records) for n in records[0]["coefficients"]}
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
@@ -235,9 +182,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
         config.dataset, data_root=config.data_root, fusion=config.fusion, seed=config.seed,
         max_items=config.max_items, avdigits_options=config.avdigits,
     )
+    if config.val_size is not None:
+        _hold_out_val(task, config)
     model = task.model.to(device)
+    loop = make_loop(config, task, device)
     loader_args = {"batch_size": config.batch_size, "num_workers": config.workers}
-    steps_per_epoch = math.ceil(len(task.train_set) / config.batch_size)
     evaluation_loaders = {
         split: DataLoader(IndexedDataset(dataset), **loader_args)
         for split, dataset in (("val", task.val_set), ("test", task.test_set))
@@ -245,20 +194,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
     }
     out = Path(config.out) if config.out else None
     checkpoint_path = out / "checkpoint.pt" if out else None
-
-    pdmp_ranking, pdmp_metrics = None, None
-    if "ranking" in _preset_parameters(config.method):  # PDMP's first stage: rank the modalities
-        pdmp_metrics = config.pdmp_metrics or unimodal_metrics(task, config, device)
-        pdmp_ranking = gradmod.rank_modalities(pdmp_metrics)
-    optimizer = _optimizer(config, model)
+    optimizer = make_optimizer(config, model)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, config.lr_step, config.lr_gamma) if config.lr_step else None
-    modulator = make_modulator(config, task, steps_per_epoch, pdmp_ranking)
-    if modulator is not None:
-        modulator.attach(optimizer)
-    mm = MultimodalMixup(config.mixup_alpha, generator=torch.Generator().manual_seed(config.seed)) if config.method == "mm" else None
-    bmm = BalancedMixup(task.modalities, task.num_classes, config.bmm_degree, config.bmm_warmup, seed=config.seed) if config.method == "bmm" else None
-    if (mm or bmm) and task.kind != "classification":
-        raise ValueError(f"{config.method} is defined for single-label classification (avdigits, cremad), not {config.dataset}")
+    loop.attach(optimizer)
 
     history: list[dict[str, Any]] = []
     first_epoch, elapsed = 0, 0.0
@@ -266,46 +204,28 @@ def train(config: TrainConfig) -> dict[str, Any]:
         state = torch.load(checkpoint_path, weights_only=False)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        for obj, key in ((scheduler, "scheduler"), (modulator, "modulator"), (mm, "mixup"), (bmm, "mixup")):
-            if obj is not None:
-                obj.load_state_dict(state[key])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        loop.load_state_dict(state["method"])
         torch.set_rng_state(state["torch_rng"])
         history, first_epoch, elapsed = state["history"], state["epoch"] + 1, state["elapsed"]
 
     for epoch in range(first_epoch, config.epochs):
         started = time.perf_counter()
         model.train()
-        first_step = epoch * steps_per_epoch
-        loader = DataLoader(task.train_set, shuffle=True, generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch), **loader_args)
+        loop.start_epoch(epoch)
+        generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+        loader = DataLoader(loop.train_set, shuffle=True, generator=generator, **loader_args)
         total_loss, batches = 0.0, 0
         for inputs, target in tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, disable=None if config.progress else True):
             inputs, target = {n: x.to(device) for n, x in inputs.items()}, target.to(device)
-            optimizer.zero_grad(set_to_none=True)
-            soft = None
-            if bmm is not None:
-                inputs, soft = bmm(inputs, target)
-            features = model.encode(inputs)
-            if mm is not None:
-                features, soft = _mix_features(mm, features, target, task.num_classes)
-            output = model.head(features)
-            if modulator is not None:
-                extra = {"features": output.features} if config.apply == "features" else {}
-                modulator.observe(**observe_inputs(modulator, task, output, target), **extra)
-            loss = model.loss(output, target) if soft is None else soft_cross_entropy(output.logits, soft)
-            loss.backward()
-            optimizer.step()
-            total_loss += loss.item()
+            total_loss += loop.step(inputs, target).item()
             batches += 1
         if scheduler is not None:
             scheduler.step()
-        record: dict[str, Any] = {"epoch": epoch, "train_loss": total_loss / max(batches, 1)}
-        if bmm is not None:
-            train_eval = task.evaluate(DataLoader(IndexedDataset(task.train_set), **loader_args), device)
-            bmm.update(train_eval["unimodal"])
-            record["bmm"] = {"train_unimodal": train_eval["unimodal"], "kappa": bmm.kappa, "strength": bmm.strength}
+        record: dict[str, Any] = {"epoch": epoch, "train_loss": total_loss / max(batches, 1), **loop.end_epoch(epoch)}
         for split, split_loader in evaluation_loaders.items():
             record[split] = task.evaluate(split_loader, device)
-        record["coefficients"] = _epoch_coefficients(modulator, first_step)
         elapsed += time.perf_counter() - started
         record["elapsed_s"] = elapsed
         history.append(record)
@@ -313,21 +233,22 @@ def train(config: TrainConfig) -> dict[str, Any]:
         if checkpoint_path is not None:
             out.mkdir(parents=True, exist_ok=True)
             state = {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "history": history,
-                "elapsed": elapsed, "torch_rng": torch.get_rng_state(), "config": dataclasses.asdict(config),
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "method": loop.state_dict(),
+                "epoch": epoch, "history": history, "elapsed": elapsed, "torch_rng": torch.get_rng_state(),
+                "config": dataclasses.asdict(config),
             }
-            for obj, key in ((scheduler, "scheduler"), (modulator, "modulator"), (mm, "mixup"), (bmm, "mixup")):
-                if obj is not None:
-                    state[key] = obj.state_dict()
+            if scheduler is not None:
+                state["scheduler"] = scheduler.state_dict()
             torch.save(state, checkpoint_path)
 
     results = {
         "config": dataclasses.asdict(config),
+        "method": {"loop": loop.kind, "options": loop.options()},
         "final": history[-1]["test"],
         "selection": select_epochs(history, task.selection_metric),
         "history": history,
-        "coefficients_per_step": modulator.history if modulator is not None else [],
-        "pdmp": {"metrics": pdmp_metrics, "ranking": list(pdmp_ranking)} if pdmp_ranking else None,
+        "coefficients_per_step": loop.coefficients_per_step(),
+        "pdmp": loop.pdmp,
         "wall_time_s": elapsed,
     }
     if out is not None:
@@ -423,6 +344,15 @@ def _metrics_arg(text: str) -> dict[str, float]:
         raise argparse.ArgumentTypeError(f"expected name=value,name=value, got {text!r}") from error
 
 
+def _clip_arg(text: str) -> float | None:
+    if text == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected a positive number or none, got {text!r}") from error
+
+
 def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     parser = argparse.ArgumentParser(prog="python -m reference_models.train", description=__doc__.split("\n\n")[0])
     add = parser.add_argument
@@ -444,16 +374,32 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     add("--param-filter", choices=tuple(PARAM_FILTERS), default="all")
     add("--modulation-start", type=int, default=0, help="first modulated epoch")
     add("--modulation-end", type=int, help="last modulated epoch (inclusive; default: the last epoch)")
-    add("--alpha", type=float, default=0.8, help="OGM / OGM-GE / decoupling-free α")
-    add("--gamma", type=float, default=0.1, help="DGM γ (Fu, Gao & Xu, eq. (7))")
+    add("--alpha", type=float, help="strength α: OGM / OGM-GE / decoupling-free (Peng et al., CVPR 2022; default "
+        "0.8), AGM (Li et al., ICCV 2023; default 1.0), MLA's projection (Zhang et al., CVPR 2024; default 0.1)")
+    add("--gamma", type=float, help="DGM γ (Fu, Gao & Xu, eq. (7); default 0.1); MMPareto's magnitude γ (Wei & Hu, "
+        "ICML 2024; default 1 with --mmpareto-rule paper, 1.5 with official)")
     add("--noise", choices=("default", "none", "ge", "restore", "paper"), default="default")
     add("--gamma-p", type=float, default=1.0, help="PDMP γp (dominant modality)")
     add("--gamma-r", type=float, default=0.5, help="PDMP γr (the rest)")
     add("--pdmp-metrics", type=_metrics_arg, help="unimodal metrics, e.g. audio=0.61,visual=0.52 (default: measured)")
     add("--pdmp-budget", type=int, default=1, help="epochs of unimodal training to rank the modalities")
-    add("--mixup-alpha", type=float, default=0.4, help="MM Beta(α, α)")
-    add("--bmm-degree", type=float, default=1.0, help="B-MM degree β (eq. (7))")
+    add("--agm-clip", type=_clip_arg, default=1.0, help="AGM (Li et al., ICCV 2023): clip every gradient to this "
+        "norm when the fused head's weight gradient leaves [-c, c], as its official loop does; none: never")
+    add("--mmpareto-rule", choices=RULES, default="paper", help="MMPareto (Wei & Hu, ICML 2024): the paper's "
+        "whole-encoder rescaling or the official code's per-tensor one")
+    add("--mla-projection", choices=tuple(p or "none" for p in PROJECTIONS), default="owm", help="MLA (Zhang et "
+        "al., CVPR 2024): the head-gradient projection; none is what the official code runs")
+    add("--gblending-super-epoch", type=int, default=1, help="G-Blending (Wang, Tran & Feiszli, CVPR 2020): "
+        "re-estimate the loss weights every this many epochs")
+    add("--gblending-holdout", type=float, default=0.08, help="G-Blending: fraction of the training split held "
+        "out to estimate the weights (MultiBench's 8%%)")
+    add("--mixup-alpha", type=float, default=0.4, help="MM Beta(α, α) (Ma, Ding & Chen, 2025, eq. (3))")
+    add("--bmm-degree", type=float, default=1.0, help="B-MM degree β (Ma, Ding & Chen, 2025, eq. (7))")
     add("--bmm-warmup", type=int, default=1, help="B-MM warm-up epochs")
+    add("--bmm-smoothing", type=float, default=0.5, help="B-MM: weight of the past in the moving average of the "
+        "unimodal accuracies that set κ (0: each epoch's own, as printed in the paper)")
+    add("--solo", help="with --method baseline: train this modality alone (the others' features zeroed)")
+    add("--val-size", type=int, help="hold this many training items out as a val split (datasets without one)")
     add("--max-items", type=int, help="cap each split (smoke runs)")
     add("--device", default="auto")
     add("--workers", type=int, default=0)

@@ -1,12 +1,13 @@
 """Reference models for AV-digits, CREMA-D, AVE and LLP, sharing one encode → head protocol (see `.common`)."""
 
-from reference_models.models.ave import AVEModel
 from reference_models.models.avdigits import AVDigitsModel
+from reference_models.models.ave import AVEModel
 from reference_models.models.common import (
     FUSION_KINDS,
     FusedClassifier,
     ModelOutput,
     MultimodalModel,
+    SharedHead,
     make_fusion,
     mask_features,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "LLPModel",
     "ModelOutput",
     "MultimodalModel",
+    "SharedHead",
     "make_fusion",
     "mask_features",
 ]

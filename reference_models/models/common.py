@@ -8,12 +8,14 @@ A model maps named inputs to a `ModelOutput` in two cheap-to-separate stages:
 ``forward(inputs) == head(encode(inputs))``. A modality's unimodal prediction comes two ways, both
 from one encoding: `MultimodalModel.masked_logits`, the fused head evaluated with every other
 modality's features zeroed (gradmod's definition, any head), and `MultimodalModel.decoupled_logits`,
-OGM-GE's evaluation convention (concat and sum heads only). Call it in ``eval()`` mode: heads with running statistics
+OGM-GE's evaluation convention (concat, sum and shared heads). Call it in ``eval()`` mode: heads with running statistics
 (SimAM²'s ``var_max``) update them in training mode, and every call overwrites a gated head's ``.zeta``
 attribute (``ModelOutput.zeta`` keeps the gates of the call that produced it).
 
 ``modality_modules()`` names, per modality, the parameters a gradient modulator scales (disjoint across
-modalities); pass it to ``gradmod`` as the modality mapping.
+modalities); pass it to ``gradmod`` as the modality mapping. `FusedClassifier.add_unimodal_heads` gives a
+model one linear classifier per modality on its encoder's features, for the methods that train unimodal
+losses beside the fused one (MMPareto, G-Blending).
 """
 
 from __future__ import annotations
@@ -27,21 +29,24 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gradmod.fusion import ConcatFusion, FiLMFusion, Fusion, GatedSumFusion, SumFusion
+from gradmod.mla import entropy_fusion
 
 __all__ = [
+    "FUSION_KINDS",
+    "FusedClassifier",
     "ModelOutput",
     "MultimodalModel",
-    "FusedClassifier",
-    "make_fusion",
-    "mask_features",
+    "SharedHead",
     "check_inputs",
     "check_shape",
-    "FUSION_KINDS",
+    "make_fusion",
+    "mask_features",
 ]
 
 #: Fusion heads `make_fusion` builds: concat / sum (decouplable, OGM-GE), ζ-gated sum with or
-#: without SimAM² (Sun et al., ICASSP 2024, eqs. (4), (8)), FiLM plain (eq. (9)) or ζ-weighted (eq. (10)).
-FUSION_KINDS = ("concat", "sum", "gated", "gated_simam", "film", "film_zeta")
+#: without SimAM² (Sun et al., ICASSP 2024, eqs. (4), (8)), FiLM plain (eq. (9)) or ζ-weighted (eq. (10)), and
+#: one linear head shared by every modality (MLA, Zhang et al., CVPR 2024: `SharedHead`).
+FUSION_KINDS = ("concat", "sum", "gated", "gated_simam", "film", "film_zeta", "shared")
 
 
 @dataclass
@@ -129,6 +134,36 @@ class MultimodalModel(nn.Module, ABC):
         """Per modality, the module whose parameters a gradient modulator scales (default: its encoder)."""
         return dict(self.encoders.items())
 
+    def feature_widths(self) -> dict[str, int] | None:
+        """Each modality's feature width (the last dimension of its `encode` output) where the head reads one
+        feature vector per modality and row; ``None`` where it does not (LLP's attention layers)."""
+        return None
+
+    def add_unimodal_heads(self, num_classes: int, seed: int) -> nn.ModuleDict:
+        """Give the model one linear classifier per modality on its encoder's features, ``unimodal_heads``.
+
+        The heads are a submodule (saved and loaded with the model, outside `modality_modules`), initialised
+        from ``seed`` alone: the model's own initialisation and torch's global random stream are left as
+        they were. Raises ``ValueError`` where `feature_widths` is ``None``.
+        """
+        widths = self.feature_widths()
+        if widths is None:
+            raise ValueError(f"{type(self).__name__} has no per-modality feature vectors to put unimodal heads on")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            heads = nn.ModuleDict({name: nn.Linear(widths[name], num_classes) for name in self.modalities})
+        device = next(self.parameters()).device
+        self.unimodal_heads = heads.to(device)
+        return self.unimodal_heads
+
+    def unimodal_head_logits(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Each unimodal head (`add_unimodal_heads`) on its modality's features: ``[..., C]`` per modality."""
+        heads = getattr(self, "unimodal_heads", None)
+        if heads is None:
+            raise ValueError(f"{type(self).__name__} has no unimodal heads: call add_unimodal_heads first")
+        check_inputs(features, self.modalities, "features")
+        return {name: heads[name](features[name]) for name in self.modalities}
+
     def measure_target(self, target: Tensor) -> Tensor:
         """The target whose rows match ``unimodal_logits`` (here: ``target`` itself)."""
         return target
@@ -154,6 +189,18 @@ class FusedClassifier(MultimodalModel):
         unimodal = self.fusion.unimodal_logits(features) if self.fusion.decouplable else None
         return ModelOutput(logits, dict(features), unimodal, self.fusion.gates)
 
+    def feature_widths(self) -> dict[str, int]:
+        """The fusion head's input width per modality."""
+        return dict(self.fusion.in_features)
+
+    def masked_logits(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Each modality's unimodal prediction: the fused head with the other modalities' features zeroed;
+        for the `SharedHead`, the head on the modality's features (MLA's unimodal prediction: a zeroed
+        modality would still take part in the entropy-weighted fusion with the head's bias)."""
+        if isinstance(self.fusion, SharedHead):
+            return self.decoupled_logits(features)
+        return super().masked_logits(features)
+
     def decoupled_logits(self, features: Mapping[str, Tensor]) -> dict[str, Tensor] | None:
         """OGM-GE's per-modality evaluation logits (the official ``valid()``); ``None`` for gated and FiLM heads.
 
@@ -161,9 +208,11 @@ class FusedClassifier(MultimodalModel):
         among the modalities (``b/2`` for two). For the concat head these are its decoupled training
         logits; for the sum head each branch's weight with *half* its own bias, as ``valid()`` computes
         it — while the sum head's training measure (`SumFusion.unimodal_logits`) keeps the full bias.
+        For the `SharedHead`, the shared head on each modality's features (its bias is not split: every
+        modality's prediction has it whole).
         """
         check_inputs(features, self.modalities, "features")
-        if isinstance(self.fusion, ConcatFusion):
+        if isinstance(self.fusion, (ConcatFusion, SharedHead)):
             return self.fusion.unimodal_logits(features)
         if isinstance(self.fusion, SumFusion):
             share = len(self.modalities)
@@ -174,11 +223,34 @@ class FusedClassifier(MultimodalModel):
         return None
 
 
+class SharedHead(Fusion):
+    """One linear classifier shared by every modality, ``z_m = W·f_m + b`` (one width for all), fused by
+    the entropy weights of MLA's test-time fusion (Zhang et al., *Multimodal Representation Learning by
+    Alternating Unimodal Adaptation*, CVPR 2024; `gradmod.mla.entropy_fusion`, per sample):
+    ``Σ_m w_m z_m`` with ``w = softmax_m(−entropy(softmax(z_m)))``.
+
+    ``unimodal_logits`` are the ``z_m``; ``linear`` is the head `gradmod.MLA` trains in turns. Trained
+    jointly (``--method baseline --fusion shared``) the loss flows through the entropy weights too.
+    """
+
+    decouplable = True
+
+    def __init__(self, dim: int, num_classes: int, modalities: tuple[str, ...]) -> None:
+        super().__init__({name: dim for name in modalities}, num_classes)
+        self.linear = nn.Linear(dim, num_classes)
+
+    def forward(self, features: Mapping[str, Tensor]) -> Tensor:
+        return entropy_fusion(self.unimodal_logits(features))
+
+    def unimodal_logits(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {name: self.linear(f) for name, f in zip(self.modalities, self.ordered(features))}
+
+
 def make_fusion(kind: str, dims: Mapping[str, int] | int, num_classes: int, modalities: tuple[str, ...]) -> Fusion:
     """Build the fusion head ``kind`` (one of `FUSION_KINDS`) over ``modalities``.
 
-    ``dims`` is one width for all modalities or a mapping name → width; the gated and FiLM heads need
-    one common width. FiLM conditions the first modality on the second (``γ, β`` from ``modalities[1]``).
+    ``dims`` is one width for all modalities or a mapping name → width; the gated, FiLM and shared heads
+    need one common width. FiLM conditions the first modality on the second (``γ, β`` from ``modalities[1]``).
     """
     widths = {name: dims for name in modalities} if isinstance(dims, int) else dict(dims)
     check_inputs(widths, tuple(modalities), "dims")
@@ -190,6 +262,8 @@ def make_fusion(kind: str, dims: Mapping[str, int] | int, num_classes: int, moda
     if len(set(widths.values())) != 1:
         raise ValueError(f"fusion {kind!r} needs one feature width for all modalities, got {widths}")
     dim = next(iter(widths.values()))
+    if kind == "shared":
+        return SharedHead(dim, num_classes, tuple(modalities))
     if kind.startswith("gated"):
         return GatedSumFusion(dim, num_classes, modalities, simam=kind == "gated_simam")
     return FiLMFusion(dim, num_classes, modalities, zeta=kind == "film_zeta")

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
+import gradmod
 from reference_models.models import (
     FUSION_KINDS,
     AVDigitsModel,
@@ -195,7 +196,7 @@ def test_decoupled_logits_follow_the_official_valid_with_half_the_bias(name: str
         assert torch.allclose(decoupled[modality].flatten(0, -2), expected[modality], atol=1e-5)
 
 
-@pytest.mark.parametrize(("name", "kind"), [(n, k) for n, k in ALL_CASES if k not in ("concat", "sum")])
+@pytest.mark.parametrize(("name", "kind"), [(n, k) for n, k in ALL_CASES if k not in ("concat", "sum", "shared")])
 def test_heads_that_mix_modalities_have_no_decoupled_logits(name: str, kind: str | None) -> None:
     model, inputs, _ = build(name, kind)
     assert model.decoupled_logits(model.encode(inputs)) is None
@@ -368,4 +369,54 @@ def test_make_fusion_builds_every_kind(kind: str) -> None:
     head = make_fusion(kind, {"audio": 4, "visual": 4}, 3, ("audio", "visual"))
     logits = head({"audio": torch.randn(2, 4), "visual": torch.randn(2, 4)})
     assert logits.shape == (2, 3)
-    assert head.decouplable == (kind in ("concat", "sum"))
+    assert head.decouplable == (kind in ("concat", "sum", "shared"))
+
+
+@pytest.mark.parametrize("name", list(FUSED))
+def test_shared_head_fuses_the_per_modality_predictions_by_their_entropy(name: str) -> None:
+    """MLA's head: one linear layer on each modality's features; fused = MLA's per-sample entropy fusion;
+    a modality alone is the head on its own features, masked or decoupled."""
+    model, inputs, _ = build(name, "shared")
+    model.eval()
+    with torch.no_grad():
+        features = model.encode(inputs)
+        output = model.head(features)
+        linear = model.fusion.linear
+        own = {m: linear(f.flatten(0, -2)) for m, f in features.items()}
+        assert output.unimodal_logits is not None
+        for m in model.modalities:
+            assert torch.allclose(output.unimodal_logits[m], own[m], atol=1e-6)
+        fused = gradmod.mla.entropy_fusion(own)
+        assert torch.allclose(output.logits.flatten(0, -2), fused, atol=1e-6)
+        alone, decoupled = model.masked_logits(features), model.decoupled_logits(features)
+        for m in model.modalities:
+            assert torch.equal(alone[m], decoupled[m])
+            assert torch.allclose(alone[m].flatten(0, -2), own[m], atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(FUSED))
+def test_unimodal_heads_are_a_seeded_submodule_that_leaves_the_global_random_stream_alone(name: str) -> None:
+    model, inputs, _ = build(name, "concat")
+    state = torch.get_rng_state()
+    heads = model.add_unimodal_heads(7, seed=3)
+    assert torch.equal(torch.get_rng_state(), state)
+    again, _, _ = build(name, "concat")
+    assert all(torch.equal(a, b) for a, b in zip(heads.parameters(), again.add_unimodal_heads(7, seed=3).parameters()))
+    assert not torch.equal(heads["audio"].weight, again.add_unimodal_heads(7, seed=4)["audio"].weight)
+    assert any(key.startswith("unimodal_heads.") for key in model.state_dict())
+    groups = {id(p) for module in model.modality_modules().values() for p in module.parameters()}
+    assert not groups & {id(p) for p in heads.parameters()}  # no modality owns them
+    features = model.encode(inputs)
+    logits = model.unimodal_head_logits(features)
+    for m in model.modalities:
+        assert logits[m].shape == (*features[m].shape[:-1], 7)
+        assert torch.allclose(logits[m], heads[m](features[m]))
+
+
+def test_models_without_one_feature_vector_per_modality_have_no_unimodal_heads() -> None:
+    model, _, _ = LLP_CASE
+    assert model.feature_widths() is None
+    with pytest.raises(ValueError, match="LLPModel has no per-modality feature vectors"):
+        model.add_unimodal_heads(5, seed=0)
+    with pytest.raises(ValueError, match="no unimodal heads"):
+        build("avdigits", "concat")[0].unimodal_head_logits({})

@@ -8,8 +8,17 @@ import numpy as np
 import pytest
 import torch
 
+import gradmod
 from reference_models import train as train_module
-from reference_models.train import METHODS, SELECTION_LABELS, TrainConfig, main, select_epochs, summary_lines, train
+from reference_models.train import (
+    METHODS,
+    SELECTION_LABELS,
+    TrainConfig,
+    main,
+    select_epochs,
+    summary_lines,
+    train,
+)
 from tests.reference_models.fixtures import write_ave, write_cremad, write_llp
 
 TINY_DIGITS = {"num_train": 96, "num_test": 48}
@@ -28,19 +37,38 @@ def check_results(results, modalities=("audio", "visual")):
     assert math.isfinite(results["history"][-1]["train_loss"])
 
 
+#: The head each method needs (the others train on the concat head).
+HEADS = {"decoupling_free": "gated", "mla": "shared"}
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_trains_on_avdigits(method):
-    fusion = "gated" if method == "decoupling_free" else "concat"
     # PDMP ranks by held-out unimodal accuracy: enough data that the two modalities do not tie
     digits = {"num_train": 600, "num_test": 48} if method == "pdmp" else TINY_DIGITS
-    results = train(tiny(method=method, fusion=fusion, pdmp_budget=1, avdigits=digits))
+    results = train(tiny(method=method, fusion=HEADS.get(method, "concat"), pdmp_budget=1, avdigits=digits, epochs=2))
     check_results(results)
-    modulated = method not in ("baseline", "mm", "bmm")
+    info = gradmod.METHODS.get(method)
+    assert results["method"]["loop"] == (info.loop if info else "plain")
+    modulated = info is not None and info.loop in ("modulator", "responses")
     assert bool(results["coefficients_per_step"]) == modulated
+    last = results["history"][-1]
     if method == "pdmp":
         assert sorted(results["pdmp"]["ranking"]) == ["audio", "visual"]
     if method == "bmm":
-        assert "kappa" in results["history"][0]["bmm"]
+        assert set(last["bmm"]) == {"train_unimodal", "smoothed", "kappa", "weak", "strength"}
+    if method == "agm":
+        assert results["method"]["options"] == {"alpha": 1.0, "agm_clip": 1.0}
+    if method == "mmpareto":
+        assert set(last["mmpareto"]) == {"cosine", "unimodal_weight", "scale"}
+        assert results["method"]["options"] == {"gamma": 1.0, "mmpareto_rule": "paper"}
+    if method == "mla":
+        assert set(last["mla"]["kept"]) == {"audio", "visual"}
+        assert all(0.0 < kept <= 1.0 for kept in last["mla"]["kept"].values())
+    if method == "gblending":
+        weights = [record["gblending"]["weights"] for record in results["history"]]
+        assert weights[0] == {"fused": 1 / 3, "audio": 1 / 3, "visual": 1 / 3}  # no estimate before epoch 1
+        assert weights[1] != weights[0] and sum(weights[1].values()) == pytest.approx(1.0)
+        assert results["method"]["options"]["held_out_items"] == round(0.08 * TINY_DIGITS["num_train"])
 
 
 @pytest.mark.parametrize("fusion", ["sum", "film_zeta", "gated_simam"])
@@ -59,11 +87,19 @@ def test_a_head_without_decoupled_logits_gets_a_clear_error():
         train(tiny(method="ogm_ge", fusion="film"))
 
 
-def test_resume_continues_exactly(tmp_path):
-    straight = train(tiny(method="ogm_ge", epochs=2, out=str(tmp_path / "a")))
-    train(tiny(method="ogm_ge", epochs=1, out=str(tmp_path / "b")))
-    resumed = train(tiny(method="ogm_ge", epochs=2, out=str(tmp_path / "b"), resume=True))
-    assert resumed["final"] == straight["final"]
+def _without_times(history):
+    return [{key: value for key, value in record.items() if key != "elapsed_s"} for record in history]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_resume_continues_exactly(tmp_path, method):
+    options = {"method": method, "fusion": HEADS.get(method, "concat")}
+    if method == "pdmp":
+        options["pdmp_metrics"] = {"audio": 0.9, "visual": 0.3}
+    straight = train(tiny(epochs=3, out=str(tmp_path / "a"), **options))
+    train(tiny(epochs=1, out=str(tmp_path / "b"), **options))
+    resumed = train(tiny(epochs=3, out=str(tmp_path / "b"), resume=True, **options))
+    assert _without_times(resumed["history"]) == _without_times(straight["history"])
     assert resumed["coefficients_per_step"] == straight["coefficients_per_step"]
     for name in ("results.json", "curves.png", "checkpoint.pt"):
         assert (tmp_path / "b" / name).is_file()
@@ -189,10 +225,9 @@ def test_results_and_cli_summary_label_every_report(tmp_path, capsys):
 
 def test_cli_methods_are_gradmod_methods_by_the_same_name():
     """One registry: each modulator method is gradmod.METHODS[name], its hyper-parameters from the config."""
+    import gradmod
     from reference_models.tasks import build_task
     from reference_models.train import MODULATOR_METHODS, make_modulator, parse_args
-
-    import gradmod
 
     assert set(MODULATOR_METHODS) <= set(gradmod.METHODS)
     task = build_task("avdigits", max_items=8, avdigits_options={"num_train": 8, "num_test": 8})
@@ -206,3 +241,117 @@ def test_cli_methods_are_gradmod_methods_by_the_same_name():
         else:
             assert modulator.policy.strength == strengths[method], method
     assert make_modulator(parse_args(["--method", "mm"]).resolved(), task, 1) is None
+
+
+def test_every_gradmod_method_enters_through_the_loop_of_its_kind():
+    """One dispatch: a gradmod method's CLI loop is LOOPS[gradmod.METHODS[name].loop]; the CLI's own methods are OWN_LOOPS."""
+    from reference_models.loops import LOOPS, OWN_LOOPS, make_loop
+    from reference_models.tasks import build_task
+
+    assert set(METHODS) == {*gradmod.METHODS, *OWN_LOOPS}
+    for method in METHODS:
+        task = build_task("avdigits", fusion=HEADS.get(method, "concat"), avdigits_options={"num_train": 8, "num_test": 8})
+        config = tiny(method=method, fusion=HEADS.get(method, "concat"), pdmp_metrics={"audio": 0.9, "visual": 0.3})
+        loop = make_loop(config.resolved(), task, torch.device("cpu"))
+        info = gradmod.METHODS.get(method)
+        assert type(loop) is (LOOPS[info.loop] if info else OWN_LOOPS[method]), method
+        assert loop.kind == (info.loop if info else "plain")
+
+
+def test_strengths_default_to_each_methods_own_value():
+    from reference_models.loops import preset_options
+
+    config = TrainConfig()
+    assert preset_options(gradmod.METHODS["ogm"].preset, config) == {"alpha": 0.8}  # OGM requires α: the CLI's 0.8
+    assert preset_options(gradmod.METHODS["agm"].preset, config) == {"alpha": 1.0}  # AGM's official default
+    assert preset_options(gradmod.METHODS["mla"].preset, config) == {"alpha": 0.1}
+    assert preset_options(gradmod.METHODS["dgm"].preset, config) == {"gamma": 0.1}
+    assert preset_options(gradmod.METHODS["agm"].preset, TrainConfig(alpha=0.3)) == {"alpha": 0.3}
+
+
+def _task_of(kind, model, name="llp"):
+    from reference_models.tasks import Task
+
+    items = [({"audio": torch.zeros(2, 8), "visual": torch.zeros(2, 12)}, torch.zeros(5)) for _ in range(4)]
+    return Task(name, kind, items, items, model, 5)
+
+
+@pytest.mark.parametrize("method", ["agm", "mmpareto", "mla", "gblending"])
+def test_methods_that_need_class_targets_name_what_is_missing(method):
+    from reference_models.loops import make_loop
+    from reference_models.models import LLPModel
+
+    model = LLPModel(audio_dim=8, visual_dim=12, dim=16, num_classes=5, num_heads=2, dropout=0.0)
+    config = TrainConfig(dataset="llp", data_root="unused", method=method).resolved()
+    with pytest.raises(ValueError, match=f"^{method} .*class-index targets: llp's are multi-hot"):
+        make_loop(config, _task_of("parsing", model), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("method", ["mmpareto", "gblending"])
+def test_methods_with_unimodal_heads_need_one_feature_vector_per_modality(method):
+    from reference_models.loops import make_loop
+    from reference_models.models import LLPModel
+
+    model = LLPModel(audio_dim=8, visual_dim=12, dim=16, num_classes=5, num_heads=2, dropout=0.0)
+    config = TrainConfig(dataset="llp", data_root="unused", method=method).resolved()
+    with pytest.raises(ValueError, match=f"^{method} trains unimodal heads: one linear head per modality"):
+        make_loop(config, _task_of("classification", model), torch.device("cpu"))
+
+
+def test_method_specific_errors_name_the_method_and_the_missing_piece():
+    with pytest.raises(ValueError, match="^mla trains every modality through one shared head: use --fusion shared"):
+        train(tiny(method="mla", fusion="concat"))
+    with pytest.raises(ValueError, match="one feature width"):
+        _unequal_shared()
+    with pytest.raises(ValueError, match="^mmpareto has no modulation window or params applier: --apply do not"):
+        train(tiny(method="mmpareto", apply="features"))
+    with pytest.raises(ValueError, match="^agm has no params applier: --param-filter, --noise do not"):
+        train(tiny(method="agm", param_filter="conv", noise="ge"))
+    with pytest.raises(ValueError, match="^gblending has no modulation window .*--modulation-start"):
+        train(tiny(method="gblending", modulation_start=1))
+    with pytest.raises(ValueError, match="--solo trains one modality alone without any method"):
+        train(tiny(method="ogm", solo="visual"))
+    with pytest.raises(ValueError, match="--solo 'text' is not a modality of avdigits"):
+        train(tiny(solo="text"))
+
+
+def _unequal_shared():
+    from reference_models.models.common import make_fusion
+
+    return make_fusion("shared", {"audio": 4, "visual": 5}, 3, ("audio", "visual"))
+
+
+def test_solo_trains_one_modality_alone_through_the_fused_head():
+    from reference_models.loops import make_loop, make_optimizer
+    from reference_models.tasks import build_task
+
+    task = build_task("avdigits", avdigits_options=TINY_DIGITS)
+    loop = make_loop(tiny(solo="visual").resolved(), task, torch.device("cpu"))
+    loop.attach(make_optimizer(tiny().resolved(), task.model))
+    inputs, target = next(iter(torch.utils.data.DataLoader(task.train_set, batch_size=8)))
+    loop.step(inputs, target)
+    assert all(p.grad is None for p in task.model.encoders["audio"].parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in task.model.encoders["visual"].parameters())
+    results = train(tiny(solo="visual"))
+    assert results["method"]["options"] == {"solo": "visual"}
+
+
+def test_val_size_holds_training_items_out_as_a_val_split():
+    results = train(tiny(val_size=16, epochs=2))
+    assert all("val" in record for record in results["history"])
+    assert results["selection"]["val_selected"] is not None
+    with pytest.raises(ValueError, match="leaves nothing"):
+        train(tiny(val_size=TINY_DIGITS["num_train"]))
+
+
+def test_bmm_sets_kappa_from_the_moving_average_of_the_decoupled_training_accuracies():
+    results = train(tiny(method="bmm", epochs=3, avdigits={"num_train": 192, "num_test": 48}))
+    records = [record["bmm"] for record in results["history"]]
+    assert records[0]["smoothed"] == records[0]["train_unimodal"]  # the first estimate is the epoch's own
+    for before, now in zip(records, records[1:]):
+        expected = {n: 0.5 * before["smoothed"][n] + 0.5 * now["train_unimodal"][n] for n in now["smoothed"]}
+        assert now["smoothed"] == pytest.approx(expected)
+        ratio = now["smoothed"]["audio"] / now["smoothed"]["visual"]
+        assert now["kappa"]["audio"] == pytest.approx(ratio)
+    assert any(r["smoothed"] != r["train_unimodal"] for r in records[1:])  # the average did move something
+    assert results["method"]["options"]["bmm_smoothing"] == 0.5

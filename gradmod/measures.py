@@ -123,7 +123,6 @@ class DGMScore(Measure):
 
     def evidence(self, names, scores=None, logits=None, target=None, **_):
         kind, given = self._checked(names, scores, logits, target)
-        ignore = self.ignore_index if target.dim() == 1 else None
         evidence = {}
         for name in names:
             x = given[name].detach().float()
@@ -131,7 +130,7 @@ class DGMScore(Measure):
                 x = torch.softmax(x, 1) if target.dim() == 1 else torch.sigmoid(x)
             else:  # pooled probabilities may overshoot [0, 1] by rounding: `problems` tolerates that; clamp
                 x = x.clamp(0.0, 1.0)
-            evidence[name] = F.dgm_evidence(x, target, ignore)
+            evidence[name] = F.dgm_evidence(x, target, self.ignore_index)  # read for index targets only
         return evidence
 
     def problems(self, names, scores=None, logits=None, target=None, **_):

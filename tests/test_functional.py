@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from gradmod import functional as F
@@ -149,6 +149,13 @@ def test_ge_noise_std_is_unbiased_std_plus_eps(n, scale, shift, seed):
     assert F.ge_noise_std(g).item() == pytest.approx(g.std().item() + 1e-8, rel=1e-9)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_ge_noise_std_of_a_constant_gradient_is_exactly_eps_in_its_computation_dtype(dtype):
+    sigma = F.ge_noise_std(torch.full((7,), 3.0, dtype=dtype))
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    assert sigma.dtype == wide and sigma.item() == torch.tensor(1e-8, dtype=wide).item()
+
+
 def test_ge_noise_std_of_one_element_is_eps_not_nan():
     assert F.ge_noise_std(torch.tensor([3.0])).item() == pytest.approx(1e-8)
 
@@ -173,7 +180,7 @@ def test_unknown_noise_kind():
         F.noise_scale("gaussian", torch.tensor(0.5))
 
 
-# ---------------------------------------------------------------- DGM (paper 003)
+# ---------------------------------------------------------------- DGM (Fu, Gao & Xu)
 def test_dgm_evidence_hand_computed():
     s = torch.tensor([[0.9, 0.1, 0.6], [0.2, 0.4, 0.8]])
     y = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
@@ -220,7 +227,7 @@ def test_dgm_coefficients_eq7(e_v, e_a, gamma):
     assert mu["visual"].item() == pytest.approx(1 - math.tanh(gamma * omega) if omega > 1 else 1.0, abs=1e-12)
 
 
-# ---------------------------------------------------------------- decoupling-free (paper 002)
+# ---------------------------------------------------------------- decoupling-free (SimAM², Sun et al. 2024)
 @given(st.integers(1, 50), st.integers(0, 999))
 def test_zeta_ratios_eq11(n, seed):
     z = torch.rand(n, generator=torch.Generator().manual_seed(seed)) * 0.98 + 0.01
@@ -244,7 +251,7 @@ def test_zeta_evidence_for_three_gates_and_errors():
         F.zeta_evidence({"audio": gates[0]}, ["audio", "visual"])
 
 
-# ---------------------------------------------------------------- PDMP (gradmod's reading of paper 000)
+# ---------------------------------------------------------------- PDMP (gradmod's reading: the paper publishes no equations)
 def test_rank_modalities_orders_and_rejects_ties():
     assert F.rank_modalities({"audio": 0.61, "visual": 0.52, "text": 0.7}) == ("text", "audio", "visual")
     with pytest.raises(ValueError, match="tie"):
@@ -288,7 +295,7 @@ def test_pdmp_ranking_must_match():
         F.pdmp_coefficients(ev(audio=1.0, visual=2.0), ("audio", "text"), 0.1, 0.1)
 
 
-# ---------------------------------------------------------------- B-MM (paper 001)
+# ---------------------------------------------------------------- B-MM (Ma, Ding & Chen 2025)
 @given(st.floats(0.01, 1.0), st.floats(0.01, 1.0))
 def test_imbalance_factor_two_modalities(a, v):
     kappa = F.imbalance_factor({"audio": a, "visual": v})
@@ -317,3 +324,184 @@ def test_equal_float32_evidence_is_exactly_balanced(m):
     evidence = {f"m{i}": torch.tensor(341.87737198210226) for i in range(m)}
     assert all(r.item() == 1.0 for r in F.discrepancy_ratios(evidence).values())
     assert all(k.item() == 1.0 for k in F.ogm_coefficients(evidence, 1.0).values())
+
+
+# ---------------------------------------------------------------- exact values, dtypes, devices, messages
+# (each test below pins one property a plausible mistake in gradmod.functional would break)
+def test_results_are_computed_wide_and_rounded_once_to_the_evidence_dtype():
+    """float32 evidence gives float32 results equal to the float64 computation rounded once; wider stays wide."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        a, v = (torch.rand(2, generator=g) * 10 + 0.1).tolist()
+        evidence = {"audio": torch.tensor(a), "visual": torch.tensor(v)}
+        wide = {n: e.double() for n, e in evidence.items()}
+        for narrow, exact in [
+            (F.discrepancy_ratios(evidence), F.discrepancy_ratios(wide)),
+            (F.ogm_coefficients(evidence, 0.7), F.ogm_coefficients(wide, 0.7)),
+            (F.pdmp_coefficients(evidence, ("audio", "visual"), 0.4, 0.3),
+             F.pdmp_coefficients(wide, ("audio", "visual"), 0.4, 0.3)),
+        ]:
+            for name in evidence:
+                assert narrow[name].dtype == torch.float32 and exact[name].dtype == torch.float64
+                assert narrow[name].item() == exact[name].float().item()
+    for m in (3, 4):  # more modalities: sums of the others, exact in float64 and rounded once
+        for _ in range(100):
+            evidence = {f"m{i}": e for i, e in enumerate(torch.rand(m, generator=g) * 10 + 0.1)}
+            wide = {n: e.double() for n, e in evidence.items()}
+            for narrow, exact in [(F.discrepancy_ratios(evidence), F.discrepancy_ratios(wide)),
+                                  (F.ogm_coefficients(evidence, 0.7), F.ogm_coefficients(wide, 0.7))]:
+                assert all(narrow[n].item() == exact[n].float().item() for n in evidence)
+    half = {"audio": torch.tensor(2.0, dtype=torch.float16), "visual": torch.tensor(1.0, dtype=torch.float16)}
+    assert {k.dtype for k in F.ogm_coefficients(half, 0.5).values()} == {torch.float32}
+
+
+def test_ogm_scores_dtype_follows_the_logits_but_never_below_float32():
+    logits = torch.tensor([[0.1, 0.2, 0.3], [1.0, 0.0, -1.0]], dtype=torch.float64)
+    target = torch.tensor([2, 0])
+    exact = sum(torch.softmax(logits[i], 0)[target[i]].item() for i in range(2))
+    score = F.ogm_scores(logits, target)
+    assert score.dtype == torch.float64 and score.item() == pytest.approx(exact, rel=1e-15)
+    for low in (torch.float16, torch.bfloat16):
+        score = F.ogm_scores(logits.to(low), target)
+        assert score.dtype == torch.float32
+        expected = sum(torch.softmax(logits[i].to(low).float(), 0)[target[i]].item() for i in range(2))
+        assert score.item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("ignore_index", [-100, 1, None])
+def test_ogm_scores_drops_exactly_the_ignored_samples(ignore_index):
+    logits = torch.tensor([[2.0, 0.0, 1.0], [0.0, 3.0, 0.0], [1.0, 1.0, 0.0], [0.5, 0.0, 2.0]])
+    target = torch.tensor([0, 1, -100, 2] if ignore_index == -100 else [0, 1, 1, 2])
+    kept = [i for i in range(4) if ignore_index is None or target[i].item() != ignore_index]
+    expected = sum(torch.softmax(logits[i], 0)[target[i]].item() for i in kept)
+    assert F.ogm_scores(logits, target, ignore_index=ignore_index).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_empty_batches_give_zero_evidence():
+    assert F.ogm_scores(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long)).item() == 0.0
+    assert F.dgm_evidence(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long)).item() == 0.0
+
+
+def test_results_stay_on_the_inputs_device():
+    meta = torch.device("meta")
+    assert F.ge_noise_std(torch.empty(1, device=meta)).device == meta
+    assert F.ge_noise_std(torch.empty(5, device=meta)).device == meta
+    assert F.pdmp_coefficients_of(torch.empty(3, device=meta), 1, 0.5, 0.5).device == meta
+    assert F.ogm_coefficients_of(torch.empty(3, device=meta), 0.5).device == meta
+    assert F.ogm_scores(torch.empty(4, 3, device=meta), torch.zeros(4, dtype=torch.long, device=meta)).device == meta
+    assert F.noise_scale("restore", torch.empty(2, device=meta)).device == meta
+
+
+@given(st.lists(st.integers(1, 5), min_size=1, max_size=3), st.integers(1, 3), st.integers(0, 999))
+def test_decouple_linear_of_sequence_features_sums_back_to_the_full_head(widths, steps, seed):
+    """Features ``[B, T, D_u]`` (one modality alone included): the blocks are taken along the last axis."""
+    g = torch.Generator().manual_seed(seed)
+    head = torch.nn.Linear(sum(widths), 3)
+    features = {f"m{i}": torch.randn(2, steps, w, generator=g) for i, w in enumerate(widths)}
+    parts = F.decouple_linear(head.weight, head.bias, features)
+    torch.testing.assert_close(sum(parts.values()), head(torch.cat(list(features.values()), -1)), rtol=1e-5, atol=1e-5)
+
+
+def test_decouple_linear_computes_in_the_promoted_dtype_of_features_and_weight():
+    weight, bias = torch.randn(3, 4), torch.randn(3, dtype=torch.float64)
+    for feature_dtype, expected in [(torch.float16, torch.float32), (torch.float64, torch.float64), (torch.float32, torch.float32)]:
+        features = {"audio": torch.randn(2, 2).to(feature_dtype), "visual": torch.randn(2, 2).to(feature_dtype)}
+        parts = F.decouple_linear(weight, bias, features)
+        assert {p.dtype for p in parts.values()} == {expected}
+        full = torch.cat([f.to(expected) for f in features.values()], 1) @ weight.to(expected).T + bias.to(expected)
+        torch.testing.assert_close(sum(parts.values()), full, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"^decouple_linear needs at least 1 modalities, got \[\]$"):
+        F.decouple_linear(weight, bias, {})
+
+
+def test_messages_name_the_function_and_the_argument():
+    one = ev(audio=1.0)
+    for function, name in [(F.discrepancy_ratios, "discrepancy_ratios"), (lambda e: F.ogm_coefficients(e, 0.5), "ogm_coefficients")]:
+        with pytest.raises(ValueError, match=rf"^{name} needs at least 2 modalities, got \['audio'\]$"):
+            function(one)
+    with pytest.raises(ValueError, match=r"^rank_modalities needs at least 2 modalities, got \['audio'\]$"):
+        F.rank_modalities({"audio": 0.5})
+    two = ev(audio=1.0, visual=2.0)
+    with pytest.raises(ValueError, match=r"^alpha must be a finite number >= 0, got -1"):
+        F.ogm_coefficients(two, -1.0)
+    with pytest.raises(ValueError, match=r"^gamma_p must be a finite number >= 0, got -1"):
+        F.pdmp_coefficients(two, ("audio", "visual"), -1.0, 0.5)
+    with pytest.raises(ValueError, match=r"^gamma_r must be a finite number >= 0, got -1"):
+        F.pdmp_coefficients(two, ("audio", "visual"), 0.5, -1.0)
+    with pytest.raises(ValueError, match=r"^ranking must name exactly the modalities \['audio', 'visual'\]"):
+        F.pdmp_coefficients(two, ("audio", "text"), 0.5, 0.5)
+    with pytest.raises(ValueError, match=r"^degree must be a finite number >= 0, got -1"):
+        F.bmm_strength(2.0, -1.0)
+    with pytest.raises(ValueError, match=r"^imbalance factor is NaN$"):
+        F.bmm_strength(math.nan, 1.0)
+    with pytest.raises(ValueError, match=r"^all unimodal accuracies are zero: the imbalance factor is undefined$"):
+        F.imbalance_factor({"audio": 0.0, "visual": 0.0})
+    with pytest.raises(ValueError, match=r"^metric of modality 'visual' must be a finite number, got nan"):
+        F.rank_modalities({"audio": 0.5, "visual": math.nan})
+    with pytest.raises(ValueError, match=r"^scores must be \[batch, classes\], got shape \(3,\)$"):
+        F.dgm_evidence(torch.rand(3), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"^target must be \[batch\] class indices matching scores batch 2"):
+        F.dgm_evidence(torch.rand(2, 3), torch.zeros(3, dtype=torch.long))
+
+
+def test_zeta_evidence_messages():
+    with pytest.raises(ValueError, match=r"^a single ζ tensor describes two modalities, but there are 3 \(\['audio', "
+                       r"'visual', 'text'\]\): pass a mapping name -> gate instead$"):
+        F.zeta_evidence(torch.rand(4), names3)
+    with pytest.raises(TypeError, match=r"^zeta must be a tensor \(two modalities\) or a mapping name -> gate, got list$"):
+        F.zeta_evidence([0.5], ["audio", "visual"])
+    with pytest.raises(ValueError, match=r"^zeta gates must name exactly the modalities \['audio', 'visual'\]: missing"):
+        F.zeta_evidence({"audio": torch.rand(3)}, ["audio", "visual"])
+
+
+def test_rank_modalities_accepts_any_real_metric_even_negative():
+    assert F.rank_modalities({"audio": -0.5, "visual": -2.0, "text": 0.0}) == ("text", "audio", "visual")
+
+
+def test_dgm_evidence_of_ignored_index_targets_with_a_single_class():
+    scores = torch.tensor([[0.75], [0.5], [0.25]])
+    target = torch.tensor([0, -100, 0])
+    # each kept sample: Σ sY = s, Δs̄ = s − 0 (no wrong class)
+    assert F.dgm_evidence(scores, target, ignore_index=-100).item() == pytest.approx(2 * (0.75 + 0.25))
+
+
+@given(st.lists(positive, min_size=2, max_size=4), st.integers(0, 3), strength, strength)
+@example([1.0, 3.0, 2.0], 0, 0.5, 0.5)  # the dominant modality first, overtaken by the middle one
+@example([2.0, 1.0, 3.0, 0.5], 3, 0.5, 0.5)  # ... last, overtaken by every other
+def test_pdmp_coefficients_follow_the_formula_for_any_dominant_modality(values, d, gp, gr):
+    d %= len(values)
+    names = [f"m{i}" for i in range(len(values))]
+    ranking = [names[d], *[n for n in names if n != names[d]]]
+    k = F.pdmp_coefficients({n: torch.tensor(x, dtype=torch.float64) for n, x in zip(names, values)}, ranking, gp, gr)
+    overtaken = max(values[u] / values[d] for u in range(len(values)) if u != d)
+    assert k[names[d]].item() == pytest.approx(1 + gp * math.tanh(max(overtaken - 1, 0.0)), abs=1e-12)
+    for u, name in enumerate(names):
+        if u != d:
+            assert k[name].item() == pytest.approx(1 - math.tanh(gr * values[u] / values[d]), abs=1e-12)
+
+
+def test_pdmp_without_dominant_evidence_damps_every_other_modality_fully():
+    """``e_d ≤ 0`` makes every ``e_u/e_d`` infinite, whatever the sign of ``e_u``; a NaN ratio counts as infinite too."""
+    for dominant, other in [(0.0, 2.0), (0.0, -2.0), (0.0, 0.0), (-1.0, 3.0), (1.0, math.nan)]:
+        k = F.pdmp_coefficients(ev(audio=dominant, visual=other), ("audio", "visual"), 0.5, 0.2)
+        assert k["visual"].item() == 0.0
+        assert k["audio"].item() == 1.5
+
+
+@given(st.floats(1.0, 30.0), st.floats(0.0, 5.0))
+def test_bmm_strength_is_the_papers_equation(kappa, degree):
+    assert F.bmm_strength(kappa, degree) == pytest.approx(math.tanh(degree * (kappa - 1.0)), abs=1e-15)
+    assert F.bmm_strength(kappa - 1.0, degree) == pytest.approx(max(0.0, math.tanh(degree * (kappa - 2.0))), abs=1e-15)
+
+
+def test_bmm_strength_limits():
+    assert F.bmm_strength(2.0, 1.0) == math.tanh(1.0)
+    assert F.bmm_strength(math.inf, 0.0) == 0.0  # no mixing at degree 0, even for an infinite imbalance
+    assert F.bmm_strength(math.inf, 0.5) == 1.0
+    assert F.bmm_strength(0.5, 3.0) == 0.0
+
+
+@given(st.floats(0.01, 1.0), st.floats(0.01, 1.0))
+def test_imbalance_factor_is_the_exact_float64_ratio(a, v):
+    kappa = F.imbalance_factor({"audio": a, "visual": v})
+    assert kappa == {"audio": a / v, "visual": v / a}

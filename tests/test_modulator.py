@@ -4,10 +4,11 @@ import copy
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
-from torch import nn
 from tiny import TinyModel, batches, observe_inputs
+from torch import nn
 
 import gradmod
 from gradmod import filters
@@ -447,3 +448,80 @@ def test_pdmp_static_in_features_mode_hooks_through_observe():
     assert k["audio"].item() == 1.0 and k["visual"].item() == pytest.approx(1 - math.tanh(0.5))
     with pytest.warns(RuntimeWarning, match="without observe"):
         assert mod.step() is None  # features mode needs observe() to place its hooks
+
+
+# ---------------------------------------------------------------- construction, window and messages
+def two_linears():
+    return {"audio": nn.Linear(2, 2), "visual": nn.Linear(2, 2)}
+
+
+def test_constructor_refuses_each_bad_argument_by_name():
+    measure, policy = gradmod.measures.SoftmaxScore(), gradmod.policies.OGMPolicy(0.5)
+    build = gradmod.Modulator
+    with pytest.raises(ValueError, match=r"^modalities must be a mapping of two or more names to modules or parameter lists$"):
+        build([nn.Linear(2, 2), nn.Linear(2, 2)], measure=measure, policy=policy)
+    with pytest.raises(TypeError, match=r"^measure must be a gradmod.measures.Measure, got str$"):
+        build(two_linears(), measure="softmax", policy=policy)
+    with pytest.raises(TypeError, match=r"^policy must be callable \(evidence mapping -> coefficient mapping\), got float$"):
+        build(two_linears(), measure=measure, policy=0.5)
+    for start, stop in [(-1, None), (-1, 5), (3, 2)]:
+        with pytest.raises(ValueError, match=rf"^need 0 <= start_step <= stop_step, got {start}, {stop}$"):
+            build(two_linears(), measure=measure, policy=policy, start_step=start, stop_step=stop)
+    with pytest.raises(ValueError, match=r"^strict=True raises on degenerate steps, which needs validate=True to see them"):
+        build(two_linears(), measure=measure, policy=policy, strict=True, validate=False)
+    with pytest.raises(ValueError, match=r"^capture_safe=True synchronises with the host nowhere: pass validate=False as well$"):
+        build(two_linears(), measure=measure, policy=policy, capture_safe=True)
+    with pytest.raises(ValueError, match=r"^apply must be one of \('params', 'features'\) or an Applier, got 'grads'$"):
+        build(two_linears(), measure=measure, policy=policy, apply="grads")
+
+
+def test_an_empty_window_modulates_nothing_and_the_window_is_half_open():
+    mod = gradmod.OGM(two_linears(), alpha=0.5, start_step=3, stop_step=3)  # allowed: never modulates
+    assert not any(mod.in_window(step) for step in range(6))
+    mod = gradmod.OGM(two_linears(), alpha=0.5, start_step=2, stop_step=4)
+    assert [mod.in_window(step) for step in range(6)] == [False, False, True, True, False, False]
+    assert mod.in_window() is False and mod.step_count == 0  # the next step is step 0
+    assert gradmod.OGM(two_linears(), alpha=0.5, start_step=2).in_window(10**9)
+
+
+@pytest.mark.parametrize("epochs,window", [((0, 0, 1), (0, 1)), ((3, 3, 10), (30, 40)), ((1, 20, 7), (7, 147))])
+def test_epoch_window_is_inclusive_of_both_epochs(epochs, window):
+    assert gradmod.epoch_window(*epochs) == window
+
+
+@pytest.mark.parametrize("epochs", [(-1, 2, 10), (2, 1, 10), (0, 2, 0), (0, 2, -3)])
+def test_epoch_window_refuses_reversed_epochs_and_empty_epochs(epochs):
+    message = r"^need 0 <= start_epoch <= end_epoch and steps_per_epoch > 0, got {}, {}, {}$".format(*epochs)
+    with pytest.raises(ValueError, match=message):
+        gradmod.epoch_window(*epochs)
+
+
+def test_an_explicit_seed_is_kept():
+    assert gradmod.OGMGE(two_linears(), alpha=0.5, seed=12345).seed == 12345
+    assert gradmod.OGMGE(two_linears(), alpha=0.5, seed=np.int64(7)).seed == 7
+
+
+def test_repr_names_every_part():
+    mod = gradmod.OGM(two_linears(), alpha=0.5, start_step=1, stop_step=9)
+    assert repr(mod) == (
+        "Modulator(modalities=['audio', 'visual'], measure=SoftmaxScore(ignore_index=-100), "
+        f"policy=OGMPolicy(strength=0.5), apply={mod.applier!r}, window=[1, 9))"
+    )
+
+
+def test_the_evidence_is_float32_or_wider_in_modality_order_whatever_the_measure_returns():
+    class Given(gradmod.measures.Measure):
+        inputs = ("values",)
+
+        def evidence(self, names, values=None, **_):
+            return {name: values[name] for name in names}
+
+    def pending_after(values):
+        mod = gradmod.Modulator(two_linears(), measure=Given(), policy=gradmod.policies.OGMPolicy(0.5))
+        mod.observe(values=values)
+        return mod.state_dict()["pending"]
+
+    wide = pending_after({"visual": torch.tensor(2.0), "audio": torch.tensor(1.0, dtype=torch.float64)})
+    assert wide.dtype == torch.float64 and wide.tolist() == [1.0, 2.0]
+    half = pending_after({"audio": torch.tensor(1.5, dtype=torch.float16), "visual": torch.tensor(0.5, dtype=torch.float16)})
+    assert half.dtype == torch.float32 and half.tolist() == [1.5, 0.5]

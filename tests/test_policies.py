@@ -9,8 +9,15 @@ import torch
 from torch import nn
 
 import gradmod
+from gradmod import functional as F
 from gradmod.measures import SoftmaxScore
-from gradmod.policies import OGMPolicy, PDMPPolicy, PolicyError, check_coefficients, coefficient_range
+from gradmod.policies import (
+    OGMPolicy,
+    PDMPPolicy,
+    PolicyError,
+    check_coefficients,
+    coefficient_range,
+)
 
 LOGITS = {"audio": torch.tensor([[3.0, 0.0], [2.0, 0.0]]), "visual": torch.tensor([[0.5, 0.0], [0.0, 0.2]])}
 TARGET = torch.tensor([0, 0])
@@ -112,3 +119,80 @@ def test_check_coefficients_orders_by_modality_names():
 def test_pdmp_policy_needs_distinct_names():
     with pytest.raises(ValueError, match="distinct"):
         PDMPPolicy(("a", "a"), 0.5, 0.5)
+
+
+def test_built_in_policies_called_directly_follow_the_functional_equations():
+    """A built-in policy is also a plain callable: evidence mapping (tensors of any shape-1 form, or floats) in,
+    coefficients in the evidence's order out, equal to `gradmod.functional` on the same evidence."""
+    evidence = {"visual": torch.tensor([2.0]), "audio": 5.0, "text": torch.tensor(1.0, dtype=torch.float64)}
+    wide = {name: torch.tensor(float(torch.as_tensor(e).reshape(())), dtype=torch.float64) for name, e in evidence.items()}
+    k = OGMPolicy(0.8)(evidence)
+    assert list(k) == ["visual", "audio", "text"]
+    assert {name: c.item() for name, c in k.items()} == {n: c.item() for n, c in F.ogm_coefficients(wide, 0.8).items()}
+    policy = PDMPPolicy(("audio", "visual", "text"), 0.5, 0.3)
+    k = policy(evidence)
+    assert list(k) == ["visual", "audio", "text"] and all(c.dtype == torch.float64 for c in k.values())
+    expected = F.pdmp_coefficients(wide, ("audio", "visual", "text"), 0.5, 0.3)
+    assert {name: c.item() for name, c in k.items()} == {n: c.item() for n, c in expected.items()}
+
+
+def test_policy_messages_name_the_policy_and_the_problem():
+    device = torch.device("cpu")
+    with pytest.raises(PolicyError, match=r"^policy 'p' returned list, not a mapping modality name -> coefficient$"):
+        check_coefficients([0.5, 1.0], ("audio", "visual"), "p", device)
+    with pytest.raises(PolicyError, match=r"^the output of policy 'p' must name exactly the modalities \['audio', 'visual'\]: "
+                       r"missing \['visual'\], unknown \[\]$"):
+        check_coefficients({"audio": 0.5}, ("audio", "visual"), "p", device)
+    with pytest.raises(PolicyError, match=r"^policy 'p' gave modality 'audio' a torch.float32 tensor of shape \(2,\): "
+                       r"a coefficient is a real 0-d tensor or a number$"):
+        check_coefficients({"audio": torch.ones(2), "visual": 1.0}, ("audio", "visual"), "p", device)
+    with pytest.raises(PolicyError, match=r"^policy 'p' gave modality 'visual' a str: a coefficient is a real number$"):
+        check_coefficients({"audio": 1.0, "visual": "1"}, ("audio", "visual"), "p", device)
+    with pytest.raises(ValueError, match=r"^alpha/gamma \(the policy's strength\) must be a finite number >= 0"):
+        OGMPolicy(-0.5)
+    with pytest.raises(ValueError, match=r"^gamma_p must be a finite number >= 0"):
+        PDMPPolicy(("a", "b"), -0.5, 0.5)
+    with pytest.raises(ValueError, match=r"^gamma_r must be a finite number >= 0"):
+        PDMPPolicy(("a", "b"), 0.5, -0.5)
+    with pytest.raises(ValueError, match=r"^the modalities of the evidence must name exactly the modalities \['a', 'b'\]"):
+        PDMPPolicy(("a", "b"), 0.5, 0.5)({"a": torch.tensor(1.0), "c": torch.tensor(2.0)})
+    with pytest.raises(ValueError, match=r"^ranking must name two or more distinct modalities, got \['a'\]$"):
+        PDMPPolicy(("a",), 0.5, 0.5)
+
+
+def test_check_coefficients_puts_every_coefficient_on_the_given_device():
+    meta = torch.device("meta")
+    stacked = check_coefficients({"audio": torch.tensor(0.5), "visual": 1}, ("audio", "visual"), "p", meta)
+    assert stacked.device == meta and stacked.dtype == torch.float32 and stacked.shape == (2,)
+
+
+@pytest.mark.parametrize("validate", [True, False])
+def test_coefficients_at_the_ends_of_the_range_are_applied(validate):
+    class ZeroToOne:
+        coefficient_range = (0.0, 1.0)
+
+        def __call__(self, evidence):
+            return {"audio": 0.0, "visual": 1.0}
+
+    mod, params = modulator(ZeroToOne(), validate=validate)
+    mod.observe(logits=LOGITS, target=TARGET)
+    mod.step()
+    assert mod.last["status"] == "applied" and mod.last["coefficients"] == {"audio": 0.0, "visual": 1.0}
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in params[:2])
+    assert all(torch.equal(p.grad, torch.full_like(p, 2.0)) for p in params[2:])
+
+
+@pytest.mark.parametrize("value", [-1e-6, 1.0 + 1e-6, math.nan, math.inf])
+def test_without_validation_a_coefficient_just_outside_the_range_is_invalid(value):
+    class ZeroToOne:
+        coefficient_range = (0.0, 1.0)
+
+        def __call__(self, evidence):
+            return {"audio": value, "visual": 1.0}
+
+    mod, params = modulator(ZeroToOne(), validate=False)
+    mod.observe(logits=LOGITS, target=TARGET)
+    k = mod.step()  # decided on the device: the step returns the neutral coefficients it applied
+    assert {name: c.item() for name, c in k.items()} == {"audio": 1.0, "visual": 1.0}
+    assert mod.last["status"] == "invalid"
+    assert all(torch.equal(p.grad, torch.full_like(p, 2.0)) for p in params)

@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.gradmod-installed
 
-.PHONY: demo test test-all docs docs-check bench-speed gpu-check bench-accuracy clean
+.PHONY: demo test test-all docs docs-check bench-speed gpu-check bench-accuracy mutation clean
 
 # gradmod (editable) with its trainer extras, and the dev and reference dependency groups of
 # pyproject.toml: what the tests, docs, demo and benchmarks need, not part of the published package
@@ -47,6 +47,13 @@ gpu-check:
 
 bench-accuracy: $(STAMP)
 	$(PY) benchmarks/accuracy.py
+
+# Mutation testing of the core modules (tools/mutation.py, docs/testing.md): mutmut runs the fast unit,
+# property and seam tests against every mutant, prints the kill rate per module and writes it to
+# benchmarks/results/mutation.json. About half an hour on two cores; not part of `make test`.
+mutation: $(STAMP)
+	$(PY) -c 'import mutmut' 2>/dev/null || $(PY) -m pip install --quiet 'mutmut==3.8.1'
+	$(PY) tools/mutation.py
 
 clean:
 	rm -rf $(VENV) site build *.egg-info .pytest_cache .hypothesis

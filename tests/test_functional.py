@@ -505,3 +505,33 @@ def test_bmm_strength_limits():
 def test_imbalance_factor_is_the_exact_float64_ratio(a, v):
     kappa = F.imbalance_factor({"audio": a, "visual": v})
     assert kappa == {"audio": a / v, "visual": v / a}
+
+
+def test_the_cached_constants_are_what_the_equations_need(monkeypatch):
+    """``1 − I``, zeros, ones, −ones and the GE epsilon, made afresh for an empty cache (the cache is filled once
+    per process, so this also checks what every later call reads)."""
+    import gradmod._internal as internal
+
+    monkeypatch.setattr(internal, "_CONSTANTS", {})
+    monkeypatch.setattr(internal, "_STD_EPS_TENSORS", {})
+    others, zeros, ones, minus_ones = internal.constants(3, torch.device("cpu"), torch.float64)
+    assert torch.equal(others, torch.tensor([[0.0, 1, 1], [1, 0, 1], [1, 1, 0]], dtype=torch.float64))
+    assert torch.equal(zeros, torch.zeros(3, dtype=torch.float64)) and torch.equal(ones, torch.ones(3, dtype=torch.float64))
+    assert torch.equal(minus_ones, -torch.ones(3, dtype=torch.float64))
+    assert internal.constants(3, torch.device("cpu"), torch.float64)[0] is others  # made once
+    eps = internal.std_eps(torch.device("cpu"), torch.float64)
+    assert eps.dtype == torch.float64 and eps.dim() == 0 and eps.item() == 1e-8
+    assert internal.std_eps(torch.device("cpu"), torch.float64) is eps
+
+
+def test_stacked_ratios_of_more_than_two_modalities_are_float64_whatever_the_evidence_dtype():
+    """`ratios_of` is also called on the modulator's float32 evidence vector: with M > 2 it sums in float64."""
+    for m in (3, 4, 6):
+        evidence = torch.rand(m, generator=torch.Generator().manual_seed(m), dtype=torch.float32) * 5 + 0.1
+        ratios = F.ratios_of(evidence)
+        wide = evidence.double()
+        assert ratios.dtype == torch.float64
+        assert torch.equal(ratios, (m - 1) * wide / (wide.sum() - wide))
+        assert F.ogm_coefficients_of(evidence, 0.5).dtype == torch.float64
+    two = torch.tensor([3.0, 2.0])
+    assert F.ratios_of(two).dtype == torch.float32 and torch.equal(F.ratios_of(two), torch.tensor([1.5, 2.0 / 3.0]))

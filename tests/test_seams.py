@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
+import math
+import os
+import re
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -976,6 +982,11 @@ class OtherRank:
         self.others = {self.ReduceOp.SUM: torch.tensor(evidence), self.ReduceOp.MAX: torch.tensor([seed, -seed])}
         self.calls = []
 
+    def broadcast_object_list(self, objects, *, src):
+        assert src in (0, 1), src  # this process is rank 1; rank 0 is the other
+        if src == 0:
+            objects[:] = [self.others[self.ReduceOp.MAX][0].item()]
+
     def all_reduce(self, tensor, op=torch.distributed.ReduceOp.SUM):
         other = self.others[op].to(tensor.dtype)
         self.calls.append(op)
@@ -1034,3 +1045,112 @@ def test_equal_noise_seeds_are_compared_once_and_only_with_noise(other_rank):
     fake = other_rank(seed=8)
     step_once(make_ogm(TinyModel()))  # no noise: the seeds do not matter
     assert torch.distributed.ReduceOp.MAX not in fake.calls
+
+
+def test_a_default_seed_is_rank_0s(other_rank):
+    other_rank(seed=123456789)
+    torch.manual_seed(5)  # this rank's own default seed would differ
+    assert noisy(seed=None).seed == 123456789
+    assert noisy(seed=42).seed == 42  # an explicit seed is not broadcast
+
+
+def test_the_default_seed_is_a_fixed_function_of_torchs_initial_seed():
+    """Runs that fix ``torch.manual_seed`` draw the same GE noise in every gradmod version: the derivation
+    ``(s·0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) mod (2⁶³ − 1)`` is part of the noise stream."""
+    mods = {"audio": nn.Linear(2, 2), "visual": nn.Linear(2, 2)}
+    for initial, expected in [(0, 7146057691288625177), (7, 3940713094858032309), (2**40 + 3, 598531269718427483)]:
+        torch.manual_seed(initial)
+        assert gradmod.OGMGE(mods, alpha=0.5).seed == expected
+
+
+# ------------------------------------------------------------------ 15. features mode with static evidence
+def static_features_mode():
+    torch.manual_seed(0)
+    model = TwoTower()
+    mod = gradmod.PDMP({"audio": model.audio, "visual": model.visual}, ("audio", "visual"), 0.5, 1.0,
+                       static_metrics={"audio": 0.8, "visual": 0.4}, apply="features")
+    return model, mod
+
+
+@pytest.mark.parametrize("after", ["reset", "skip_step", "load_state_dict", "step"])
+def test_static_evidence_in_features_mode_needs_an_observe_after_every_reset_skip_load_and_step(after):
+    """Static evidence needs no observe() for its value, but features mode needs one to place the hooks."""
+    model, mod = static_features_mode()
+    xa, xv, y = tower_data()
+    logits, _, features = model(xa, xv)
+    mod.observe(features=features)
+    nn.functional.cross_entropy(logits, y).backward()
+    if after == "step":
+        assert mod.step()["visual"].item() == pytest.approx(1 - math.tanh(0.5))
+    else:
+        getattr(mod, after)(*([mod.state_dict()] if after == "load_state_dict" else []))
+    with pytest.warns(RuntimeWarning, match="without observe"):
+        assert mod.step() is None
+
+
+def test_a_policy_error_at_observe_in_features_mode_leaves_no_decision_behind():
+    model, mod = static_features_mode()
+    good = mod.policy
+    mod.policy = lambda evidence: {"audio": -1.0, "visual": 1.0}
+    xa, xv, y = tower_data()
+    logits, _, features = model(xa, xv)
+    with pytest.raises(gradmod.policies.PolicyError, match="outside its range"):
+        mod.observe(features=features)
+    mod.policy = good
+    with pytest.warns(RuntimeWarning, match="without observe"):
+        assert mod.step() is None
+
+
+# ------------------------------------------------------------------ 16. capture-safe noise (Triton kernel)
+def _triton_here() -> bool:
+    try:
+        from gradmod.kernels import triton as kernel
+    except ImportError:
+        return False
+    return kernel.is_available()[0]
+
+
+@pytest.mark.skipif(not _triton_here(), reason="needs the Triton kernel (CUDA, or TRITON_INTERPRET=1: see the next test)")
+def test_capture_safe_noise_is_added_exactly_where_a_step_is_applied():
+    """GE noise in capture-safe mode: on an applied step, and on no neutral step (no evidence, or skipped by
+    GradScaler on the device, where the coefficient still reaches the gradient the optimizer discards)."""
+    from gradmod.kernels import triton as kernel
+
+    device = torch.device(kernel.KERNEL_DEVICE_TYPE)
+    audio, visual = nn.Linear(4, 4).to(device), nn.Linear(4, 4).to(device)
+    params = [*audio.parameters(), *visual.parameters()]
+    mod = gradmod.OGMGE({"audio": audio, "visual": visual}, alpha=0.5, validate=False, capture_safe=True,
+                        backend="triton", seed=3)
+    optimizer = torch.optim.Adam(params, lr=0.1, fused=True)
+    mod.attach(optimizer)
+    logits = {"audio": torch.tensor([[2.0, 0.0]], device=device), "visual": torch.tensor([[0.0, 0.0]], device=device)}
+    target = torch.tensor([0], device=device)
+    g = [torch.randn(p.shape, generator=torch.Generator().manual_seed(i)).to(device) for i, p in enumerate(params)]
+
+    def step(observe, found_inf):
+        for p, grad in zip(params, g):
+            p.grad = grad.clone()
+        if observe:
+            mod.observe(logits=logits, target=target)
+        optimizer.found_inf = torch.tensor(found_inf, device=device)
+        optimizer.step()
+        k = mod.history[-1]["coefficients"]
+        scaled = [grad * k["audio" if i < 2 else "visual"] for i, grad in enumerate(g)]
+        return [torch.equal(p.grad, expected) for p, expected in zip(params, scaled)], k
+
+    applied, k = step(observe=True, found_inf=0.0)
+    assert k["audio"] < 1.0 and not any(applied[:2])  # noise on the damped modality
+    neutral, k = step(observe=False, found_inf=0.0)
+    assert k == {"audio": 1.0, "visual": 1.0} and all(neutral)
+    skipped, k = step(observe=True, found_inf=1.0)
+    assert k["audio"] < 1.0 and all(skipped) and mod.step_count == 2
+
+
+@pytest.mark.skipif(_triton_here() or importlib.util.find_spec("triton") is None,
+                    reason="the Triton test runs in this process, or Triton is not installed")
+def test_capture_safe_noise_under_the_triton_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    test = f"{__file__}::test_capture_safe_noise_is_added_exactly_where_a_step_is_applied"
+    command = [sys.executable, "-m", "pytest", test, "-q", "-p", "no:cacheprovider"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0 and re.search(r"\b1 passed", result.stdout), result.stdout[-4000:] + result.stderr[-2000:]

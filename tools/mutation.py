@@ -65,9 +65,11 @@ DESELECT = (
 #: Files outside ``tests/`` that the tests import (test_bookkeeping counts operations with this script).
 ALSO_COPY = ("benchmarks/op_count.py",)
 
-#: Every process: single-threaded math libraries (see the module docstring), and hypothesis's derandomized
-#: profile (tests/conftest.py), so that a property test draws the same examples for every mutant and run.
-ENVIRONMENT = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HYPOTHESIS_PROFILE": "ci"}
+#: Every process: single-threaded math libraries (see the module docstring); hypothesis's derandomized
+#: profile (tests/conftest.py), so that a property test draws the same examples for every mutant and run;
+#: the Triton interpreter, so that the tests of the Triton-only paths (capture-safe noise) run in-process on
+#: the CPU, where mutmut sees which functions they call ("auto" never picks the interpreted kernel).
+ENVIRONMENT = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HYPOTHESIS_PROFILE": "ci", "TRITON_INTERPRET": "1"}
 
 
 def mutated_paths() -> list[str]:
@@ -112,7 +114,8 @@ def prepare(fresh: bool) -> None:
     (WORK / "setup.cfg").write_text(setup_cfg())
     mutated = set(mutated_paths())
     for copy in (WORK / "mutants" / "gradmod").rglob("*.py"):
-        if str(copy.relative_to(WORK / "mutants")) not in mutated:
+        path = str(copy.relative_to(WORK / "mutants"))
+        if path not in mutated or not copy.with_name(copy.name + ".meta").exists():
             copy.unlink()
 
 

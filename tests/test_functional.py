@@ -519,6 +519,12 @@ def test_the_cached_constants_are_what_the_equations_need(monkeypatch):
     assert torch.equal(zeros, torch.zeros(3, dtype=torch.float64)) and torch.equal(ones, torch.ones(3, dtype=torch.float64))
     assert torch.equal(minus_ones, -torch.ones(3, dtype=torch.float64))
     assert internal.constants(3, torch.device("cpu"), torch.float64)[0] is others  # made once
+    for m, dtype in [(2, torch.float32), (4, torch.float16)]:
+        made = internal.constants(m, torch.device("cpu"), dtype)
+        assert [(c.dtype, c.device.type) for c in made] == [(dtype, "cpu")] * 4
+        assert [tuple(c.shape) for c in made] == [(m, m), (m,), (m,), (m,)]
+    assert internal.wide_dtype(torch.device("mps")) == torch.float32  # MPS has no float64
+    assert internal.wide_dtype(torch.device("cpu")) == torch.float64
     eps = internal.std_eps(torch.device("cpu"), torch.float64)
     assert eps.dtype == torch.float64 and eps.dim() == 0 and eps.item() == 1e-8
     assert internal.std_eps(torch.device("cpu"), torch.float64) is eps
@@ -535,3 +541,26 @@ def test_stacked_ratios_of_more_than_two_modalities_are_float64_whatever_the_evi
         assert F.ogm_coefficients_of(evidence, 0.5).dtype == torch.float64
     two = torch.tensor([3.0, 2.0])
     assert F.ratios_of(two).dtype == torch.float32 and torch.equal(F.ratios_of(two), torch.tensor([1.5, 2.0 / 3.0]))
+
+
+def test_inputs_are_refused_with_the_argument_named():
+    for bad, message in [
+        (True, r"^alpha must be a real number, got the bool True$"),
+        (torch.tensor(True), r"^alpha must be a real number, got the bool tensor\(True\)$"),
+        (torch.ones(2), r"^alpha must be a real number or a 0-d real tensor, got a tensor of shape \(2,\)$"),
+        ("0.5", r"^alpha must be a real number, got str '0.5'$"),
+    ]:
+        with pytest.raises(TypeError, match=message):
+            F.ogm_coefficients(ev(audio=1.0, visual=2.0), bad)
+    assert F.ogm_coefficients(ev(audio=1.0, visual=2.0), torch.tensor(0.5, dtype=torch.float64))["visual"].item() == (
+        pytest.approx(1 - math.tanh(1.0)))
+    target = torch.zeros(2, dtype=torch.long)
+    with pytest.raises(TypeError, match=r"^logits must be a tensor, got list$"):
+        F.ogm_scores([[0.0, 1.0]], target)
+    with pytest.raises(TypeError, match=r"^target must be a tensor of class indices, got list$"):
+        F.ogm_scores(torch.zeros(2, 3), [0, 1])
+    for dtype in (torch.bool, torch.float32, torch.complex64):
+        with pytest.raises(ValueError, match=rf"^target must hold integer class indices, got dtype {dtype}$"):
+            F.ogm_scores(torch.zeros(2, 3), torch.zeros(2, dtype=dtype))
+    with pytest.raises(ValueError, match=r"^target must be \[batch\] class indices matching logits batch 2, got shape \(3,\)$"):
+        F.ogm_scores(torch.zeros(2, 5), torch.zeros(3, dtype=torch.long))

@@ -820,18 +820,13 @@ def test_a_degenerate_step_names_every_degenerate_modality():
     assert mod.last["status"] == "degenerate"
 
 
-def deep_encoder(layers):
-    return nn.Sequential(*[nn.Linear(2, 2) for _ in range(layers)])
-
-
-@pytest.mark.parametrize("layers,listed", [(5, "visual: 4.bias)"), (6, "visual: 4.bias and 2 more)")])
-def test_attach_lists_at_most_ten_parameters_the_optimizer_does_not_hold(layers, listed):
-    audio, visual = nn.Linear(2, 2), deep_encoder(layers)
+@pytest.mark.parametrize("layers,more", [(10, ""), (11, " and 1 more"), (12, " and 2 more")])
+def test_attach_lists_at_most_ten_parameters_the_optimizer_does_not_hold(layers, more):
+    audio, visual = nn.Linear(2, 2), nn.Sequential(*[nn.Linear(2, 2, bias=False) for _ in range(layers)])
     mod = gradmod.OGM({"audio": audio, "visual": visual}, alpha=0.5)
-    names = ", ".join(f"visual: {i}.{kind}" for i in range(5) for kind in ("weight", "bias"))
-    expected = (f"gradmod: the optimizer does not hold {2 * layers} of the {2 * layers + 2} modulated parameters "
-                f"({names}{listed[len('visual: 4.bias'):]}; their gradients are modulated but another optimizer (or none) "
-                "steps them")
+    names = ", ".join(f"visual: {i}.weight" for i in range(10))
+    expected = (f"gradmod: the optimizer does not hold {layers} of the {layers + 2} modulated parameters ({names}{more}); "
+                "their gradients are modulated but another optimizer (or none) steps them")
     with pytest.warns(RuntimeWarning) as caught:
         mod.attach(torch.optim.SGD(audio.parameters(), lr=0.1))
     assert str(caught[0].message) == expected
@@ -851,7 +846,8 @@ def test_attaching_twice_names_the_modulator():
 
 
 # ------------------------------------------------------------------ 12. features mode, every path to a step
-def test_features_mode_needs_an_observe_before_every_backward_pass():
+def observed_tower():
+    """A TwoTower routed through a features-mode OGM (scale_grad), after one forward and its observe()."""
     torch.manual_seed(0)
     model = TwoTower()
     mod = gradmod.OGM({"audio": model.audio, "visual": model.visual}, alpha=0.8, apply="features")
@@ -859,22 +855,22 @@ def test_features_mode_needs_an_observe_before_every_backward_pass():
     xa, xv, y = tower_data()
     logits, decoupled, _ = model(xa, xv)
     mod.observe(logits=decoupled, target=y)
+    return model, mod, logits, y
+
+
+def test_features_mode_needs_an_observe_before_every_backward_pass():
+    model, mod, logits, y = observed_tower()
     nn.functional.cross_entropy(logits, y).backward()
-    logits, _, _ = model(xa, xv)
+    logits, _, _ = model(*tower_data()[:2])
     nn.functional.cross_entropy(logits, y).backward()  # a second pass without its observe()
-    with pytest.raises(RuntimeError, match="before observe\\(\\) gave its coefficient"):
-        mod.step()
+    with pytest.raises(RuntimeError, match=r"^gradmod: features mode was not applied: a backward pass reached modality "
+                       r"'audio''s parameters before observe\(\) gave its coefficient"):
+        mod.step()  # the first of the problems found (audio's, then visual's) is raised
 
 
 @pytest.mark.parametrize("after", ["build", "reset", "skip_step", "load_state_dict", "step"])
 def test_features_mode_without_an_observe_since_is_not_modulated(after):
-    torch.manual_seed(0)
-    model = TwoTower()
-    mod = gradmod.OGM({"audio": model.audio, "visual": model.visual}, alpha=0.8, apply="features")
-    model.modulator = mod
-    xa, xv, y = tower_data()
-    logits, decoupled, _ = model(xa, xv)
-    mod.observe(logits=decoupled, target=y)
+    _, mod, logits, y = observed_tower()
     if after == "build":
         mod = gradmod.OGM({"audio": nn.Linear(4, 4), "visual": nn.Linear(4, 4)}, alpha=0.8, apply="features")
     elif after == "reset":
@@ -1132,18 +1128,23 @@ def test_capture_safe_noise_is_added_exactly_where_a_step_is_applied():
             p.grad = grad.clone()
         if observe:
             mod.observe(logits=logits, target=target)
-        optimizer.found_inf = torch.tensor(found_inf, device=device)
+        if found_inf is None:  # a step without GradScaler
+            vars(optimizer).pop("found_inf", None)
+        else:
+            optimizer.found_inf = torch.tensor(found_inf, device=device)
         optimizer.step()
         k = mod.history[-1]["coefficients"]
         scaled = [grad * k["audio" if i < 2 else "visual"] for i, grad in enumerate(g)]
         return [torch.equal(p.grad, expected) for p, expected in zip(params, scaled)], k
 
     applied, k = step(observe=True, found_inf=0.0)
-    assert k["audio"] < 1.0 and not any(applied[:2])  # noise on the damped modality
+    assert k["audio"] < 1.0 and not any(applied)  # GE noise on every modality of an applied step
     neutral, k = step(observe=False, found_inf=0.0)
     assert k == {"audio": 1.0, "visual": 1.0} and all(neutral)
     skipped, k = step(observe=True, found_inf=1.0)
     assert k["audio"] < 1.0 and all(skipped) and mod.step_count == 2
+    plain, k = step(observe=True, found_inf=None)
+    assert k["audio"] < 1.0 and not any(plain) and mod.step_count == 3
 
 
 @pytest.mark.skipif(_triton_here() or importlib.util.find_spec("triton") is None,
@@ -1154,3 +1155,106 @@ def test_capture_safe_noise_under_the_triton_interpreter():
     command = [sys.executable, "-m", "pytest", test, "-q", "-p", "no:cacheprovider"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0 and re.search(r"\b1 passed", result.stdout), result.stdout[-4000:] + result.stderr[-2000:]
+
+
+# ------------------------------------------------------------------ 17. scaled features without compile, appliers' inputs
+def test_features_mode_with_scale_grad_equals_params_mode_in_eager_mode():
+    torch.manual_seed(0)
+    model = TwoTower()
+    expected, k = params_mode_grads(model.state_dict(), tower_data())
+    assert k["audio"].item() < 1.0
+    mod = gradmod.OGM({"audio": model.audio, "visual": model.visual}, alpha=0.8, apply="features")
+    model.modulator = mod
+    xa, xv, y = tower_data()
+    logits, decoupled, _ = model(xa, xv)
+    mod.observe(logits=decoupled, target=y)
+    nn.functional.cross_entropy(logits, y).backward()
+    assert mod.step()["audio"].item() == k["audio"].item()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], msg=name)
+
+
+def test_scale_grad_reads_its_coefficient_when_backward_runs():
+    from gradmod.appliers import scale_grad
+
+    x = torch.tensor([1.0, -2.0], requires_grad=True)
+    k = torch.tensor(1.0)
+    y = scale_grad(x * 3.0, k)
+    assert torch.equal(y, x.detach() * 3.0)
+    k.fill_(0.25)  # filled in after the forward pass
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.tensor([0.75, 0.75]))
+    with pytest.raises(TypeError, match=r"^coefficient must be a 0-d tensor$"):
+        scale_grad(x, torch.ones(1))
+    with pytest.raises(TypeError, match=r"^coefficient must be a 0-d tensor$"):
+        scale_grad(x, 0.5)
+    with pytest.raises(ValueError, match=r"^coefficient is on meta, the tensor on cpu$"):
+        scale_grad(x, torch.tensor(0.5, device="meta"))
+
+
+def test_a_closure_given_by_keyword_is_refused_by_name():
+    model = TinyModel()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    make_ogm(model).attach(opt)
+    with pytest.raises(RuntimeError, match=r"^gradmod: SGD.step\(\) was given a closure, which computes the gradients after "
+                       r"the modulator's pre-step hook has run: they cannot be modulated. Call step\(\) without a "
+                       r"closure, or detach\(\) and step the modulator yourself after backward\(\) inside the closure$"):
+        opt.step(closure=lambda: None)
+
+
+def test_attach_needs_an_optimizer_and_a_fresh_modulator_is_attached_to_nothing():
+    mod = make_ogm(TinyModel())
+    assert mod.attached_to is None
+    mod.detach()  # a no-op
+    with pytest.raises(TypeError, match=r"^attach\(\) needs a torch.optim.Optimizer \(or a wrapper holding one\), got list$"):
+        mod.attach([])
+
+
+def test_a_modality_without_gradients_is_named_once():
+    a, v = nn.Linear(2, 2), nn.Linear(2, 2)
+    mod = gradmod.OGM({"audio": a, "visual": v}, alpha=0.8)
+    logits = {"audio": torch.tensor([[2.0, 0.0]]), "visual": torch.tensor([[0.0, 0.0]])}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            grads_set(a.parameters())
+            mod.observe(logits=logits, target=torch.tensor([0]))
+            mod.step()
+    assert [str(w.message) for w in caught] == [
+        "gradmod: modality 'visual' has no gradient at step 0: nothing of it to modulate (an unused branch, or "
+        "gradients not materialised when the optimizer steps); this warning is shown once"
+    ]
+
+
+def test_appliers_refuse_bad_options_and_modalities_by_name():
+    with pytest.raises(ValueError, match=r"^noise must be None or one of \('ge', 'restore', 'paper'\), got 'gauss'$"):
+        gradmod.ParamsApplier(noise="gauss")
+    with pytest.raises(ValueError, match=r"^unknown backend 'cuda'; expected one of \('auto', 'reference', 'foreach', "
+                       r"'triton'\)$"):
+        gradmod.ParamsApplier(backend="cuda")
+    with pytest.raises(TypeError, match=r"^param_filter must be a callable \(name, parameter\) -> bool, got str$"):
+        gradmod.ParamsApplier(param_filter="weight")
+    with pytest.raises(TypeError, match=r"^modality 'visual': a modality is an nn.Module or an iterable of parameters, "
+                       r"not a single tensor$"):
+        gradmod.OGM({"audio": nn.Linear(2, 2), "visual": nn.Parameter(torch.ones(2))}, alpha=0.5)
+    with pytest.raises(TypeError, match=r"^modality 'visual': item 1 is a str, not a parameter$"):
+        gradmod.OGM({"audio": nn.Linear(2, 2), "visual": [nn.Parameter(torch.ones(2)), "bias"]}, alpha=0.5)
+    with pytest.raises(TypeError, match=r"^modalities must be a mapping name -> module or parameters, got list$"):
+        gradmod.appliers.ParameterSelection([nn.Linear(2, 2)], None, require_some=True)
+    shared = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match=r"^parameter '0' of modality 'visual' is also 'weight' of modality 'audio': a "
+                       r"parameter can belong to one modality only$"):
+        gradmod.OGM({"audio": shared, "visual": [shared.weight]}, alpha=0.5)
+
+
+def test_the_features_applier_refuses_unknown_modalities_and_tensors_without_gradients():
+    model = TwoTower()
+    mod = gradmod.OGM({"audio": model.audio, "visual": model.visual}, alpha=0.8, apply="features")
+    assert repr(mod.applier) == "FeaturesApplier()"
+    with pytest.raises(ValueError, match=r"^unknown modality 'text'; the modalities are \['audio', 'visual'\]$"):
+        mod.scale_grad(torch.ones(2, requires_grad=True), "text")
+    logits = {"audio": torch.zeros(1, 3), "visual": torch.zeros(1, 3)}
+    with pytest.raises(TypeError, match=r"^observe\(features=...\) must be a mapping modality name -> tensor"):
+        mod.observe(logits=logits, target=torch.tensor([0]), features=[torch.ones(1)])
+    with pytest.raises(ValueError, match=r"^features\['audio'\] does not require grad: pass the encoder's output tensor$"):
+        mod.observe(logits=logits, target=torch.tensor([0]), features={"audio": torch.ones(1), "visual": torch.ones(1)})

@@ -1,37 +1,46 @@
-"""Accuracy of every gradmod method against plain joint training on AV-digits, over seeds, under one budget.
+"""Accuracy of every method against plain joint training on AV-digits: a documented sweep, then seeds.
 
-Every method of `reference_models.train.METHODS` is trained with `reference_models.train.train`
-on the embedded AV-digits dataset, once per seed, with the same epochs, data, optimizer and the CLI's
-default hyper-parameters (nothing is tuned per method). ``decoupling_free`` needs a ζ-gated head
-(``fusion="gated"``); every other method uses the concat head. The baseline is run once per head the
-selected methods use, so each method is compared with joint training on its own head.
+Every method of `reference_models.train.METHODS` is trained with `reference_models.train.train` on the
+embedded AV-digits dataset, under one budget (epochs, data, optimizer). ``decoupling_free`` needs a
+ζ-gated head and ``mla`` the shared head (`HEADS`); every other method uses the concat head. The baseline
+is run once per head used, and the visual branch is trained alone (``--solo visual``, concat head) with
+every seed: the reference of the "gap closed".
 
-Reported per method, as mean ± sample std (n − 1) over seeds: final test accuracy of the fused model and
-of each modality alone (the fused head with the other modality's features zeroed), the difference to the
-baseline on the same head paired by seed (same data, same initialisation) with the number of seeds where
-the method is ahead, the imbalance ratio ``ρ = acc_audio / acc_visual`` of the test unimodal accuracies
-(per epoch; its mean over epochs and its final value) and the wall time. It writes ``accuracy.json``
-(every run, every epoch, every step's coefficients) and ``accuracy.md`` (the table) under ``--out``,
-after each run, and the PNG plots under ``--plots``.
+**The sweep.** Each method's main strength (`SWEPT`) gets the same grid: its default times 1/3, 1 and 3
+(`GRID`), trained with the first seed. ``--val-size`` items of the training split are held out of training
+in every run, and the value is chosen on them, never on test (`choose`): the value with the best held-out
+visual-alone accuracy among those whose held-out fused accuracy is at least the baseline's; if none is,
+the best held-out fused accuracy. The other seeds then train at the chosen value (the first seed's run is
+the sweep's). G-Blending has no strength to set (`UNSWEPT`).
 
-    OMP_NUM_THREADS=1 python benchmarks/accuracy.py --quick     # smoke run, < 1 min
-    OMP_NUM_THREADS=1 python benchmarks/accuracy.py --seeds 0 1 2 --epochs 6 --num-train 3000 \\
+Reported per method, as mean ± sample std (n − 1) over seeds: final test accuracy of the fused model and of
+each modality alone (the fused head with the other modality's features zeroed; MLA's shared head on that
+modality's features), the difference to the baseline on the same head paired by seed, with the number of
+seeds where the method is ahead, the **gap closed** for the weak modality (`gap_closed`), the imbalance
+ratio ``ρ = acc_audio / acc_visual`` and the wall time. It writes ``accuracy.json`` (every run, every
+epoch, every step's coefficients) and ``accuracy.md`` (the tables) under ``--out`` after each run, and
+the PNG plots under ``--plots`` at the end. ``--resume`` keeps the runs an interrupted benchmark wrote.
+
+    OMP_NUM_THREADS=1 python benchmarks/accuracy.py --quick     # smoke run, about a minute
+    OMP_NUM_THREADS=1 python benchmarks/accuracy.py --jobs 2 \\
         --out benchmarks/results --plots docs/benchmarks/img   # the run of docs/benchmarks/accuracy.md
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import inspect
 import json
 import math
+import multiprocessing
 import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,55 +48,147 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import matplotlib  # noqa: E402
+import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from reference_models.data.avdigits import make_avdigits  # noqa: E402
-from reference_models.plots import bar_chart  # noqa: E402
-from reference_models.train import METHODS, TrainConfig, train  # noqa: E402
+import gradmod
+from reference_models.data.avdigits import make_avdigits
+from reference_models.loops import PRESET_OPTIONS, preset_options
+from reference_models.plots import bar_chart
+from reference_models.train import METHODS, TrainConfig, train
 
 #: The modality AV-digits makes dominant (clean tones) and the weak one (noisy glyphs); ρ = dominant / weak.
 DOMINANT, WEAK = "audio", "visual"
-#: Methods whose measure needs a ζ-gated head; the others run on the decouplable concat head.
-GATED_METHODS = {"decoupling_free": "gated"}
+#: The head each method needs; the others run on the decouplable concat head, as the solo run does.
+HEADS = {"decoupling_free": "gated", "mla": "shared"}
 DEFAULT_HEAD = "concat"
-#: The documented budget (docs/benchmarks/accuracy.md): 6 epochs of 3000 training samples (282 SGD steps) per
-#: run, which keeps 9 runs × 3 seeds near 25 minutes on 2 shared CPU cores; the test split keeps its default size.
-BUDGET = {"epochs": 6, "num_train": 3000}
-#: The smoke run of ``--quick``: 1 epoch, 1 seed, a tiny dataset.
-QUICK = {"epochs": 1, "seeds": [0], "num_train": 320, "num_test": 160}
+#: Each method's main strength: the `TrainConfig` field the sweep varies.
+SWEPT = {
+    "ogm": "alpha", "ogm_ge": "alpha", "dgm": "gamma", "decoupling_free": "alpha", "pdmp": "gamma_r",
+    "agm": "alpha", "mmpareto": "gamma", "mla": "alpha", "mm": "mixup_alpha", "bmm": "bmm_degree",
+}
+#: Methods without a strength to sweep, and why.
+UNSWEPT = {
+    "baseline": "no method",
+    "gblending": "its loss weights are estimated from a held-out split; it has no strength to set",
+}
+#: The sweep's grid: the default value times these factors (log-spaced).
+GRID = (1 / 3, 1.0, 3.0)
+#: The documented budget (docs/benchmarks/accuracy.md): 6 epochs of 6000 training samples (564 SGD steps) per run,
+#: the generator's default training size, with 500 more generated and held out for the sweep's choice; the test
+#: split keeps its default size (2000).
+BUDGET = {"epochs": 6, "num_train": 6500, "val_size": 500}
+#: The smoke run of ``--quick``: 1 epoch, 1 seed, a tiny dataset, no sweep (every method at its default).
+QUICK = {"epochs": 1, "seeds": [0], "num_train": 360, "num_test": 160, "val_size": 40}
+#: The weak modality's alone accuracy the goal asks for (the solo run reaches about 87 %).
+GOAL_WEAK = 0.80
 
 
-# ------------------------------------------------------------------------------------------ the runs
+# ------------------------------------------------------------------------------------------ the plan
 def fusion_for(method: str) -> str:
-    """The fusion head ``method`` runs on: a ζ-gated head for decoupling-free, concat otherwise."""
+    """The fusion head ``method`` runs on (`HEADS`, else concat)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-    return GATED_METHODS.get(method, DEFAULT_HEAD)
+    return HEADS.get(method, DEFAULT_HEAD)
 
 
-def run_plan(methods: Sequence[str]) -> list[tuple[str, str]]:
-    """``(method, fusion)`` pairs to train: each method on its head, plus the baseline on every head used."""
+def run_key(method: str, fusion: str, solo: str | None = None) -> str:
+    """Row name: the method, the head spelled out for the baselines (one per head), or the solo run."""
+    if solo is not None:
+        return f"solo ({solo})"
+    return f"baseline ({fusion})" if method == "baseline" else method
+
+
+def base_specs(methods: Sequence[str], seeds: Sequence[int]) -> list[dict[str, Any]]:
+    """The runs that do not depend on the sweep: per seed, the baseline on every head the selected methods
+    use, the weak modality alone, and the methods without a strength."""
     if not methods:
         raise ValueError("no methods selected")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; expected names from {METHODS}")
-    plan = [("baseline", head) for head in dict.fromkeys(fusion_for(m) for m in methods)]
-    plan += [(m, fusion_for(m)) for m in dict.fromkeys(methods) if m != "baseline"]
-    return plan
+    missing = [m for m in methods if m not in SWEPT and m not in UNSWEPT]
+    if missing:
+        raise ValueError(f"methods {missing} are in neither SWEPT nor UNSWEPT: say what their sweep varies")
+    heads = dict.fromkeys([DEFAULT_HEAD, *(fusion_for(m) for m in methods)])
+    specs = []
+    for seed in seeds:
+        specs += [spec("baseline", head, seed) for head in heads]
+        specs.append(spec("baseline", DEFAULT_HEAD, seed, solo=WEAK))
+        specs += [spec(m, fusion_for(m), seed) for m in dict.fromkeys(methods) if m in UNSWEPT and m != "baseline"]
+    return specs
 
 
-def run_key(method: str, fusion: str) -> str:
-    """Row name: the method, with the head spelled out for the baselines (one per head)."""
-    return f"baseline ({fusion})" if method == "baseline" else method
+def spec(method: str, fusion: str, seed: int, *, option: str | None = None, value: float | None = None,
+         solo: str | None = None) -> dict[str, Any]:
+    """One training run: method, head, seed, and the swept option's value (``None``: the CLI's default)."""
+    return {"method": method, "fusion": fusion, "seed": seed, "option": option, "value": value, "solo": solo}
+
+
+def default_strength(method: str, option: str) -> float:
+    """The value the training CLI uses for ``option`` of ``method`` when it is not set."""
+    config = TrainConfig(method=method)
+    if option not in PRESET_OPTIONS:
+        return float(getattr(config, option))
+    preset = gradmod.METHODS[method].preset
+    value = preset_options(preset, config)[option]
+    if value is None:  # the preset picks it (MMPareto: by its rule): ask a preset built on stand-in parameters
+        stand_in = {name: [torch.zeros(1, requires_grad=True)] for name in (DOMINANT, WEAK)}
+        value = getattr(preset(stand_in, rule=config.mmpareto_rule), option)
+    return float(value)
+
+
+def sweep_values(method: str) -> list[float]:
+    """The grid of ``method``'s strength: its default times each factor of `GRID`, rounded to 4 significant digits."""
+    center = default_strength(method, SWEPT[method])
+    return [float(f"{center * factor:.4g}") for factor in GRID]
+
+
+def sweep_specs(methods: Sequence[str], seed: int) -> list[dict[str, Any]]:
+    """The sweep: every swept method at every value of its grid, with ``seed``."""
+    return [
+        spec(m, fusion_for(m), seed, option=SWEPT[m], value=value)
+        for m in dict.fromkeys(methods) if m in SWEPT for value in sweep_values(m)
+    ]
+
+
+def choose(candidates: Sequence[Mapping[str, Any]], baseline: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The sweep's choice among runs of one method and seed, on the held-out (val) split only.
+
+    Among the runs whose held-out fused accuracy is at least the baseline's (same seed, same head), the
+    one with the best held-out weak-modality accuracy; if there is none, the one with the best held-out
+    fused accuracy. Ties go to the earlier run of ``candidates`` (the grid's order).
+    """
+    if not candidates:
+        raise ValueError("choose() needs at least one candidate run")
+    floor = baseline["val"]["accuracy"]
+    keeping = [run for run in candidates if run["val"]["accuracy"] >= floor]
+    if keeping:
+        return max(keeping, key=lambda run: run["val"]["unimodal"][WEAK])
+    return max(candidates, key=lambda run: run["val"]["accuracy"])
+
+
+# ------------------------------------------------------------------------------------------ one run
+def gap_closed(joint: float, baseline: float, solo: float) -> float | None:
+    """The share of the weak modality's gap that a method closed: ``(joint − baseline) / (solo − baseline)``.
+
+    ``joint``: the weak modality's alone accuracy after the method's joint training; ``baseline``: after
+    plain joint training; ``solo``: after training it alone. 0 is the baseline, 1 the solo accuracy,
+    negative a method that widened the gap. ``None`` (undefined) when the solo run is not above the baseline.
+    """
+    for name, value in (("joint", joint), ("baseline", baseline), ("solo", solo)):
+        if not (isinstance(value, (int, float)) and math.isfinite(value)):
+            raise ValueError(f"{name} accuracy must be a finite number, got {value!r}")
+    if solo <= baseline:
+        return None
+    return (joint - baseline) / (solo - baseline)
 
 
 def imbalance_ratio(unimodal: Mapping[str, float]) -> float | None:
-    """``ρ = acc_dominant / acc_weak`` of one evaluation (the test-set analogue of paper 001's κ, eq. (5));
-    ``None`` (undefined) when the weak modality's accuracy is zero."""
+    """``ρ = acc_dominant / acc_weak`` of one evaluation (the test-set analogue of B-MM's κ, Ma, Ding & Chen,
+    2025, eq. (5)); ``None`` (undefined) when the weak modality's accuracy is zero."""
     for name in (DOMINANT, WEAK):
         if name not in unimodal:
             raise ValueError(f"unimodal accuracies lack {name!r}: got {sorted(unimodal)}")
@@ -95,7 +196,11 @@ def imbalance_ratio(unimodal: Mapping[str, float]) -> float | None:
     return unimodal[DOMINANT] / weak if weak > 0 else None
 
 
-def summarize_run(method: str, fusion: str, seed: int, results: Mapping[str, Any], total_s: float) -> dict[str, Any]:
+def _scores(evaluation: Mapping[str, Any]) -> dict[str, Any]:
+    return {"accuracy": evaluation["accuracy"], "unimodal": evaluation["unimodal"]}
+
+
+def summarize_run(run: Mapping[str, Any], results: Mapping[str, Any], total_s: float) -> dict[str, Any]:
     """The compact record of one training run that the JSON keeps."""
     epochs = [
         {
@@ -105,19 +210,20 @@ def summarize_run(method: str, fusion: str, seed: int, results: Mapping[str, Any
             "unimodal": r["test"]["unimodal"],
             "imbalance_ratio": imbalance_ratio(r["test"]["unimodal"]),
             "mean_coefficients": r["coefficients"],
-            **({"bmm": r["bmm"]} if "bmm" in r else {}),
+            **{key: r[key] for key in ("bmm", "mla", "mmpareto", "gblending") if key in r},
         }
         for r in results["history"]
     ]
     ratios = [e["imbalance_ratio"] for e in epochs if e["imbalance_ratio"] is not None]
+    last = results["history"][-1]
     return {
-        "key": run_key(method, fusion),
-        "method": method,
-        "fusion": fusion,
-        "seed": seed,
+        **run,
+        "key": run_key(run["method"], run["fusion"], run["solo"]),
+        "options": results["method"]["options"],
         "accuracy": results["final"]["accuracy"],
         "macro_f1": results["final"]["macro_f1"],
         "unimodal": results["final"]["unimodal"],
+        "val": _scores(last["val"]) if "val" in last else None,
         "imbalance_ratio_final": epochs[-1]["imbalance_ratio"],
         "imbalance_ratio_mean": statistics.fmean(ratios) if ratios else None,
         "train_s": results["wall_time_s"],
@@ -128,6 +234,29 @@ def summarize_run(method: str, fusion: str, seed: int, results: Mapping[str, Any
     }
 
 
+def config_for(run: Mapping[str, Any], epochs: int, dataset: Mapping[str, Any], val_size: int, device: str) -> TrainConfig:
+    """The `TrainConfig` of one run."""
+    options = {} if run["option"] is None else {run["option"]: run["value"]}
+    return TrainConfig(
+        dataset="avdigits", method=run["method"], fusion=run["fusion"], epochs=epochs, seed=run["seed"],
+        solo=run["solo"], val_size=val_size, avdigits=dict(dataset), device=device, progress=False, **options,
+    )
+
+
+def train_one(job: tuple[dict[str, Any], int, dict[str, Any], int, str, int]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train one run (in a worker process under ``--jobs``); returns its summary and its resolved config."""
+    run, epochs, dataset, val_size, device, threads = job
+    torch.set_num_threads(threads)
+    started = time.perf_counter()
+    results = train(config_for(run, epochs, dataset, val_size, device))
+    return summarize_run(run, results, time.perf_counter() - started), results["config"]
+
+
+def identity(run: Mapping[str, Any]) -> tuple:
+    """What makes two runs the same run (under one budget)."""
+    return (run["method"], run["fusion"], run["seed"], run["option"], run["value"], run["solo"])
+
+
 # ------------------------------------------------------------------------------------------ statistics
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (n − 1; 0 for a single value)."""
@@ -136,22 +265,30 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def _defined(values: Sequence[float | None]) -> list[float]:
+def _defined(values: Iterable[float | None]) -> list[float]:
     return [v for v in values if v is not None]
 
 
 def runs_by_key(runs: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
-    """Runs grouped by row name (method, or baseline per head), in the order they ran."""
+    """Runs grouped by row name (method, baseline per head, solo), in the order they ran."""
     grouped: dict[str, list[Mapping[str, Any]]] = {}
     for run in runs:
         grouped.setdefault(run["key"], []).append(run)
     return grouped
 
 
+def final_runs(runs: Sequence[Mapping[str, Any]], chosen: Mapping[str, float]) -> list[Mapping[str, Any]]:
+    """The runs the results table reports: every unswept run, and each swept method's runs at its chosen value."""
+    return [run for run in runs if run["option"] is None or chosen.get(run["method"]) == run["value"]]
+
+
 def summarize(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """One row per method (in run order): means ± stds over seeds, and the paired difference to the
-    baseline on the same head (``method − baseline`` per seed, over the seeds both have)."""
+    """One row per method (in run order): means ± stds over seeds, the paired difference to the baseline on the
+    same head (``method − baseline`` per seed), and the weak modality's gap closed (`gap_closed`) per seed
+    against the concat baseline and the solo run of that seed."""
     by_key = runs_by_key(runs)
+    reference = {r["seed"]: r for r in by_key.get(run_key("baseline", DEFAULT_HEAD), [])}
+    solo = {r["seed"]: r for r in by_key.get(run_key("baseline", DEFAULT_HEAD, WEAK), [])}
     rows = []
     for key, group in by_key.items():
         fusion = group[0]["fusion"]
@@ -159,6 +296,8 @@ def summarize(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             "name": key,
             "method": group[0]["method"],
             "fusion": fusion,
+            "option": group[0]["option"],
+            "value": group[0]["value"],
             "seeds": [r["seed"] for r in group],
             "fused": mean_std([r["accuracy"] for r in group]),
             "macro_f1": mean_std([r["macro_f1"] for r in group]),
@@ -168,17 +307,48 @@ def summarize(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             "total_s": mean_std([r["total_s"] for r in group]),
         }
         for field in ("imbalance_ratio_mean", "imbalance_ratio_final"):
-            defined = _defined([r[field] for r in group])
+            defined = _defined(r[field] for r in group)
             row[field] = mean_std(defined) if defined else None
         baseline = {r["seed"]: r for r in by_key.get(run_key("baseline", fusion), [])}
         paired = [(r, baseline[r["seed"]]) for r in group if r["seed"] in baseline]
-        if group[0]["method"] != "baseline" and paired:
+        if group[0]["method"] != "baseline" and group[0]["solo"] is None and paired:
             for label, read in (("fused", lambda r: r["accuracy"]), (WEAK, lambda r: r["unimodal"][WEAK])):
                 deltas = [read(r) - read(b) for r, b in paired]
                 row[f"delta_{label}"] = mean_std(deltas)
                 row[f"wins_{label}"] = [sum(d > 0 for d in deltas), len(deltas)]
+        gaps = _defined(
+            gap_closed(r["unimodal"][WEAK], reference[r["seed"]]["unimodal"][WEAK], solo[r["seed"]]["unimodal"][WEAK])
+            for r in group if r["seed"] in reference and r["seed"] in solo
+        )
+        row["gap_closed"] = mean_std(gaps) if gaps else None
         rows.append(row)
     return rows
+
+
+def goal_rows(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The methods that meet the goal: mean weak-alone accuracy ≥ `GOAL_WEAK` and mean fused accuracy at or
+    above the concat baseline's (plain joint training)."""
+    reference = next((r for r in rows if r["name"] == run_key("baseline", DEFAULT_HEAD)), None)
+    if reference is None:
+        return []
+    return [
+        r["name"] for r in rows
+        if r["method"] != "baseline" and r[WEAK][0] >= GOAL_WEAK and r["fused"][0] >= reference["fused"][0]
+    ]
+
+
+def sweep_table(runs: Sequence[Mapping[str, Any]], chosen: Mapping[str, float], seed: int) -> list[dict[str, Any]]:
+    """Per swept method and value (the sweep's ``seed``): held-out fused and weak accuracy, whether it was
+    chosen, and the held-out fused accuracy of the baseline on the method's head (the choice's floor)."""
+    floors = {run["fusion"]: run["val"]["accuracy"] for run in runs
+              if run["key"] == run_key("baseline", run["fusion"]) and run["seed"] == seed}
+    return [
+        {
+            "method": run["method"], "option": run["option"], "value": run["value"], "val": run["val"],
+            "chosen": chosen.get(run["method"]) == run["value"], "baseline_fused": floors.get(run["fusion"]),
+        }
+        for run in runs if run["option"] is not None and run["seed"] == seed
+    ]
 
 
 # ------------------------------------------------------------------------------------------ output
@@ -200,64 +370,88 @@ def _delta(row: Mapping[str, Any], label: str) -> str:
     return f"{_pct(row[f'delta_{label}'], signed=True)} ({wins}/{total})"
 
 
-def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """The results table: accuracies in %, mean ± std over seeds; Δ paired by seed with (seeds ahead / seeds)."""
-    header = (
-        f"| method | head | fused acc. | {DOMINANT} alone | {WEAK} alone | Δ fused vs baseline | Δ {WEAK} vs baseline "
-        f"| ρ mean over epochs | ρ final | train time (s) |"
-    )
-    lines = [header, "|" + " --- |" * 10]
+def _setting(row: Mapping[str, Any]) -> str:
+    return "default" if row["option"] is None else f"{row['option']} = {row['value']:g}"
+
+
+def markdown_tables(rows: Sequence[Mapping[str, Any]], sweep: Sequence[Mapping[str, Any]]) -> str:
+    """The results: accuracies and gap closed, differences to the baseline, and the sweep."""
+    lines = [
+        f"| method | head | setting | fused acc. | {DOMINANT} alone | {WEAK} alone | gap closed | train time (s) |",
+        "|" + " --- |" * 8,
+    ]
     for row in rows:
-        cells = [
-            row["name"], row["fusion"], _pct(row["fused"]), _pct(row[DOMINANT]), _pct(row[WEAK]),
-            _delta(row, "fused"), _delta(row, WEAK), _plain(row["imbalance_ratio_mean"], 2),
-            _plain(row["imbalance_ratio_final"], 2), _plain(row["train_s"], 0),
-        ]
+        cells = [row["name"], row["fusion"], _setting(row), _pct(row["fused"]), _pct(row[DOMINANT]), _pct(row[WEAK]),
+                 _plain(row["gap_closed"], 2), _plain(row["train_s"], 0)]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"| method | Δ fused vs baseline | Δ {WEAK} vs baseline | ρ mean over epochs | ρ final |",
+        "|" + " --- |" * 5,
+    ]
+    for row in rows:
+        cells = [row["name"], _delta(row, "fused"), _delta(row, WEAK), _plain(row["imbalance_ratio_mean"], 2),
+                 _plain(row["imbalance_ratio_final"], 2)]
+        lines.append("| " + " | ".join(cells) + " |")
+    if sweep:
+        lines += ["", f"| method | value | held-out fused | held-out {WEAK} alone | chosen |", "|" + " --- |" * 5]
+        for entry in sweep:
+            val = entry["val"]
+            cells = [entry["method"], f"{entry['option']} = {entry['value']:g}", f"{100 * val['accuracy']:.1f}",
+                     f"{100 * val['unimodal'][WEAK]:.1f}", "yes" if entry["chosen"] else ""]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def markdown_report(meta: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> str:
-    """``accuracy.md``: the command, the budget, the machine and the table."""
+def markdown_report(meta: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], sweep: Sequence[Mapping[str, Any]]) -> str:
+    """``accuracy.md``: the command, the budget, the machine, the goal's verdict and the tables."""
     budget = meta["budget"]
     machine = meta["machine"]
+    met = goal_rows(rows)
+    verdict = (
+        f"met by {', '.join(met)}" if met else "not met by any method"
+    )
     return "\n".join([
         "# AV-digits accuracy benchmark (measured)",
         "",
-        f"Command: `{meta['command']}`",
+        f"Command: `{meta['command']}`" + "".join(f"; tables and plots rewritten by `{c}`" for c in meta.get("rewritten_by", [])),
         "",
-        f"Budget: {budget['epochs']} epochs, seeds {budget['seeds']}, AV-digits {budget['dataset']}; "
-        f"{budget['optimizer']} lr {budget['lr']}, batch {budget['batch_size']}; CLI-default hyper-parameters "
-        "for every method (no per-method tuning).",
+        (f"Budget: {budget['epochs']} epochs, seeds {budget['seeds']}, AV-digits {budget['dataset']}, "
+        f"{budget['val_size']} training items held out for the sweep; {budget['optimizer']} lr {budget['lr']}, "
+        f"batch {budget['batch_size']}. Sweep: each method's strength × {[round(f, 4) for f in GRID]} on seed "
+        f"{budget['seeds'][0]}, chosen on the held-out items."),
         "",
-        f"Machine: {machine['cpu']} ({machine['cpu_count']} logical CPUs, {machine['torch_threads']} torch threads), "
-        f"torch {machine['torch']}, device {machine['device']}, {machine['platform']}.",
+        (f"Machine: {machine['cpu']} ({machine['cpu_count']} logical CPUs, {budget['jobs']} parallel runs of "
+        f"{budget['threads']} torch thread(s)), torch {machine['torch']}, device {machine['device']}, "
+        f"{machine['platform']}. Wall time: {meta.get('elapsed_s', 0.0):.0f} s for {meta.get('runs_done', 0)} runs."),
         "",
-        markdown_table(rows),
+        (f"Goal ({WEAK} alone ≥ {100 * GOAL_WEAK:.0f} % with fused accuracy at or above the concat baseline): "
+        f"{verdict}."),
         "",
-        f"Accuracies in % (test set, {budget['dataset']['num_test']} samples), mean ± sample std over seeds. "
-        f"Δ: method − baseline on the same head, paired by seed, with (seeds where the method is ahead / seeds). "
-        f"ρ = {DOMINANT} alone / {WEAK} alone (test accuracy), per epoch. Train time: the epochs' wall time "
-        "(PDMP's unimodal ranking stage and data generation excluded; see `total_s` in accuracy.json).",
+        markdown_tables(rows, sweep),
+        "",
+        (f"Accuracies in % (test set, {budget['dataset']['num_test']} samples), mean ± sample std over seeds. Gap "
+        f"closed: ({WEAK} alone − baseline (concat)) / (solo − baseline (concat)) per seed. Δ: method − baseline "
+        f"on the same head, paired by seed, with (seeds where the method is ahead / seeds). ρ = {DOMINANT} alone / "
+        f"{WEAK} alone (test accuracy), per epoch. Held-out: the {budget['val_size']} held-out training items, "
+        "first seed, after the last epoch. Train time: the epochs' wall time (see `total_s` in accuracy.json)."),
         "",
     ])
 
 
 #: What every run shares, read back from the first run's resolved `TrainConfig`.
-SHARED_TRAINING = ("epochs", "optimizer", "lr", "momentum", "weight_decay", "batch_size", "lr_step")
-SHARED_HYPER_PARAMETERS = (
-    "alpha", "gamma", "gamma_p", "gamma_r", "pdmp_budget", "mixup_alpha", "bmm_degree", "bmm_warmup",
-    "apply", "param_filter", "noise", "modulation_start", "modulation_end",
-)
+SHARED_TRAINING = ("epochs", "optimizer", "lr", "momentum", "weight_decay", "batch_size", "lr_step", "val_size")
 
 
-def budget_record(resolved: Mapping[str, Any], seeds: Sequence[int], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """The budget every run shares: seeds, dataset, optimizer settings and every method's hyper-parameters."""
+def budget_record(resolved: Mapping[str, Any], args: argparse.Namespace, dataset: Mapping[str, Any]) -> dict[str, Any]:
+    """The budget every run shares: seeds, dataset, optimizer settings, parallelism."""
     return {
-        "seeds": list(seeds),
-        "dataset": dataset_options(overrides),
+        "seeds": list(args.seeds),
+        "dataset": dataset_options(dataset),
         **{k: resolved[k] for k in SHARED_TRAINING},
-        "hyper_parameters": {k: resolved[k] for k in SHARED_HYPER_PARAMETERS},
+        "grid": list(GRID),
+        "jobs": args.jobs,
+        "threads": args.threads,
     }
 
 
@@ -272,7 +466,6 @@ def machine_info() -> dict[str, Any]:
     return {
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "platform": platform.platform(),
@@ -295,6 +488,85 @@ def _seed_mean(series: Sequence[Sequence[float | None]]) -> list[float]:
     return [statistics.fmean(_defined(values)) if _defined(values) else math.nan for values in zip(*series)]
 
 
+def goal_gap(runs: Sequence[Mapping[str, Any]]) -> float | None:
+    """The gap closed that `GOAL_WEAK` means, mean over seeds (``None`` without baseline and solo runs)."""
+    by_key = runs_by_key(runs)
+    reference = {r["seed"]: r["unimodal"][WEAK] for r in by_key.get(run_key("baseline", DEFAULT_HEAD), [])}
+    solo = {r["seed"]: r["unimodal"][WEAK] for r in by_key.get(run_key("baseline", DEFAULT_HEAD, WEAK), [])}
+    gaps = _defined(gap_closed(GOAL_WEAK, reference[s], solo[s]) for s in reference if s in solo)
+    return statistics.fmean(gaps) if gaps else None
+
+
+#: Bar colours of the gap plot: matplotlib's cycle without its grey, which marks a fused accuracy below the baseline.
+COLORS = [f"C{i}" for i in range(10) if i != 7]
+
+
+def plot_gap(rows: Sequence[Mapping[str, Any]], runs: Sequence[Mapping[str, Any]], path: Path) -> None:
+    """Horizontal bars, largest first: the weak modality's gap closed per method (mean ± std over seeds);
+    hatched where the fused accuracy is below the concat baseline's; lines at the goal and at solo."""
+    # the concat baseline is 0 and the solo run 1 by definition: drawn as lines, not bars
+    shown = [r for r in rows if r["gap_closed"] is not None and (r["method"] != "baseline" or r["fusion"] != DEFAULT_HEAD)]
+    shown.sort(key=lambda r: -r["gap_closed"][0])
+    reference = next((r for r in rows if r["name"] == run_key("baseline", DEFAULT_HEAD)), None)
+    fig, ax = plt.subplots(figsize=(9, 0.42 * len(shown) + 1.9))
+    for index, row in enumerate(shown):
+        below = reference is not None and row["fused"][0] < reference["fused"][0]
+        mean, std = row["gap_closed"]
+        ax.barh(index, mean, xerr=std, capsize=3, color="0.75" if below else COLORS[index % len(COLORS)],
+                hatch="//" if below else None, edgecolor="black", linewidth=0.5)
+        ax.text(max(mean + std, 0.0) + 0.04, index, f"{mean:.2f} ({100 * row[WEAK][0]:.0f} %)", va="center", fontsize=8)
+    ax.set_yticks(range(len(shown)), [f"{r['name']} ({_setting(r)})" if r["option"] else r["name"] for r in shown])
+    ax.invert_yaxis()
+    ax.axvline(0.0, color="black", lw=0.8)
+    ax.axvline(1.0, color="grey", ls=":", lw=1.2, label=f"solo: the {WEAK} branch trained alone")
+    target = goal_gap(runs)
+    if target is not None:
+        ax.axvline(target, color="red", ls="--", lw=1.0, label=f"goal: {WEAK} alone ≥ {100 * GOAL_WEAK:.0f} %")
+    ax.set_xlim(min(-0.5, ax.get_xlim()[0]), max(2.0, ax.get_xlim()[1]))
+    ax.set_xlabel(f"gap closed = ({WEAK} alone − baseline) / (solo − baseline); label: gap ({WEAK} alone)")
+    ax.set_title(f"AV-digits: share of the {WEAK} gap each method closes, mean ± std over seeds\n"
+                 "grey, hatched: fused accuracy below the baseline's", fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_sweep(sweep: Sequence[Mapping[str, Any]], path: Path) -> bool:
+    """Per swept method: held-out fused and weak accuracy against the value (log scale), the choice ringed.
+    Returns ``False`` (no file) without a sweep."""
+    methods = list(dict.fromkeys(entry["method"] for entry in sweep))
+    if not methods:
+        return False
+    columns = min(5, len(methods))
+    rows = math.ceil(len(methods) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.8 * rows), squeeze=False)
+    for ax in axes.flat[len(methods):]:
+        ax.set_axis_off()
+    for ax, method in zip(axes.flat, methods):
+        entries = [e for e in sweep if e["method"] == method]
+        values = [e["value"] for e in entries]
+        for index, (label, read) in enumerate((("fused", lambda v: v["accuracy"]), (f"{WEAK} alone", lambda v: v["unimodal"][WEAK]))):
+            ax.plot(values, [100 * read(e["val"]) for e in entries], "o-", color=f"C{index}", label=label)
+            ax.plot([e["value"] for e in entries if e["chosen"]], [100 * read(e["val"]) for e in entries if e["chosen"]],
+                    "o", ms=11, mfc="none", color="black")
+        floor = entries[0]["baseline_fused"]
+        if floor is not None:
+            ax.axhline(100 * floor, color="C0", ls="--", lw=0.8, label="baseline fused")
+        ax.set_xscale("log")
+        ax.minorticks_off()
+        ax.set_xticks(values, [f"{v:g}" for v in values])
+        ax.set_title(f"{method}: {entries[0]['option']}", fontsize=9)
+        ax.set_ylabel("held-out accuracy (%)", fontsize=8)
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle("the sweep: held-out accuracy against each value (first seed; ringed: chosen; dashed: the "
+                 "baseline's held-out fused accuracy)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def plot_accuracy(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
     """Grouped bars: fused and unimodal test accuracy per method, mean ± std over seeds."""
     keys = ["fused", f"{DOMINANT} alone", f"{WEAK} alone"]
@@ -309,7 +581,7 @@ def plot_epochs(runs: Sequence[Mapping[str, Any]], path: Path) -> None:
         (f"{WEAK} alone: test accuracy", lambda e: e["unimodal"][WEAK]),
         (f"ρ = {DOMINANT} / {WEAK}", lambda e: e["imbalance_ratio"]),
     )
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
     for index, (key, group) in enumerate(runs_by_key(runs).items()):
         epochs = [e["epoch"] for e in group[0]["epochs"]]
         dashes = "--" if group[0]["method"] == "baseline" else "-"
@@ -319,7 +591,7 @@ def plot_epochs(runs: Sequence[Mapping[str, Any]], path: Path) -> None:
     for ax, (title, _) in zip(axes, panels):
         ax.set_title(title)
         ax.set_xlabel("epoch")
-    axes[0].legend(fontsize=7)
+    axes[0].legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -333,11 +605,13 @@ def _coefficient_panel(ax: plt.Axes, group: Sequence[Mapping[str, Any]]) -> None
         curves = [[c[name] for c in r["coefficients_per_step"][:length]] for r in group]
         ax.plot(steps, _seed_mean(curves), color=f"C{index}", lw=0.7, label=f"k {name}")
     ax.set_xlabel("optimizer step")
+    if any(c[name] > 1.5 for r in group for c in r["coefficients_per_step"] for name in (DOMINANT, WEAK)):
+        ax.set_yscale("log")
 
 
 def _bmm_panel(ax: plt.Axes, group: Sequence[Mapping[str, Any]]) -> None:
-    """B-MM's imbalance factor κ per modality (training set, after each epoch) and the mixing strength λ
-    it sets for the next epoch, mean over seeds."""
+    """B-MM's imbalance factor κ per modality (smoothed training-set accuracies, after each epoch) and the
+    mixing strength λ it sets for the next epoch, mean over seeds."""
     epochs = [e["epoch"] for e in group[0]["epochs"]]
     for index, name in enumerate((DOMINANT, WEAK)):
         kappa = _seed_mean([[e["bmm"]["kappa"].get(name) for e in r["epochs"]] for r in group])
@@ -347,10 +621,31 @@ def _bmm_panel(ax: plt.Axes, group: Sequence[Mapping[str, Any]]) -> None:
     ax.set_xlabel("epoch (κ measured after it)")
 
 
+def _weights_panel(ax: plt.Axes, group: Sequence[Mapping[str, Any]]) -> None:
+    """G-Blending's loss weight of every head per epoch, mean over seeds."""
+    epochs = [e["epoch"] for e in group[0]["epochs"]]
+    for index, head in enumerate(group[0]["epochs"][0]["gblending"]["weights"]):
+        weights = _seed_mean([[e["gblending"]["weights"][head] for e in r["epochs"]] for r in group])
+        ax.plot(epochs, weights, "o-", color=f"C{index}", label=f"w {head}")
+    ax.set_xlabel("epoch (the weights it trained with)")
+
+
+def _panel(group: Sequence[Mapping[str, Any]]) -> Callable[[plt.Axes, Sequence[Mapping[str, Any]]], None] | None:
+    first = group[0]
+    if first["coefficients_per_step"]:
+        return _coefficient_panel
+    if first["epochs"] and "bmm" in first["epochs"][0]:
+        return _bmm_panel
+    if first["epochs"] and "gblending" in first["epochs"][0]:
+        return _weights_panel
+    return None
+
+
 def plot_coefficients(runs: Sequence[Mapping[str, Any]], path: Path) -> bool:
-    """One panel per gradient method (coefficients per step, mean over seeds) and one for B-MM (κ and
-    mixing strength per epoch). Returns ``False`` (no file) when no selected method has coefficients."""
-    groups = {k: g for k, g in runs_by_key(runs).items() if g[0]["coefficients_per_step"] or g[0]["method"] == "bmm"}
+    """One panel per method with coefficients: per step for the modulators (AGM's on a log scale when they
+    exceed 1.5), κ and the mixing strength per epoch for B-MM, the loss weights per epoch for G-Blending.
+    Returns ``False`` (no file) when no selected method has any."""
+    groups = {k: g for k, g in runs_by_key(runs).items() if _panel(g) is not None}
     if not groups:
         return False
     columns = min(3, len(groups))
@@ -359,10 +654,10 @@ def plot_coefficients(runs: Sequence[Mapping[str, Any]], path: Path) -> bool:
     for ax in axes.flat[len(groups):]:
         ax.set_axis_off()
     for ax, (key, group) in zip(axes.flat, groups.items()):
-        (_bmm_panel if group[0]["method"] == "bmm" else _coefficient_panel)(ax, group)
+        _panel(group)(ax, group)
         ax.set_title(key)
         ax.legend(fontsize=7)
-    fig.suptitle("modulation coefficients (mean over seeds)")
+    fig.suptitle("modulation coefficients, B-MM's κ, G-Blending's weights (mean over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -372,68 +667,145 @@ def plot_coefficients(runs: Sequence[Mapping[str, Any]], path: Path) -> bool:
 # ------------------------------------------------------------------------------------------ CLI
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=[m for m in METHODS if m != "baseline"],
+                        default=[m for m in METHODS if m != "baseline"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=BUDGET["epochs"])
-    parser.add_argument("--num-train", type=int, default=BUDGET["num_train"], help="AV-digits train size")
+    parser.add_argument("--num-train", type=int, default=BUDGET["num_train"], help="AV-digits train size (with the held-out items)")
     parser.add_argument("--num-test", type=int, help="AV-digits test size (default: make_avdigits's)")
+    parser.add_argument("--val-size", type=int, default=BUDGET["val_size"], help="training items held out for the sweep's choice")
+    parser.add_argument("--no-sweep", dest="sweep", action="store_false", help="every method at its default")
+    parser.add_argument("--jobs", type=int, default=1, help="runs trained in parallel (processes)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--resume", action="store_true", help="keep the runs of --out/accuracy.json made with this budget")
     parser.add_argument("--out", type=Path, help="folder for accuracy.json and accuracy.md (default: benchmarks/results)")
     parser.add_argument("--plots", type=Path, help="folder for the PNG plots (default: docs/benchmarks/img)")
     parser.add_argument("--device", default="auto")
     parser.add_argument(
-        "--quick", action="store_true", help="smoke run: 1 epoch, seed 0, 320/160 samples, output in a temp folder"
+        "--quick", action="store_true", help="smoke run: 1 epoch, seed 0, 360/160 samples, no sweep, output in a temp folder"
     )
     args = parser.parse_args(argv)
     repo = Path(__file__).resolve().parents[1]
     if args.quick:
         scratch = Path(tempfile.gettempdir()) / "gradmod_accuracy_quick"
-        args.epochs, args.seeds = QUICK["epochs"], QUICK["seeds"]
-        args.num_train, args.num_test = QUICK["num_train"], QUICK["num_test"]
+        args.epochs, args.seeds, args.sweep = QUICK["epochs"], QUICK["seeds"], False
+        args.num_train, args.num_test, args.val_size = QUICK["num_train"], QUICK["num_test"], QUICK["val_size"]
         args.out, args.plots = args.out or scratch, args.plots or scratch
     args.out = args.out or repo / "benchmarks" / "results"
     args.plots = args.plots or repo / "docs" / "benchmarks" / "img"
-    if args.epochs < 1:
-        parser.error(f"--epochs must be >= 1, got {args.epochs}")
+    if args.epochs < 1 or args.jobs < 1 or args.threads < 1:
+        parser.error("--epochs, --jobs and --threads must be >= 1")
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds must be distinct, got {args.seeds}")
     return args
 
 
+class Benchmark:
+    """The runs of one invocation: trains what is missing (in ``jobs`` processes), writes after every run."""
+
+    def __init__(self, args: argparse.Namespace, argv: Sequence[str] | None) -> None:
+        self.args = args
+        self.dataset = {k: v for k, v in (("num_train", args.num_train), ("num_test", args.num_test)) if v is not None}
+        self.command = " ".join(["python", "benchmarks/accuracy.py", *(sys.argv[1:] if argv is None else argv)])
+        self.meta: dict[str, Any] = {"command": self.command, "machine": machine_info()}
+        self.runs: list[dict[str, Any]] = []
+        self.chosen: dict[str, float] = {}
+        self.started = time.perf_counter()
+        self.earlier_s = 0.0
+        if args.resume:
+            self._load()
+
+    def _load(self) -> None:
+        path = self.args.out / "accuracy.json"
+        if not path.is_file():
+            return
+        stored = json.loads(path.read_text())
+        budget = stored.get("budget", {})
+        same = (budget.get("epochs"), budget.get("dataset"), budget.get("val_size")) == (
+            self.args.epochs, dataset_options(self.dataset), self.args.val_size)
+        if same:
+            self.meta["command"] = stored["command"]
+            self.meta["rewritten_by"] = list(dict.fromkeys([*stored.get("rewritten_by", []), self.command]))
+            self.runs = stored["runs"]
+            self.earlier_s = stored.get("elapsed_s", 0.0)
+            self.meta["budget"] = {**budget, "seeds": list(self.args.seeds), "jobs": self.args.jobs, "threads": self.args.threads}
+            print(f"[accuracy] resuming: {len(self.runs)} runs kept from {path}", flush=True)
+
+    def execute(self, specs: Sequence[dict[str, Any]]) -> None:
+        done = {identity(run) for run in self.runs}
+        todo = [s for s in specs if identity(s) not in done]
+        jobs = [(s, self.args.epochs, self.dataset, self.args.val_size, self.args.device, self.args.threads) for s in todo]
+        if self.args.jobs == 1:
+            for job in jobs:
+                self._record(*train_one(job))
+            return
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(self.args.jobs, mp_context=context) as pool:
+            for future in concurrent.futures.as_completed([pool.submit(train_one, job) for job in jobs]):
+                self._record(*future.result())
+
+    def _record(self, run: dict[str, Any], resolved: Mapping[str, Any]) -> None:
+        self.runs.append(run)
+        self.meta.setdefault("budget", budget_record(resolved, self.args, self.dataset))
+        self.write()
+        value = "" if run["option"] is None else f" {run['option']}={run['value']:g}"
+        print(f"[accuracy] {run['key']}{value} seed {run['seed']}: fused {run['accuracy']:.3f} {WEAK} "
+              f"{run['unimodal'][WEAK]:.3f} ({self.elapsed():.0f} s so far)", flush=True)
+
+    def elapsed(self) -> float:
+        return self.earlier_s + time.perf_counter() - self.started
+
+    def choose_all(self) -> None:
+        """The sweep's choice per swept method (`choose`), from the first seed's runs."""
+        seed = self.args.seeds[0]
+        for method in self.args.methods:
+            if method not in SWEPT:
+                continue
+            candidates = [r for r in self.runs if r["method"] == method and r["seed"] == seed and r["option"] is not None]
+            candidates.sort(key=lambda r: sweep_values(method).index(r["value"]))
+            baseline = next(r for r in self.runs if r["key"] == run_key("baseline", fusion_for(method)) and r["seed"] == seed)
+            self.chosen[method] = choose(candidates, baseline)["value"]
+
+    def rows(self) -> list[dict[str, Any]]:
+        return summarize(final_runs(self.runs, self.chosen))
+
+    def write(self) -> None:
+        rows = self.rows()
+        sweep = sweep_table(self.runs, self.chosen, self.args.seeds[0])
+        self.meta.update(elapsed_s=self.elapsed(), runs_done=len(self.runs), chosen=self.chosen, goal_met_by=goal_rows(rows))
+        record = {**self.meta, "summary": rows, "sweep": sweep, "runs": self.runs}
+        (self.args.out / "accuracy.json").write_text(json.dumps(record, indent=1))
+        (self.args.out / "accuracy.md").write_text(markdown_report(self.meta, rows, sweep))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    overrides = {k: v for k, v in (("num_train", args.num_train), ("num_test", args.num_test)) if v is not None}
-    plan = run_plan(args.methods)
     args.out.mkdir(parents=True, exist_ok=True)
     args.plots.mkdir(parents=True, exist_ok=True)
-    meta: dict[str, Any] = {
-        "command": " ".join(["python", "benchmarks/accuracy.py", *(sys.argv[1:] if argv is None else argv)]),
-        "machine": machine_info(),
-        "plan": [run_key(m, f) for m, f in plan],
-    }
-    runs: list[dict[str, Any]] = []
-    started = time.perf_counter()
-    # seeds outermost: an interrupted benchmark still holds every method for the seeds it finished
-    for seed in args.seeds:
-        for method, fusion in plan:
-            config = TrainConfig(
-                dataset="avdigits", method=method, fusion=fusion, epochs=args.epochs, seed=seed,
-                avdigits=overrides, device=args.device, progress=False,
-            )
-            run_started = time.perf_counter()
-            results = train(config)
-            runs.append(summarize_run(method, fusion, seed, results, time.perf_counter() - run_started))
-            meta.setdefault("budget", budget_record(results["config"], args.seeds, overrides))
-            rows = summarize(runs)
-            meta["elapsed_s"] = time.perf_counter() - started
-            (args.out / "accuracy.json").write_text(json.dumps({**meta, "summary": rows, "runs": runs}, indent=1))
-            (args.out / "accuracy.md").write_text(markdown_report(meta, rows))
-            print(f"[accuracy] {run_key(method, fusion)} seed {seed}: fused {runs[-1]['accuracy']:.3f} "
-                  f"{WEAK} {runs[-1]['unimodal'][WEAK]:.3f} ({meta['elapsed_s']:.0f} s so far)", flush=True)
-    rows = summarize(runs)
+    bench = Benchmark(args, argv)
+    seeds = args.seeds
+    if args.sweep:
+        # the sweep and every run that does not depend on it, then the other seeds at the chosen values
+        bench.execute(base_specs(args.methods, seeds) + sweep_specs(args.methods, seeds[0]))
+        bench.choose_all()
+        bench.execute([
+            spec(m, fusion_for(m), seed, option=SWEPT[m], value=bench.chosen[m])
+            for seed in seeds[1:] for m in dict.fromkeys(args.methods) if m in SWEPT
+        ])
+    else:
+        bench.execute(base_specs(args.methods, seeds) + [
+            spec(m, fusion_for(m), seed) for seed in seeds for m in dict.fromkeys(args.methods) if m in SWEPT
+        ])
+    bench.write()
+    rows = bench.rows()
+    final = final_runs(bench.runs, bench.chosen)
+    sweep = sweep_table(bench.runs, bench.chosen, seeds[0])
+    plot_gap(rows, final, args.plots / "accuracy_gap.png")
     plot_accuracy(rows, args.plots / "accuracy.png")
-    plot_epochs(runs, args.plots / "accuracy_epochs.png")
-    plot_coefficients(runs, args.plots / "accuracy_coefficients.png")
-    print(markdown_table(rows))
+    plot_epochs(final, args.plots / "accuracy_epochs.png")
+    plot_coefficients(final, args.plots / "accuracy_coefficients.png")
+    plot_sweep(sweep, args.plots / "accuracy_sweep.png")
+    print(markdown_tables(rows, sweep))
     print(f"wrote {args.out / 'accuracy.json'}, {args.out / 'accuracy.md'} and plots under {args.plots}")
     return 0
 

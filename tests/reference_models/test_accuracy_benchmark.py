@@ -1,0 +1,138 @@
+"""`benchmarks/accuracy.py`: the gap closed, the sweep's grid and choice, the summary, and its smoke run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from benchmarks import accuracy
+from reference_models.train import METHODS
+
+FAST = settings(max_examples=50, deadline=None)
+LEVEL = st.floats(0.0, 1.0)
+
+
+# ---------------------------------------------------------------- gap closed
+@FAST
+@given(baseline=LEVEL, solo=LEVEL, joint=LEVEL)
+def test_gap_closed_is_zero_at_the_baseline_one_at_solo_and_grows_with_the_joint_accuracy(baseline, solo, joint):
+    gap = accuracy.gap_closed(joint, baseline, solo)
+    if solo <= baseline:
+        assert gap is None
+        return
+    assert accuracy.gap_closed(baseline, baseline, solo) == 0.0
+    assert accuracy.gap_closed(solo, baseline, solo) == pytest.approx(1.0)
+    assert gap == pytest.approx((joint - baseline) / (solo - baseline))
+    assert (gap > 0) == (joint > baseline) and (gap < 0) == (joint < baseline)
+    assert accuracy.gap_closed(min(joint + 0.01, 1.0), baseline, solo) >= gap
+
+
+def test_gap_closed_rejects_what_is_not_an_accuracy():
+    assert accuracy.gap_closed(0.54, 0.42, 0.87) == pytest.approx(0.12 / 0.45)
+    with pytest.raises(ValueError, match="joint"):
+        accuracy.gap_closed(math.nan, 0.4, 0.8)
+    with pytest.raises(ValueError, match="solo"):
+        accuracy.gap_closed(0.5, 0.4, None)
+
+
+# ---------------------------------------------------------------- the sweep
+def test_every_method_has_a_sweep_rule_and_the_grid_is_log_spaced_around_its_default():
+    assert set(METHODS) == set(accuracy.SWEPT) | set(accuracy.UNSWEPT)
+    assert not set(accuracy.SWEPT) & set(accuracy.UNSWEPT)
+    assert accuracy.sweep_values("ogm") == [0.2667, 0.8, 2.4]  # the CLI's α
+    assert accuracy.sweep_values("agm") == [0.3333, 1.0, 3.0]  # AGM's official α
+    assert accuracy.sweep_values("mmpareto") == [0.3333, 1.0, 3.0]  # the paper rule's γ
+    assert accuracy.sweep_values("dgm") == [0.03333, 0.1, 0.3]
+    assert accuracy.sweep_values("mla") == [0.03333, 0.1, 0.3]
+    assert accuracy.sweep_values("bmm") == [0.3333, 1.0, 3.0]
+    for method in accuracy.SWEPT:
+        low, center, high = accuracy.sweep_values(method)
+        assert center == accuracy.default_strength(method, accuracy.SWEPT[method])
+        assert high / center == pytest.approx(3.0, rel=1e-3) and center / low == pytest.approx(3.0, rel=1e-3)
+
+
+def _held_out(fused, weak):
+    return {"val": {"accuracy": fused, "unimodal": {"audio": 0.8, "visual": weak}}}
+
+
+def test_the_choice_keeps_fused_accuracy_then_maximises_the_weak_modality_on_held_out_items():
+    baseline = _held_out(0.90, 0.50)
+    candidates = [_held_out(0.91, 0.55), _held_out(0.90, 0.70), _held_out(0.85, 0.80)]
+    assert accuracy.choose(candidates, baseline) is candidates[1]  # 0.80 visual costs fused accuracy
+    below = [_held_out(0.80, 0.9), _held_out(0.88, 0.6)]
+    assert accuracy.choose(below, baseline) is below[1]  # none keeps it: the best fused
+    tied = [_held_out(0.92, 0.6), _held_out(0.95, 0.6)]
+    assert accuracy.choose(tied, baseline) is tied[0]  # ties: the grid's order
+    with pytest.raises(ValueError, match="at least one"):
+        accuracy.choose([], baseline)
+
+
+def test_the_plan_trains_every_head_and_the_weak_modality_alone_with_every_seed():
+    specs = accuracy.base_specs(["mla", "decoupling_free", "gblending", "ogm"], [0, 1])
+    keys = [(s["method"], s["fusion"], s["solo"], s["seed"]) for s in specs]
+    for seed in (0, 1):
+        for head in ("concat", "shared", "gated"):
+            assert ("baseline", head, None, seed) in keys
+        assert ("baseline", "concat", "visual", seed) in keys
+        assert ("gblending", "concat", None, seed) in keys
+    assert not any(s["method"] in ("ogm", "mla") for s in specs)  # swept: they wait for the sweep
+    sweep = accuracy.sweep_specs(["ogm", "gblending"], 0)
+    assert [(s["option"], s["value"]) for s in sweep] == [("alpha", v) for v in accuracy.sweep_values("ogm")]
+
+
+# ---------------------------------------------------------------- the summary
+def _run(method, seed, fused, weak, fusion="concat", solo=None, option=None, value=None):
+    return {
+        **accuracy.spec(method, fusion, seed, option=option, value=value, solo=solo),
+        "key": accuracy.run_key(method, fusion, solo), "accuracy": fused, "macro_f1": fused,
+        "unimodal": {"audio": 0.8, "visual": weak}, "imbalance_ratio_mean": 0.8 / weak,
+        "imbalance_ratio_final": 0.8 / weak, "train_s": 1.0, "total_s": 1.0,
+    }
+
+
+def test_summary_closes_the_gap_against_the_concat_baseline_and_the_solo_run_of_each_seed():
+    runs = [
+        _run("baseline", 0, 0.90, 0.40), _run("baseline", 1, 0.90, 0.50),
+        _run("baseline", 0, 0.20, 0.80, solo="visual"), _run("baseline", 1, 0.20, 0.90, solo="visual"),
+        _run("ogm", 0, 0.91, 0.60, option="alpha", value=0.8), _run("ogm", 1, 0.92, 0.70, option="alpha", value=0.8),
+        _run("ogm", 0, 0.70, 0.79, option="alpha", value=2.4),  # a sweep run the choice left out
+        _run("baseline", 0, 0.88, 0.30, fusion="gated"), _run("decoupling_free", 0, 0.89, 0.40, fusion="gated"),
+    ]
+    rows = {row["name"]: row for row in accuracy.summarize(accuracy.final_runs(runs, {"ogm": 0.8}))}
+    assert rows["ogm"]["gap_closed"][0] == pytest.approx(0.5)  # (0.6 − 0.4)/(0.8 − 0.4), (0.7 − 0.5)/(0.9 − 0.5)
+    assert rows["ogm"]["gap_closed"][1] == pytest.approx(0.0)
+    assert rows["ogm"]["delta_visual"][0] == pytest.approx(0.2) and rows["ogm"]["wins_fused"] == [2, 2]
+    assert rows["solo (visual)"]["gap_closed"][0] == pytest.approx(1.0)
+    assert rows["baseline (concat)"]["gap_closed"][0] == 0.0
+    # the gap is the concat baseline's (plain joint training); Δ compares with the baseline on the same head
+    assert rows["decoupling_free"]["gap_closed"][0] == pytest.approx(0.0)
+    assert rows["decoupling_free"]["delta_visual"][0] == pytest.approx(0.1)
+    assert rows["baseline (gated)"]["gap_closed"][0] == pytest.approx(-0.25)
+    assert "delta_fused" not in rows["solo (visual)"]
+    assert accuracy.goal_rows(list(rows.values())) == []  # 0.65 visual: below 80 %
+    runs[4]["unimodal"]["visual"] = runs[5]["unimodal"]["visual"] = 0.85
+    rows = accuracy.summarize(accuracy.final_runs(runs, {"ogm": 0.8}))
+    assert accuracy.goal_rows(rows) == ["ogm"]
+
+
+# ---------------------------------------------------------------- the smoke run
+def test_the_quick_run_writes_the_tables_and_plots_and_resumes_without_training_again(tmp_path, capsys):
+    argv = ["--quick", "--methods", "mla", "gblending", "--out", str(tmp_path), "--plots", str(tmp_path)]
+    assert accuracy.main(argv) == 0
+    stored = json.loads((tmp_path / "accuracy.json").read_text())
+    names = {row["name"] for row in stored["summary"]}
+    assert names == {"baseline (concat)", "baseline (shared)", "solo (visual)", "mla", "gblending"}
+    assert all("gap_closed" in row for row in stored["summary"])
+    report = (tmp_path / "accuracy.md").read_text()
+    assert "gap closed" in report and "Goal (visual alone ≥ 80 %" in report
+    for plot in ("accuracy_gap.png", "accuracy.png", "accuracy_epochs.png", "accuracy_coefficients.png"):
+        assert (tmp_path / plot).is_file()
+    capsys.readouterr()
+    assert accuracy.main([*argv, "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert "resuming: 5 runs kept" in printed and " seed 0: fused" not in printed
+    assert len(json.loads((tmp_path / "accuracy.json").read_text())["runs"]) == 5

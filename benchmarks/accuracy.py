@@ -21,7 +21,7 @@ ratio ``ρ = acc_audio / acc_visual`` and the wall time. It writes ``accuracy.js
 epoch, every step's coefficients) and ``accuracy.md`` (the tables) under ``--out`` after each run, and
 the PNG plots under ``--plots`` at the end. ``--resume`` keeps the runs an interrupted benchmark wrote.
 
-    OMP_NUM_THREADS=1 python benchmarks/accuracy.py --quick     # smoke run, about a minute
+    OMP_NUM_THREADS=1 python benchmarks/accuracy.py --quick     # smoke run, about 20 s
     OMP_NUM_THREADS=1 python benchmarks/accuracy.py --jobs 2 \\
         --out benchmarks/results --plots docs/benchmarks/img   # the run of docs/benchmarks/accuracy.md
 """

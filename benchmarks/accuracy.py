@@ -532,18 +532,24 @@ def plot_gap(rows: Sequence[Mapping[str, Any]], runs: Sequence[Mapping[str, Any]
     plt.close(fig)
 
 
+def _panel_grid(count: int, most_columns: int, panel: tuple[float, float]) -> tuple[plt.Figure, list[plt.Axes]]:
+    """A figure of ``count`` panels of size ``panel`` (inches), at most ``most_columns`` per row; spare cells hidden."""
+    columns = min(most_columns, count)
+    rows = math.ceil(count / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(panel[0] * columns, panel[1] * rows), squeeze=False)
+    for ax in axes.flat[count:]:
+        ax.set_axis_off()
+    return fig, list(axes.flat[:count])
+
+
 def plot_sweep(sweep: Sequence[Mapping[str, Any]], path: Path) -> bool:
     """Per swept method: held-out fused and weak accuracy against the value (log scale), the choice ringed.
     Returns ``False`` (no file) without a sweep."""
     methods = list(dict.fromkeys(entry["method"] for entry in sweep))
     if not methods:
         return False
-    columns = min(5, len(methods))
-    rows = math.ceil(len(methods) / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.8 * rows), squeeze=False)
-    for ax in axes.flat[len(methods):]:
-        ax.set_axis_off()
-    for ax, method in zip(axes.flat, methods):
+    fig, axes = _panel_grid(len(methods), 5, (3.2, 2.8))
+    for ax, method in zip(axes, methods):
         entries = [e for e in sweep if e["method"] == method]
         values = [e["value"] for e in entries]
         for index, (label, read) in enumerate((("fused", lambda v: v["accuracy"]), (f"{WEAK} alone", lambda v: v["unimodal"][WEAK]))):
@@ -558,7 +564,7 @@ def plot_sweep(sweep: Sequence[Mapping[str, Any]], path: Path) -> bool:
         ax.set_xticks(values, [f"{v:g}" for v in values])
         ax.set_title(f"{method}: {entries[0]['option']}", fontsize=9)
         ax.set_ylabel("held-out accuracy (%)", fontsize=8)
-    axes.flat[0].legend(fontsize=7)
+    axes[0].legend(fontsize=7)
     fig.suptitle("the sweep: held-out accuracy against each value (first seed; ringed: chosen; dashed: the "
                  "baseline's held-out fused accuracy)")
     fig.tight_layout()
@@ -648,12 +654,8 @@ def plot_coefficients(runs: Sequence[Mapping[str, Any]], path: Path) -> bool:
     groups = {k: g for k, g in runs_by_key(runs).items() if _panel(g) is not None}
     if not groups:
         return False
-    columns = min(3, len(groups))
-    rows = math.ceil(len(groups) / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(4.6 * columns, 3.6 * rows), squeeze=False)
-    for ax in axes.flat[len(groups):]:
-        ax.set_axis_off()
-    for ax, (key, group) in zip(axes.flat, groups.items()):
+    fig, axes = _panel_grid(len(groups), 3, (4.6, 3.6))
+    for ax, (key, group) in zip(axes, groups.items()):
         _panel(group)(ax, group)
         ax.set_title(key)
         ax.legend(fontsize=7)
@@ -728,7 +730,7 @@ class Benchmark:
             self.meta["rewritten_by"] = list(dict.fromkeys([*stored.get("rewritten_by", []), self.command]))
             self.runs = stored["runs"]
             self.earlier_s = stored.get("elapsed_s", 0.0)
-            self.meta["budget"] = {**budget, "seeds": list(self.args.seeds), "jobs": self.args.jobs, "threads": self.args.threads}
+            self.meta["budget"] = {**budget, "seeds": list(self.args.seeds)}  # jobs and threads: those of the training
             print(f"[accuracy] resuming: {len(self.runs)} runs kept from {path}", flush=True)
 
     def execute(self, specs: Sequence[dict[str, Any]]) -> None:

@@ -374,8 +374,9 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     add("--param-filter", choices=tuple(PARAM_FILTERS), default="all")
     add("--modulation-start", type=int, default=0, help="first modulated epoch")
     add("--modulation-end", type=int, help="last modulated epoch (inclusive; default: the last epoch)")
-    add("--alpha", type=float, help="strength α: OGM / OGM-GE / decoupling-free (Peng et al., CVPR 2022; default "
-        "0.8), AGM (Li et al., ICCV 2023; default 1.0), MLA's projection (Zhang et al., CVPR 2024; default 0.1)")
+    add("--alpha", type=float, help="strength α: OGM / OGM-GE (Peng et al., CVPR 2022) and decoupling-free (Sun et "
+        "al., ICASSP 2024), default 0.8; AGM (Li et al., ICCV 2023), default 1.0; MLA's projection (Zhang et al., "
+        "CVPR 2024), default 0.1")
     add("--gamma", type=float, help="DGM γ (Fu, Gao & Xu, eq. (7); default 0.1); MMPareto's magnitude γ (Wei & Hu, "
         "ICML 2024; default 1 with --mmpareto-rule paper, 1.5 with official)")
     add("--noise", choices=("default", "none", "ge", "restore", "paper"), default="default")

@@ -134,9 +134,8 @@ def default_strength(method: str, option: str) -> float:
         return float(getattr(config, option))
     preset = gradmod.METHODS[method].preset
     value = preset_options(preset, config)[option]
-    if value is None:  # the preset picks it (MMPareto: by its rule): ask a preset built on stand-in parameters
-        stand_in = {name: [torch.zeros(1, requires_grad=True)] for name in (DOMINANT, WEAK)}
-        value = getattr(preset(stand_in, rule=config.mmpareto_rule), option)
+    if value is None:  # the preset picks it: MMPareto's γ depends on its rule
+        value = gradmod.mmpareto.DEFAULT_GAMMA[config.mmpareto_rule]
     return float(value)
 
 

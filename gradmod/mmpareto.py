@@ -49,12 +49,14 @@ from torch import Tensor, nn
 from gradmod._internal import check_names, distributed, real_scalar
 from gradmod.appliers import Modality, ParameterSelection
 
-__all__ = ["RULES", "MMPareto", "combine_gradients", "min_norm_weight", "official_min_norm_weight", "pareto_weight"]
+__all__ = [
+    "DEFAULT_GAMMA", "RULES", "MMPareto", "combine_gradients", "min_norm_weight", "official_min_norm_weight", "pareto_weight"]
 
 #: ``"paper"``: exact min-norm weights, whole-encoder rescaling to ``γ·‖g + u‖``, ``γ = 1`` by default;
 #: ``"official"``: the official code's weights (0.999/0.001 at the ends), per-tensor upward rescaling, ``γ = 1.5``.
 RULES = ("paper", "official")
-_DEFAULT_GAMMA = {"paper": 1.0, "official": 1.5}
+#: The magnitude γ of each rule when none is given: 1 for the paper's, 1.5 (hard-coded there) for the official code's.
+DEFAULT_GAMMA = {"paper": 1.0, "official": 1.5}
 #: Version of `MMPareto.state_dict`'s format.
 STATE_VERSION = 1
 #: What `MMPareto.history` records per modality and step.
@@ -135,7 +137,7 @@ def combine_gradients(
     ``‖result‖ / ‖g + u‖``. No host synchronisation.
     """
     _check_rule(rule)
-    gamma = _DEFAULT_GAMMA[rule] if gamma is None else real_scalar(gamma, "gamma", strict=True)
+    gamma = DEFAULT_GAMMA[rule] if gamma is None else real_scalar(gamma, "gamma", strict=True)
     if len(multimodal) != len(unimodal) or not multimodal:
         raise ValueError(f"need paired, non-empty lists of gradients, got {len(multimodal)} and {len(unimodal)}")
     for g, u in zip(multimodal, unimodal):
@@ -201,7 +203,7 @@ class MMPareto:
         self._selection = ParameterSelection(modalities, None, require_some=True)
         self.names: tuple[str, ...] = self._selection.names
         self.rule = rule
-        self.gamma = _DEFAULT_GAMMA[rule] if gamma is None else real_scalar(gamma, "gamma", strict=True)
+        self.gamma = DEFAULT_GAMMA[rule] if gamma is None else real_scalar(gamma, "gamma", strict=True)
         self.history_size = history_size
         self._step = -1  # index of the current step (gradient round); -1 before the first backward()
         self._records: list[tuple[int, Tensor]] = []

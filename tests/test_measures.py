@@ -86,6 +86,9 @@ def test_softmax_score_refuses_bad_inputs_by_name():
             method(NAMES, logits=logits)
         with pytest.raises(TypeError, match=r"observe\(logits=...\) must be a mapping"):
             method(NAMES, logits=logits["audio"], target=y)
+        with pytest.raises(ValueError, match=r"^observe\(logits=...\) must name exactly the modalities \['audio', 'visual'\]: "
+                           r"missing \['visual'\], unknown \['text'\]$"):
+            method(NAMES, logits={"audio": logits["audio"], "text": logits["visual"]}, target=y)
         with pytest.raises(ValueError, match=r"target must be \[batch\] class indices matching logits\['visual'\] batch 4"):
             method(NAMES, logits={"audio": logits["audio"], "visual": logits["visual"][:4]}, target=y)
         with pytest.raises(ValueError, match=r"logits\['audio'\] must be \[batch, classes\]"):

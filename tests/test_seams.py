@@ -353,7 +353,10 @@ def test_features_mode_without_routing_raises():
     logits, decoupled, _ = model(xa, xv)
     mod.observe(logits=decoupled, target=y)  # neither features= nor scale_grad
     nn.functional.cross_entropy(logits, y).backward()
-    with pytest.raises(RuntimeError, match="without passing through its scaled feature tensor"):
+    with pytest.raises(RuntimeError, match=r"^gradmod: features mode was not applied: a backward pass reached modality "
+                       r"'audio''s parameters without passing through its scaled feature tensor: pass the tensor the "
+                       r"loss is computed from to observe\(features=...\) \(under torch.compile, call "
+                       r"mod.scale_grad\(feature, name\) inside forward instead\)$"):
         mod.step()
 
 
@@ -1258,3 +1261,40 @@ def test_the_features_applier_refuses_unknown_modalities_and_tensors_without_gra
         mod.observe(logits=logits, target=torch.tensor([0]), features=[torch.ones(1)])
     with pytest.raises(ValueError, match=r"^features\['audio'\] does not require grad: pass the encoder's output tensor$"):
         mod.observe(logits=logits, target=torch.tensor([0]), features={"audio": torch.ones(1), "visual": torch.ones(1)})
+
+
+def test_a_parameter_shared_inside_one_encoder_is_modulated_once():
+    torch.manual_seed(0)
+    encoder = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    encoder[1].weight = encoder[0].weight  # tied inside the audio encoder: one parameter, two places
+    mod = gradmod.OGM({"audio": encoder, "visual": nn.Linear(2, 2)}, alpha=0.8)
+    assert [name for name, _ in mod.applier.named_parameters()["audio"]] == ["0.weight", "0.bias", "1.bias"]
+
+
+def test_parameters_are_filtered_by_name_and_flattened_fsdp1_parameters_are_refused():
+    encoder = nn.Linear(2, 2)
+    mod = gradmod.OGM({"audio": encoder, "visual": nn.Linear(2, 2)}, alpha=0.8, param_filter=lambda name, p: name == "bias")
+    assert mod.params["audio"] == [encoder.bias]
+    flat = nn.Linear(2, 2)
+    flat.weight._fsdp_flattened = True  # what FSDP1 marks its flat parameters with
+    with pytest.raises(ValueError, match=r"^parameter 'weight' of modality 'visual' is a flattened FSDP1 "
+                       r"\(FullyShardedDataParallel\) parameter, whose pieces are not the model's tensors: gradmod cannot "
+                       r"modulate it; shard the model with FSDP2's fully_shard instead \(see the Distributed page of the "
+                       r"docs\)$"):
+        gradmod.OGM({"audio": nn.Linear(2, 2), "visual": flat}, alpha=0.8)
+
+
+def test_a_custom_applier_needs_only_apply():
+    class Halve(gradmod.appliers.Applier):
+        def apply(self, coefficients, step, seed, active=None):
+            for params in self.parameter_groups():
+                for p in params:
+                    p.grad.mul_(0.5)
+
+    a, v = nn.Linear(2, 2), nn.Linear(2, 2)
+    mod = gradmod.Modulator({"audio": a, "visual": v}, measure=gradmod.measures.SoftmaxScore(),
+                            policy=gradmod.policies.OGMPolicy(0.5), apply=Halve())
+    grads_set([*a.parameters(), *v.parameters()])
+    mod.observe(logits={"audio": torch.tensor([[2.0, 0.0]]), "visual": torch.tensor([[0.0, 0.0]])}, target=torch.tensor([0]))
+    mod.step()
+    assert all(torch.equal(p.grad, torch.full_like(p, 0.5)) for p in (*a.parameters(), *v.parameters()))

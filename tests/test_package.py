@@ -152,6 +152,9 @@ def test_the_wheel_installed_alone_runs_the_readme_examples(dist, tmp_path):
 def test_an_integration_without_its_library_names_the_extra(extra, monkeypatch):
     module = f"gradmod.integrations.{extra}"
     monkeypatch.delitem(sys.modules, module, raising=False)
-    monkeypatch.setitem(sys.modules, extra, None)  # as if the library were not installed
+    # As if the library were not installed, even where another test imported it already.
+    for name in [name for name in sys.modules if name == extra or name.startswith(f"{extra}.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, extra, None)
     with pytest.raises(ImportError, match=rf"pip install 'gradmod\[{extra}\]'"):
         importlib.import_module(module)

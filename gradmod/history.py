@@ -4,8 +4,9 @@ One row per step — ``[evidence (M), coefficients (M), usable, valid, in window
 preallocated blocks on the evidence's device with a single device operation and no host
 synchronisation; reading `History.records` synchronises once. Ratios are not stored: they are a pure
 function of the evidence (`gradmod.functional.ratios_of`), computed when read. By default the whole run is
-kept (a million steps of two modalities take 28 MB); with ``max_size`` the oldest rows are dropped, counted
-in `History.dropped`, with a warning the first time.
+kept (a million steps of two modalities take 28 MB); with ``max_size`` only the newest ``max_size`` steps are
+reported, the older ones are counted in `History.dropped` with a warning the first time, and their memory is
+freed a whole block at a time.
 
 A *ring* history (capture-safe modulators) writes each row at ``step mod max_size`` of one preallocated
 buffer, the step number included, so that a replayed CUDA graph keeps recording: it holds the last
@@ -52,7 +53,8 @@ class History:
         self._blocks: list[Tensor] = []
         self._steps: list[int] = []
         self._filled = 0  # rows used in the last block
-        self._dropped = 0
+        self._freed = 0  # rows of the blocks already freed
+        self._warned = False
 
     @property
     def width(self) -> int:
@@ -60,15 +62,23 @@ class History:
         return 2 * len(self.names) + _FLAGS
 
     def __len__(self) -> int:
-        return len(self._rows_and_steps()[1]) if self.ring else len(self._steps)
+        """How many steps `records` reports."""
+        if self.ring:
+            return len(self._rows_and_steps()[1])
+        return len(self._steps) - self._unreported
+
+    @property
+    def _unreported(self) -> int:
+        """Rows still in memory but older than the last ``max_size``."""
+        return 0 if self.max_size is None else max(0, len(self._steps) - self.max_size)
 
     @property
     def dropped(self) -> int:
-        """How many of the oldest rows were dropped (or overwritten, in a ring) to respect ``max_size``."""
+        """How many of the oldest steps are no longer reported (or were overwritten, in a ring) to respect ``max_size``."""
         if self.ring:
             steps = self._rows_and_steps()[1]
             return steps[0] if steps else 0
-        return self._dropped
+        return self._freed + self._unreported
 
     def append(self, step: int | Tensor, evidence: Tensor, coefficients: Tensor, usable: Flag, valid: Flag, in_window: Flag) -> None:
         """Record one step. Flags are Python bools, or 0-d tensors when known on the device only; a ring
@@ -87,7 +97,8 @@ class History:
         torch.cat(parts, out=self._blocks[-1][self._filled])
         self._filled += 1
         self._steps.append(int(step))
-        self._drop_oldest()
+        if self.max_size is not None:
+            self._drop_oldest()
 
     def _write_ring(self, step: Tensor, device: torch.device, parts: list[Tensor]) -> None:
         if not self._blocks:
@@ -98,19 +109,19 @@ class History:
         ring.index_copy_(0, (step % self.max_size).reshape(1), row.unsqueeze(0))
 
     def _drop_oldest(self) -> None:
-        if self.max_size is None:
-            return
+        """Warn when the first step stops being reported; free the oldest block once no reported row is in it."""
+        if self.dropped and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"gradmod: the history keeps the last {self.max_size} steps (history_size); older steps are "
+                "dropped from now on (history_size=None keeps the whole run)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
         while len(self._blocks) > 1 and len(self._steps) - self._blocks[0].shape[0] >= self.max_size:
-            if self._dropped == 0:
-                warnings.warn(
-                    f"gradmod: the history keeps the last {self.max_size} steps (history_size); older steps are "
-                    "dropped from now on (history_size=None keeps the whole run)",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
             count = self._blocks.pop(0).shape[0]
             del self._steps[:count]
-            self._dropped += count
+            self._freed += count
 
     def _rows_and_steps(self) -> tuple[Tensor, list[int]]:
         """Every kept row (float64, on the host, oldest first) and its step."""
@@ -123,7 +134,7 @@ class History:
             return table[:, :-1], [int(step) for step in table[:, -1].tolist()]
         used = [*self._blocks[:-1], self._blocks[-1][: self._filled]]
         rows = torch.cat([block.cpu() for block in used]).double()
-        start = 0 if self.max_size is None else max(0, len(self._steps) - self.max_size)
+        start = self._unreported
         return rows[start:], self._steps[start:]
 
     def records(self) -> list[dict[str, Any]]:
@@ -162,7 +173,8 @@ class History:
         self._blocks.clear()
         self._steps.clear()
         self._filled = 0
-        self._dropped = 0
+        self._freed = 0
+        self._warned = False
 
     def state_dict(self) -> dict[str, Any]:
         rows, steps = self._rows_and_steps()
@@ -183,7 +195,8 @@ class History:
             self._blocks = [rows.clone()]
             self._filled = len(steps)
             self._steps = steps
-        self._dropped = int(state.get("dropped", 0))
+        self._freed = int(state.get("dropped", 0))
+        self._warned = self._freed > 0  # announced before the checkpoint
 
 
 def _flag(flag: Flag, device: torch.device) -> Tensor:

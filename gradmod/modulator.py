@@ -559,7 +559,7 @@ class Modulator:
             "names": list(self.names),
             "step": self.step_count,
             "seed": self.seed,
-            "pending": None if pending is None else pending.detach().cpu(),
+            "pending": None if pending is None else pending.detach().to("cpu", copy=True),
             "history": self._history.state_dict(),
             "warned": sorted(self._warned),
         }
@@ -578,12 +578,13 @@ class Modulator:
             if not hasattr(self.policy, "load_state_dict"):
                 raise ValueError(f"state_dict holds policy state, but {self.policy!r} has no load_state_dict()")
             self.policy.load_state_dict(state["policy"])
-        history = state["history"] if version >= 2 else _history_from_version_1(state["history"])
+        history = state["history"] if version >= 2 else _history_from_version_1(state["history"], self._history.width)
         self._history.load_state_dict(history)
         self._step = int(state["step"])
         self.seed = int(state["seed"])
         pending = None if state["pending"] is None else state["pending"].float()
-        if self.capture_safe and self._device_step is not None:
+        if self.capture_safe and (self._device_step is not None or pending is not None):
+            self._evidence_buffer(self._parameters_device())  # a fresh modulator makes its buffers now
             self._set_device_state(self._step, None if pending is None else pending.to(self._pending.device))
         else:
             self._pending = None if pending is None else pending.clone()
@@ -598,8 +599,7 @@ class Modulator:
         )
 
 
-def _history_from_version_1(entries: list[tuple[int, Tensor, Tensor, Tensor]]) -> dict[str, Any]:
+def _history_from_version_1(entries: list[tuple[int, Tensor, Tensor, Tensor]], width: int) -> dict[str, Any]:
     """Version 1 kept ``(step, evidence, ratios, coefficients)`` tuples of applied steps; ratios are derived now."""
     rows = [torch.cat([e.float(), c.float(), torch.ones(3)]) for _, e, _, c in entries]  # usable, valid, in window
-    width = rows[0].numel() if rows else 0
     return {"steps": [int(s) for s, *_ in entries], "rows": torch.stack(rows) if rows else torch.empty(0, width), "dropped": 0}

@@ -70,7 +70,8 @@ def test_a_bound_drops_whole_old_blocks_and_counts_them():
     history = History(("audio", "visual"), max_size=10)
     with pytest.warns(RuntimeWarning, match="keeps the last 10 steps"):
         fill(history, 4096 + 20)
-    assert history.dropped == 4096
+    assert history.dropped == 4096 + 10 and len(history) == 10
+    assert len(history._blocks) == 1  # the first block's memory is freed
     assert [r["step"] for r in history.records()] == list(range(4096 + 10, 4096 + 20))
     with pytest.raises(ValueError, match="history_size"):
         History(("a", "b"), max_size=0)
@@ -96,19 +97,27 @@ def test_a_bound_must_be_a_positive_int(bad):
         History(("a", "b"), max_size=bad)
 
 
-def test_a_bound_drops_a_block_exactly_when_the_rows_after_it_fill_the_bound():
+def test_a_bound_warns_when_the_first_step_goes_and_frees_a_block_when_the_rows_after_it_fill_the_bound():
     history = History(("audio", "visual"), max_size=10)
-    fill(history, 4096 + 9)
-    assert history.dropped == 0 and len(history.records()) == 10
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fill(history, 10)
+    assert history.dropped == 0 and len(history) == 10
     with pytest.warns(RuntimeWarning) as caught:
-        fill(history, 1, start=4096 + 9)
-    assert str(caught[0].message) == (
+        fill(history, 1, start=10)
+    assert [str(w.message) for w in caught] == [
         "gradmod: the history keeps the last 10 steps (history_size); older steps are dropped from now on "
         "(history_size=None keeps the whole run)"
-    )
-    assert history.dropped == 4096
+    ]
+    assert history.dropped == 1 and len(history) == 10 and history.records()[0]["step"] == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        fill(history, 4096 + 9 - 11, start=11)
+    assert history.dropped == 4096 - 1 and len(history._blocks) == 2
+    fill(history, 1, start=4096 + 9)
+    assert history.dropped == 4096 and len(history._blocks) == 1  # freed exactly now
     fill(history, 4096, start=4096 + 10)
-    assert history.dropped == 2 * 4096  # counted over every drop
+    assert history.dropped == 2 * 4096 and len(history) == 10  # counted over every drop
     records = history.records()
     assert [r["step"] for r in records] == list(range(2 * 4096, 2 * 4096 + 10))
     assert [list(r["evidence"].values()) for r in records] == [appended(s) for s in range(2 * 4096, 2 * 4096 + 10)]
@@ -119,14 +128,14 @@ def test_a_bounded_history_round_trips_its_drop_count_and_keeps_dropping_after_l
     with pytest.warns(RuntimeWarning):
         fill(history, 4096 + 5)
     state = history.state_dict()
-    assert state["dropped"] == 4096 and len(state["steps"]) == 3
+    assert state["dropped"] == 4096 + 2 and len(state["steps"]) == 3
     restored = History(("audio", "visual"), max_size=3)
     restored.load_state_dict(state)
-    assert restored.dropped == 4096 and restored.records() == history.records()
+    assert restored.dropped == 4096 + 2 and restored.records() == history.records()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # dropping was announced before the checkpoint
-        fill(restored, 3, start=4096 + 5)  # the loaded block (3 rows) goes once 3 newer rows follow it
-    assert restored.dropped == 4096 + 3
+        fill(restored, 3, start=4096 + 5)
+    assert restored.dropped == 4096 + 5 and len(restored) == 3
     assert [r["step"] for r in restored.records()] == [4096 + 5, 4096 + 6, 4096 + 7]
     older = {key: value for key, value in state.items() if key != "dropped"}  # a state without the count
     restored.load_state_dict(older)
@@ -148,8 +157,6 @@ def test_a_ring_keeps_negative_evidence_and_warns_about_nothing():
     assert all(r["status"] == "degenerate" for r in records)
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: a bounded history's len() counts the rows of whole blocks kept in "
-                   "memory, not the records it reports")
 def test_the_length_of_a_bounded_history_is_its_number_of_records():
     history = History(("audio", "visual"), max_size=10)
     with pytest.warns(RuntimeWarning):

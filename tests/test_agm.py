@@ -533,6 +533,7 @@ def _ddp_worker(rank, world, init_file, out_dir):
     mod = ddp_run(model, batches(4, seed=9), rank, world, DistributedDataParallel(model))
     result = {"params": [p.detach() for p in model.parameters()], "history": mod.history, "policy": mod.policy.state_dict()}
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()  # no rank tears the group down while another still uses it
     dist.destroy_process_group()
 
 

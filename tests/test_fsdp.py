@@ -251,6 +251,7 @@ def _fsdp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         results["resume"] = _resume_scenario(mesh, rank, world, out_dir)
         results["accumulation"] = _accumulation_scenario(mesh, rank, world)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()  # no rank tears the group down while another still uses it
     dist.destroy_process_group()
 
 

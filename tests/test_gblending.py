@@ -387,6 +387,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     except ValueError as error:
         results["error"] = str(error)
     torch.save(results, os.path.join(out_dir, f"gb{rank}.pt"))
+    dist.barrier()  # no rank tears the group down while another still uses it
     dist.destroy_process_group()
 
 

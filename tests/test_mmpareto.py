@@ -351,6 +351,7 @@ def _ddp_worker(rank, world, init_file, out_dir):
     model = Net()
     mod = run(model, batches(4, seed=2), rank, world, DistributedDataParallel(model))
     torch.save({"params": [p.detach() for p in model.parameters()], "history": mod.history}, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()  # no rank tears the group down while another still uses it
     dist.destroy_process_group()
 
 

@@ -602,4 +602,4 @@ class Modulator:
 def _history_from_version_1(entries: list[tuple[int, Tensor, Tensor, Tensor]], width: int) -> dict[str, Any]:
     """Version 1 kept ``(step, evidence, ratios, coefficients)`` tuples of applied steps; ratios are derived now."""
     rows = [torch.cat([e.float(), c.float(), torch.ones(3)]) for _, e, _, c in entries]  # usable, valid, in window
-    return {"steps": [int(s) for s, *_ in entries], "rows": torch.stack(rows) if rows else torch.empty(0, width), "dropped": 0}
+    return {"steps": [int(s) for s, *_ in entries], "rows": torch.stack(rows) if rows else torch.empty(0, width)}

@@ -136,12 +136,29 @@ def test_a_bounded_history_round_trips_its_drop_count_and_keeps_dropping_after_l
         warnings.simplefilter("error")  # dropping was announced before the checkpoint
         fill(restored, 3, start=4096 + 5)
     assert restored.dropped == 4096 + 5 and len(restored) == 3
+    assert len(restored._blocks) == 1  # the loaded block (3 rows) is freed once 3 newer rows follow it
     assert [r["step"] for r in restored.records()] == [4096 + 5, 4096 + 6, 4096 + 7]
     older = {key: value for key, value in state.items() if key != "dropped"}  # a state without the count
     restored.load_state_dict(older)
     assert restored.dropped == 0
     restored.clear()
     assert restored.dropped == 0 and restored.records() == [] and restored.last() is None
+
+
+@pytest.mark.parametrize("dropped", [0, 1])
+def test_a_bounded_history_warns_again_after_clear_or_loading_a_state_that_dropped_nothing(dropped):
+    history = History(("audio", "visual"), max_size=2)
+    with pytest.warns(RuntimeWarning, match="keeps the last 2 steps"):
+        fill(history, 3)
+    history.clear()
+    with pytest.warns(RuntimeWarning, match="keeps the last 2 steps"):
+        fill(history, 3)
+    restored = History(("audio", "visual"), max_size=2)
+    restored.load_state_dict({**History(("audio", "visual")).state_dict(), "dropped": dropped})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fill(restored, 3)
+    assert len(caught) == (1 if dropped == 0 else 0) and restored.dropped == dropped + 1
 
 
 def test_a_ring_keeps_negative_evidence_and_warns_about_nothing():

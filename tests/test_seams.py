@@ -729,6 +729,17 @@ def test_a_fresh_capture_safe_modulator_resumes_pending_evidence():
     assert fresh.last["evidence"] == pytest.approx(scores, rel=1e-6)
 
 
+def test_an_ordinary_modulator_resumes_pending_evidence_and_keeps_counting_on_the_host():
+    mod = with_grads(make_ogm(TinyModel()))
+    scores = observed_not_stepped(mod)
+    fresh = with_grads(make_ogm(TinyModel()))
+    fresh.load_state_dict(mod.state_dict())
+    fresh.step()
+    fresh.step()
+    assert fresh.step_count == 2 and fresh._device_step is None
+    assert fresh.history[0]["evidence"] == pytest.approx(scores, rel=1e-6)
+
+
 def test_warnings_already_shown_stay_shown_after_loading():
     mod = with_grads(make_ogm(TinyModel()))
     with pytest.warns(RuntimeWarning, match="without observe"):

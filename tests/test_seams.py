@@ -292,23 +292,25 @@ def params_mode_grads(state, data):
     return {n: p.grad.clone() for n, p in model.named_parameters()}, k
 
 
-def test_features_mode_with_scale_grad_is_exact_under_torch_compile():
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_features_mode_with_scale_grad_equals_params_mode(compiled):
     torch.manual_seed(0)
     model = TwoTower()
     expected, k = params_mode_grads(model.state_dict(), tower_data())
     assert k["audio"].item() < 1.0
     mod = gradmod.OGM({"audio": model.audio, "visual": model.visual}, alpha=0.8, apply="features")
     model.modulator = mod
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    forward = torch.compile(model, backend="aot_eager", fullgraph=True) if compiled else model
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     mod.attach(opt)
-    for _ in range(2):  # the second call reuses the compiled graph with the new coefficients
+    for _ in range(2):  # compiled: the second call reuses the graph with the new coefficients
         opt.zero_grad()
         xa, xv, y = tower_data()
-        logits, decoupled, _ = compiled(xa, xv)
+        logits, decoupled, _ = forward(xa, xv)
         mod.observe(logits=decoupled, target=y)
         nn.functional.cross_entropy(logits, y).backward()
         opt.step()
+        assert mod.last["coefficients"]["audio"] == k["audio"].item()
         for name, p in model.named_parameters():
             torch.testing.assert_close(p.grad, expected[name], msg=name)
 
@@ -1165,23 +1167,7 @@ def test_capture_safe_noise_under_the_triton_interpreter():
     assert result.returncode == 0 and re.search(r"\b1 passed", result.stdout), result.stdout[-4000:] + result.stderr[-2000:]
 
 
-# ------------------------------------------------------------------ 17. scaled features without compile, appliers' inputs
-def test_features_mode_with_scale_grad_equals_params_mode_in_eager_mode():
-    torch.manual_seed(0)
-    model = TwoTower()
-    expected, k = params_mode_grads(model.state_dict(), tower_data())
-    assert k["audio"].item() < 1.0
-    mod = gradmod.OGM({"audio": model.audio, "visual": model.visual}, alpha=0.8, apply="features")
-    model.modulator = mod
-    xa, xv, y = tower_data()
-    logits, decoupled, _ = model(xa, xv)
-    mod.observe(logits=decoupled, target=y)
-    nn.functional.cross_entropy(logits, y).backward()
-    assert mod.step()["audio"].item() == k["audio"].item()
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, expected[name], msg=name)
-
-
+# ------------------------------------------------------------------ 17. scale_grad, appliers' inputs
 def test_scale_grad_reads_its_coefficient_when_backward_runs():
     from gradmod.appliers import scale_grad
 

@@ -1,4 +1,4 @@
-"""Tests of gradmod.fusion: the fusion heads and SimAM² (paper 002)."""
+"""Tests of gradmod.fusion: the fusion heads and SimAM² (Sun et al., *More than Vanilla Fusion*)."""
 
 from __future__ import annotations
 

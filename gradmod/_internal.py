@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable, Mapping
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -139,3 +140,44 @@ def std_eps(device: torch.device, dtype: torch.dtype) -> Tensor:
     if key not in _STD_EPS_TENSORS:
         _STD_EPS_TENSORS[key] = torch.tensor(STD_EPS, dtype=dtype, device=device)
     return _STD_EPS_TENSORS[key]
+
+
+#: What `renamed_keyword` returns when the old keyword was not given.
+NOT_GIVEN = object()
+
+
+def renamed_keyword(options: dict[str, Any], old: str, new: str, owner: str) -> Any:
+    """Pop a keyword that was renamed from ``options``: its value with a ``DeprecationWarning`` naming the new
+    keyword, or `NOT_GIVEN`. The old name is accepted for one release."""
+    if old not in options:
+        return NOT_GIVEN
+    warnings.warn(
+        f"{owner}({old}=...) is renamed {owner}({new}=...); {old}= will be removed in the next release",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return options.pop(old)
+
+
+def check_count(mapping: Mapping[str, object], what: str, minimum: int = 2) -> None:
+    if len(mapping) < minimum:
+        raise ValueError(f"{what} needs at least {minimum} modalities, got {list(mapping)}")
+
+
+
+def stack_evidence(evidence: Mapping[str, Tensor]) -> tuple[Tensor, torch.dtype]:
+    """Evidence as one ``[M]`` float64 tensor (float32 on MPS, which has no float64), and the dtype to return.
+
+    Sums of a few float32 values are exact in float64, so equal evidence gives ratios of exactly 1 — the
+    policies jump at ``ρ = 1``, where a rounding error of one ulp would otherwise damp a balanced modality.
+    Results are returned in the evidence's dtype promoted to at least float32.
+    """
+    values = [torch.as_tensor(e).detach().reshape(()) for e in evidence.values()]
+    out_dtype = torch.promote_types(torch.float32, torch.result_type(torch.stack(values), 1.0))
+    return torch.stack([v.to(wide_dtype(values[0].device)) for v in values]), out_dtype
+
+
+
+def unstack_evidence(names: Sequence[str], values: Tensor, dtype: torch.dtype) -> dict[str, Tensor]:
+    return dict(zip(names, values.to(dtype).unbind(0)))
+

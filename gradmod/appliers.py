@@ -33,7 +33,23 @@ from gradmod._internal import constants, per_modality
 from gradmod.kernels import BACKENDS, NoiseKey, modulate_modalities_
 from gradmod.sharded import is_dtensor, modulate_sharded_
 
-__all__ = ["Applier", "ParamsApplier", "FeaturesApplier", "ParameterSelection", "ParamFilter", "Modality", "scale_grad"]
+__all__ = [
+    "APPLY_MODES",
+    "Applier",
+    "FeaturesApplier",
+    "Modality",
+    "ParamFilter",
+    "ParameterSelection",
+    "ParamsApplier",
+    "make_applier",
+    "preset_applier",
+    "scale_grad",
+]
+
+#: The ``apply=`` strings: `ParamsApplier` and `FeaturesApplier` with their defaults.
+APPLY_MODES = ("params", "features")
+#: ``backend=``'s default, which a preset reads as "not set".
+DEFAULT_BACKEND = "auto"
 
 #: ``param_filter(name, parameter) -> bool`` selects the parameters of a modality to modulate.
 ParamFilter = Callable[[str, nn.Parameter], bool]
@@ -390,3 +406,28 @@ class FeaturesApplier(Applier):
 
     def __repr__(self) -> str:
         return "FeaturesApplier()"
+
+
+def make_applier(apply: str | Applier) -> Applier:
+    """``"params"`` → ``ParamsApplier()`` (no noise), ``"features"`` → ``FeaturesApplier()``; an applier as is."""
+    if isinstance(apply, Applier):
+        return apply
+    if apply == "params":
+        return ParamsApplier()
+    if apply == "features":
+        return FeaturesApplier()
+    raise ValueError(f"apply must be one of {APPLY_MODES} or an Applier, got {apply!r}")
+
+
+def preset_applier(apply: str | Applier, noise: str | None, backend: str, param_filter: ParamFilter | None) -> Applier:
+    """A preset's applier: `ParamsApplier` with the preset's options for ``apply="params"``, else `make_applier`
+    (whose applier takes none of them: one set raises ``ValueError`` naming it)."""
+    if apply == "params":
+        return ParamsApplier(noise=noise, backend=backend, param_filter=param_filter)
+    applier = make_applier(apply)
+    options = {"noise": noise, "param_filter": param_filter, "backend": None if backend == DEFAULT_BACKEND else backend}
+    given = sorted(name for name, value in options.items() if value is not None)
+    if given:
+        hint = " (features mode adds no noise: pass noise=None)" if isinstance(applier, FeaturesApplier) else ""
+        raise ValueError(f"{', '.join(given)} configure the params applier, not {applier!r}{hint}")
+    return applier

@@ -1,9 +1,12 @@
-"""The record of a modulator's steps: evidence, ratios, coefficients and status of every step it considered.
+"""The record of a method's steps: what it measured and decided for each unit (modality or head), and a status.
 
-One row per step — ``[evidence (M), coefficients (M), usable, valid, in window]`` — written into
-preallocated blocks on the evidence's device with a single device operation and no host
-synchronisation; reading `History.records` synchronises once. Ratios are not stored: they are a pure
-function of the evidence (`gradmod.functional.ratios_of`), computed when read. By default the whole run is
+Every gradmod method keeps one (`gradmod.method.Method.history`). A history has *fields*, each one value
+per unit and step: a modulator's are ``evidence`` and ``coefficients`` stored, and ``ratios`` derived from
+the evidence when read (`Derived`: a pure function of a stored field, here
+`gradmod.functional.ratios_of`); other methods declare their own (MMPareto's ``cosine``,
+``unimodal_weight``, ``scale``). One row per step — ``[stored fields (M each), usable, valid, in window]``
+— is written into preallocated blocks on the values' device with a single device operation and no host
+synchronisation; reading `History.records` synchronises once. By default the whole run is
 kept (a million steps of two modalities take 28 MB); with ``max_size`` only the newest ``max_size`` steps are
 reported, the older ones are counted in `History.dropped` with a warning the first time, and their memory is
 freed a whole block at a time.
@@ -16,7 +19,8 @@ buffer, the step number included, so that a replayed CUDA graph keeps recording:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,7 +29,7 @@ from torch import Tensor
 from gradmod._internal import constants
 from gradmod.functional import ratios_of
 
-__all__ = ["History", "STATUSES"]
+__all__ = ["Derived", "History", "MODULATOR_FIELDS", "STATUSES"]
 
 #: What happened at a recorded step: the coefficients were applied; the evidence was degenerate (zero,
 #: negative or not finite for some modality, e.g. no ``observe()``) so the step was left unmodulated; the
@@ -41,13 +45,46 @@ DEFAULT_RING_SIZE = 65_536
 Flag = bool | Tensor
 
 
-class History:
-    """Compact, append-only record of steps for ``names`` (optionally bounded to the last ``max_size``)."""
+@dataclass(frozen=True)
+class Derived:
+    """A field computed when read: ``function`` of the stored field ``source`` (``[N, M] -> [N, M]``, float64)."""
 
-    def __init__(self, names: Sequence[str], max_size: int | None = None, ring: bool = False) -> None:
+    name: str
+    source: str
+    function: Callable[[Tensor], Tensor]
+
+
+#: A modulator's fields: evidence and coefficients stored, the discrepancy ratios derived from the evidence.
+MODULATOR_FIELDS: tuple[str | Derived, ...] = ("evidence", Derived("ratios", "evidence", ratios_of), "coefficients")
+
+
+class History:
+    """Compact, append-only record of steps for the units ``names`` (optionally bounded to the last ``max_size``).
+
+    ``fields`` names what a record holds per unit, in order: a ``str`` is stored (one ``[M]`` tensor per
+    `append`), a `Derived` is computed from a stored field when read. Rows are stored in ``dtype`` (float32 for
+    the long per-step histories of modulators; float64 where the values must round-trip exactly, such as
+    G-Blending's weights).
+    """
+
+    def __init__(
+        self,
+        names: Sequence[str],
+        max_size: int | None = None,
+        ring: bool = False,
+        *,
+        fields: Sequence[str | Derived] = MODULATOR_FIELDS,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         if max_size is not None and (isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 1):
             raise ValueError(f"history_size must be None (keep every step) or an int >= 1, got {max_size!r}")
         self.names = tuple(names)
+        self.dtype = dtype
+        self.fields = tuple(fields)
+        self.stored = tuple(field for field in self.fields if isinstance(field, str))
+        missing = [f.source for f in self.fields if isinstance(f, Derived) and f.source not in self.stored]
+        if not self.stored or missing:
+            raise ValueError(f"a history needs a stored field, and derived fields need stored sources (missing {missing})")
         self.ring = ring
         self.max_size = DEFAULT_RING_SIZE if ring and max_size is None else max_size
         self._blocks: list[Tensor] = []
@@ -58,8 +95,8 @@ class History:
 
     @property
     def width(self) -> int:
-        """Columns of a row: evidence and coefficients per modality, and the three flags."""
-        return 2 * len(self.names) + _FLAGS
+        """Columns of a row: each stored field per unit, and the three flags."""
+        return len(self.stored) * len(self.names) + _FLAGS
 
     def __len__(self) -> int:
         """How many steps `records` reports."""
@@ -80,19 +117,24 @@ class History:
             return steps[0] if steps else 0
         return self._freed + self._unreported
 
-    def append(self, step: int | Tensor, evidence: Tensor, coefficients: Tensor, usable: Flag, valid: Flag, in_window: Flag) -> None:
-        """Record one step. Flags are Python bools, or 0-d tensors when known on the device only; a ring
-        history takes the step as a 0-d integer tensor on the evidence's device (no host synchronisation)."""
-        device = evidence.device
+    def append(
+        self, step: int | Tensor, values: Sequence[Tensor], usable: Flag = True, valid: Flag = True, in_window: Flag = True
+    ) -> None:
+        """Record one step: ``values`` holds one ``[M]`` tensor per stored field, in order. Flags are Python
+        bools, or 0-d tensors when known on the device only; a ring history takes the step as a 0-d integer
+        tensor on the values' device (no host synchronisation)."""
+        if len(values) != len(self.stored):
+            raise ValueError(f"a history row holds the fields {list(self.stored)}, got {len(values)} values")
+        device = values[0].device
         flags = [_flag(flag, device) for flag in (usable, valid, in_window)]
-        parts = [evidence.detach(), coefficients.detach().to(device), *flags]
+        parts = [values[0].detach(), *(v.detach().to(device) for v in values[1:]), *flags]
         if self.ring:
             self._write_ring(step, device, parts)
             return
         if not self._blocks or self._filled == self._blocks[-1].shape[0] or self._blocks[-1].device != device:
             if self._blocks:  # a block is closed at its used length
                 self._blocks[-1] = self._blocks[-1][: self._filled]
-            self._blocks.append(torch.empty(_BLOCK_ROWS, self.width, device=device))
+            self._blocks.append(torch.empty(_BLOCK_ROWS, self.width, device=device, dtype=self.dtype))
             self._filled = 0
         torch.cat(parts, out=self._blocks[-1][self._filled])
         self._filled += 1
@@ -100,10 +142,24 @@ class History:
         if self.max_size is not None:
             self._drop_oldest()
 
+    @property
+    def newest_step(self) -> int | None:
+        """The step of the newest record of a non-ring history (``None`` when empty or a ring)."""
+        return self._steps[-1] if self._steps and not self.ring else None
+
+    def amend(self, values: Sequence[Tensor], usable: Flag = True, valid: Flag = True, in_window: Flag = True) -> None:
+        """Overwrite the newest record's values and flags, keeping its step (a step whose numbers changed after
+        it was recorded, e.g. by one more accumulated micro-batch). Not for ring histories."""
+        if self.ring or not self._steps:
+            raise ValueError("amend() rewrites the newest row of a non-ring history that has one")
+        device = self._blocks[-1].device
+        flags = [_flag(flag, device) for flag in (usable, valid, in_window)]
+        torch.cat([*(v.detach().to(device) for v in values), *flags], out=self._blocks[-1][self._filled - 1])
+
     def _write_ring(self, step: Tensor, device: torch.device, parts: list[Tensor]) -> None:
         if not self._blocks:
-            ring = torch.full((self.max_size, self.width + 1), -1.0, device=device)
-            self._blocks = [ring, torch.empty(self.width + 1, device=device)]
+            ring = torch.full((self.max_size, self.width + 1), -1.0, device=device, dtype=self.dtype)
+            self._blocks = [ring, torch.empty(self.width + 1, device=device, dtype=self.dtype)]
         ring, row = self._blocks
         torch.cat([*parts, step.reshape(1)], out=row)
         ring.index_copy_(0, (step % self.max_size).reshape(1), row.unsqueeze(0))
@@ -138,9 +194,8 @@ class History:
         return rows[start:], self._steps[start:]
 
     def records(self) -> list[dict[str, Any]]:
-        """``[{"step", "status", "evidence", "ratios", "coefficients"}, ...]``, oldest first (bounded by ``max_size``).
-
-        Evidence, ratios and coefficients are ``{modality: float}``. Reading synchronises with the device once.
+        """``[{"step", "status", <field>: {unit: float}, ...}, ...]``, oldest first (bounded by ``max_size``);
+        a modulator's fields are evidence, ratios and coefficients. Reading synchronises with the device once.
         """
         rows, steps = self._rows_and_steps()
         return self._as_records(steps, rows)
@@ -156,17 +211,19 @@ class History:
 
     def _as_records(self, steps: Sequence[int], rows: Tensor) -> list[dict[str, Any]]:
         m = len(self.names)
-        evidence, coefficients, flags = rows[:, :m], rows[:, m : 2 * m], rows[:, 2 * m :].tolist()
-        ratios = ratios_of(evidence)
+        blocks = {name: rows[:, k * m : (k + 1) * m] for k, name in enumerate(self.stored)}
+        columns = {}
+        for field in self.fields:
+            values = blocks[field] if isinstance(field, str) else field.function(blocks[field.source])
+            columns[field if isinstance(field, str) else field.name] = values.tolist()
+        flags = rows[:, len(self.stored) * m :].tolist()
         return [
             {
                 "step": step,
                 "status": _status(*flag),
-                "evidence": dict(zip(self.names, e)),
-                "ratios": dict(zip(self.names, r)),
-                "coefficients": dict(zip(self.names, c)),
+                **{name: dict(zip(self.names, values[row])) for name, values in columns.items()},
             }
-            for step, flag, e, r, c in zip(steps, flags, evidence.tolist(), ratios.tolist(), coefficients.tolist())
+            for row, (step, flag) in enumerate(zip(steps, flags))
         ]
 
     def clear(self) -> None:
@@ -178,10 +235,10 @@ class History:
 
     def state_dict(self) -> dict[str, Any]:
         rows, steps = self._rows_and_steps()
-        return {"steps": steps, "rows": rows.float(), "dropped": self.dropped}
+        return {"steps": steps, "rows": rows.to(self.dtype), "dropped": self.dropped}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        rows = torch.as_tensor(state["rows"], dtype=torch.float32)
+        rows = torch.as_tensor(state["rows"], dtype=self.dtype)
         steps = [int(s) for s in state["steps"]]
         if rows.shape != (len(steps), self.width):
             raise ValueError(f"history rows have shape {tuple(rows.shape)}, expected ({len(steps)}, {self.width})")

@@ -16,16 +16,14 @@ from torch.utils.hooks import RemovableHandle
 from gradmod._backward import BackwardMonitor
 from gradmod._hooks import StepHook, unwrapped_optimizer
 from gradmod._internal import collective_device, constants, distributed
-from gradmod.appliers import Applier, FeaturesApplier, Modality, ParamFilter, ParamsApplier
-from gradmod.history import History
+from gradmod.appliers import APPLY_MODES, Applier, FeaturesApplier, Modality, ParamFilter, make_applier
+from gradmod.history import MODULATOR_FIELDS, History
 from gradmod.measures import Measure
+from gradmod.method import Method
 from gradmod.policies import Policy, PolicyError, StackedPolicy, check_coefficients, coefficient_range, range_message
 
 __all__ = ["Modulator", "ParamFilter", "epoch_window", "make_applier"]
 
-#: Version of `Modulator.state_dict`'s format (version 1 had no ``"version"`` key).
-STATE_VERSION = 2
-APPLY_MODES = ("params", "features")
 
 
 def epoch_window(start_epoch: int, end_epoch: int, steps_per_epoch: int) -> tuple[int, int]:
@@ -41,20 +39,20 @@ def epoch_window(start_epoch: int, end_epoch: int, steps_per_epoch: int) -> tupl
     return start_epoch * steps_per_epoch, (end_epoch + 1) * steps_per_epoch
 
 
-def make_applier(apply: str | Applier) -> Applier:
-    """``"params"`` → ``ParamsApplier()`` (no noise), ``"features"`` → ``FeaturesApplier()``; an applier as is."""
-    if isinstance(apply, Applier):
-        return apply
-    if apply == "params":
-        return ParamsApplier()
-    if apply == "features":
-        return FeaturesApplier()
-    raise ValueError(f"apply must be one of {APPLY_MODES} or an Applier, got {apply!r}")
-
-
 def _default_seed() -> int:
     """A noise seed derived from ``torch.initial_seed()``: fixed by ``torch.manual_seed``, drawing nothing."""
     return (torch.initial_seed() * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) % (2**63 - 1)
+
+
+def _from_version_1(state: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 kept ``(step, evidence, ratios, coefficients)`` tuples of applied steps (ratios are derived now)
+    and one warning flag, ``warned_no_observe``."""
+    entries = state.pop("history")
+    width = 2 * len(state["names"]) + 3
+    rows = [torch.cat([e.float(), c.float(), torch.ones(3)]) for _, e, _, c in entries]  # usable, valid, in window
+    state["history"] = {"steps": [int(s) for s, *_ in entries], "rows": torch.stack(rows) if rows else torch.empty(0, width)}
+    state["warned"] = ["no_observe"] if state.pop("warned_no_observe", False) else []
+    return state
 
 
 @dataclass
@@ -73,10 +71,10 @@ class _Decision:
     active: bool | Tensor = True
 
     def record(self, history: History, step: int | Tensor) -> None:
-        history.append(step, self.evidence, self.coefficients, self.usable, self.valid, self.in_window)
+        history.append(step, (self.evidence, self.coefficients), self.usable, self.valid, self.in_window)
 
 
-class Modulator:
+class Modulator(Method):
     """Imbalance-aware gradient modulation for named modalities.
 
     Each optimizer step (through `attach`, or a manual `step`): the evidence gathered by `observe` since
@@ -117,6 +115,12 @@ class Modulator:
             capturing: the buffers are made at the first step. The step counter lives on the evidence's
             device, so the noisy kernel needs the gradients there too (one device).
     """
+
+    kind = "modulator"
+    state_version = 2
+    _migrations = {1: _from_version_1}
+    #: What the history records per modality (AGM derives its own ratios).
+    _history_fields = MODULATOR_FIELDS
 
     def __init__(
         self,
@@ -163,7 +167,7 @@ class Modulator:
         self._prepared: _Decision | None = None  # features mode: decided by the last observe()
         self._observed_since_pass = False
         self._warned: set[str] = set()
-        self._history = History(self.names, history_size, ring=capture_safe)
+        self._history = History(self.names, history_size, ring=capture_safe, fields=self._history_fields)
         self._monitor = BackwardMonitor(self._pass_ended)
         if not capture_safe:
             self._monitor.watch(self.applier.parameter_groups())
@@ -517,26 +521,18 @@ class Modulator:
         """
         return self._history.records()
 
-    @property
-    def last(self) -> dict[str, Any] | None:
-        """The record of the last recorded step (as in `history`), or ``None``."""
-        return self._history.last()
-
-    @property
-    def history_dropped(self) -> int:
-        """How many old steps the history dropped to keep ``history_size`` (0 with the default ``None``)."""
-        return self._history.dropped
-
-    def reset(self) -> None:
-        """Forget pending evidence, history and the step counter (the noise restarts with the counter)."""
+    def _reset(self) -> None:
+        """Forget pending evidence and the step counter (the noise restarts with the counter), policy state
+        that can be reset (AGM's running means) and the warnings shown."""
         self._step = 0
         if self.capture_safe:
             self._set_device_state(0, None)
         else:
             self._drop_pending()
         self._prepared = None
-        self._history.clear()
         self._warned.clear()
+        if hasattr(self.policy, "reset"):
+            self.policy.reset()
 
     def _set_device_state(self, step: int, pending: Tensor | None) -> None:
         """Capture-safe: write the step counter and the evidence buffer in place (their tensors stay)."""
@@ -551,16 +547,16 @@ class Modulator:
     def state_dict(self) -> dict[str, Any]:
         """Everything that changes results: step counter, seed (noise is counter-based), pending evidence,
         history, policy state (PDMP's ranking); with a ``"version"`` key."""
+        return super().state_dict()
+
+    def _extra_state(self) -> dict[str, Any]:
         pending = self._pending
         if pending is not None and self.capture_safe and not bool(pending.any()):
             pending = None
         state: dict[str, Any] = {
-            "version": STATE_VERSION,
-            "names": list(self.names),
             "step": self.step_count,
             "seed": self.seed,
             "pending": None if pending is None else pending.detach().to("cpu", copy=True),
-            "history": self._history.state_dict(),
             "warned": sorted(self._warned),
         }
         if hasattr(self.policy, "state_dict"):
@@ -569,17 +565,13 @@ class Modulator:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a `state_dict` (any earlier version); the modality names must match."""
-        version = int(state.get("version", 1))
-        if version > STATE_VERSION:
-            raise ValueError(f"state_dict version {version} is newer than this gradmod understands ({STATE_VERSION})")
-        if list(state["names"]) != list(self.names):
-            raise ValueError(f"state_dict is for modalities {list(state['names'])}, this modulator has {list(self.names)}")
+        super().load_state_dict(state)
+
+    def _load_extra_state(self, state: Mapping[str, Any]) -> None:
         if "policy" in state:
             if not hasattr(self.policy, "load_state_dict"):
                 raise ValueError(f"state_dict holds policy state, but {self.policy!r} has no load_state_dict()")
             self.policy.load_state_dict(state["policy"])
-        history = state["history"] if version >= 2 else _history_from_version_1(state["history"], self._history.width)
-        self._history.load_state_dict(history)
         self._step = int(state["step"])
         self.seed = int(state["seed"])
         pending = None if state["pending"] is None else state["pending"].float()
@@ -590,16 +582,10 @@ class Modulator:
             self._pending = None if pending is None else pending.clone()
         self._prepared = None
         self._monitor.forget()
-        self._warned = set(state["warned"]) if version >= 2 else ({"no_observe"} if state.get("warned_no_observe") else set())
+        self._warned = set(state["warned"])
 
     def __repr__(self) -> str:
         return (
             f"Modulator(modalities={list(self.names)}, measure={self.measure!r}, policy={self.policy!r}, "
             f"apply={self.applier!r}, window=[{self.start_step}, {self.stop_step}))"
         )
-
-
-def _history_from_version_1(entries: list[tuple[int, Tensor, Tensor, Tensor]], width: int) -> dict[str, Any]:
-    """Version 1 kept ``(step, evidence, ratios, coefficients)`` tuples of applied steps; ratios are derived now."""
-    rows = [torch.cat([e.float(), c.float(), torch.ones(3)]) for _, e, _, c in entries]  # usable, valid, in window
-    return {"steps": [int(s) for s, *_ in entries], "rows": torch.stack(rows) if rows else torch.empty(0, width)}

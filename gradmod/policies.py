@@ -33,7 +33,7 @@ from torch import Tensor
 from gradmod import functional as F
 from gradmod._internal import check_names, real_scalar
 
-__all__ = ["Policy", "StackedPolicy", "OGMPolicy", "PDMPPolicy", "PolicyError", "coefficient_range", "check_coefficients"]
+__all__ = ["OGMPolicy", "Policy", "PolicyError", "StackedPolicy", "check_coefficients", "coefficient_range"]
 
 Policy = Any  # any callable ``(Mapping[str, Tensor]) -> Mapping[str, Tensor | float]``
 
@@ -52,7 +52,8 @@ def coefficient_range(policy: Policy) -> tuple[float, float]:
 
 
 def check_coefficients(output: Any, names: Sequence[str], policy: Policy, device: torch.device) -> Tensor:
-    """The policy's ``output`` as one float32 ``[M]`` tensor in ``names`` order, its *structure* checked.
+    """The policy's ``output`` as one ``[M]`` tensor in ``names`` order (float64 when a coefficient is float64, so
+    that tiny coefficients reach float64 gradients intact; else float32), its *structure* checked.
 
     Raises `PolicyError` unless ``output`` is a mapping with exactly ``names``, each value a real 0-d
     tensor or real number. Values (finite, in `coefficient_range`) are checked by the caller, on the host
@@ -73,12 +74,13 @@ def check_coefficients(output: Any, names: Sequence[str], policy: Policy, device
                     f"policy {policy!r} gave modality {name!r} a {value.dtype} tensor of shape {tuple(value.shape)}: "
                     "a coefficient is a real 0-d tensor or a number"
                 )
-            values.append(value.detach().to(device=device, dtype=torch.float32))
+            values.append(value.detach().to(device))
         elif isinstance(value, numbers.Real) and not isinstance(value, bool):
             values.append(torch.tensor(float(value), device=device))
         else:
             raise PolicyError(f"policy {policy!r} gave modality {name!r} a {type(value).__name__}: a coefficient is a real number")
-    return torch.stack(values)
+    dtype = torch.float64 if any(v.dtype == torch.float64 for v in values) else torch.float32
+    return torch.stack([v.to(dtype) for v in values])
 
 
 def range_message(policy: Policy, names: Sequence[str], coefficients: Sequence[float]) -> str | None:
@@ -130,36 +132,9 @@ class OGMPolicy(StackedPolicy):
         return F.ogm_coefficients_of(evidence, self.strength)
 
 
-@dataclass
-class PDMPPolicy(StackedPolicy):
-    """PDMP (gradmod's reading): `gradmod.functional.pdmp_coefficients` with a fixed ranking.
 
-    Coefficients lie in ``[0, 1 + γp]``: the dominant modality in ``[1, 1 + γp]``, the others in ``[0, 1]``.
-    """
 
-    ranking: Sequence[str]
-    gamma_p: float
-    gamma_r: float
+def __getattr__(name: str):  # names that moved to their method's module (gradmod._deprecated)
+    from gradmod._deprecated import moved_attribute
 
-    def __post_init__(self) -> None:
-        self.ranking = tuple(self.ranking)
-        if len(self.ranking) < 2 or len(set(self.ranking)) != len(self.ranking):
-            raise ValueError(f"ranking must name two or more distinct modalities, got {list(self.ranking)}")
-        self.gamma_p = real_scalar(self.gamma_p, "gamma_p")
-        self.gamma_r = real_scalar(self.gamma_r, "gamma_r")
-
-    @property
-    def coefficient_range(self) -> tuple[float, float]:
-        return (0.0, 1.0 + self.gamma_p)
-
-    def stacked(self, evidence: Tensor, names: Sequence[str]) -> Tensor:
-        check_names(names, self.ranking, "the modalities of the evidence")
-        return F.pdmp_coefficients_of(evidence, list(names).index(self.ranking[0]), self.gamma_p, self.gamma_r)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"ranking": list(self.ranking)}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore the ranking; it must rank the same modalities (in any order)."""
-        check_names(state["ranking"], self.ranking, "the saved PDMP ranking")
-        self.ranking = tuple(state["ranking"])
+    return moved_attribute(__name__, name)

@@ -1,6 +1,8 @@
 """Shared test configuration: hypothesis profiles (no deadlines on this shared 2-core machine)."""
 
 import os
+import sys
+from pathlib import Path
 
 from hypothesis import HealthCheck, settings
 
@@ -11,3 +13,6 @@ settings.register_profile(
     "ci", parent=settings.get_profile("default"), derandomize=True, print_blob=True
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "default"))
+
+# the shared helpers (tiny.py) import as top-level modules from every test folder
+sys.path.insert(0, str(Path(__file__).resolve().parent))

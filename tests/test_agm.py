@@ -132,7 +132,7 @@ def test_matches_the_official_step_on_identical_inputs():
     model, twin, data = twin_runs(6)
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     twin_opt = torch.optim.SGD(twin.parameters(), lr=0.5, momentum=0.9)
-    mod = make_agm(model, alpha=2.0)
+    mod = make_agm(model, sharpness=2.0)
     mod.attach(opt)
     official = OfficialAGM(twin, alpha=2.0)
     expected = []
@@ -155,7 +155,7 @@ def test_keep_after_window_matches_the_official_hooks_and_the_default_is_unmodul
     neutral = copy.deepcopy(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     twin_opt = torch.optim.SGD(twin.parameters(), lr=0.5)
-    mod = make_agm(model, alpha=2.0, stop_step=2, keep_after_window=True)
+    mod = make_agm(model, sharpness=2.0, stop_step=2, keep_after_window=True)
     mod.attach(opt)
     official = OfficialAGM(twin, alpha=2.0)
     for step, (inputs, y) in enumerate(data):
@@ -167,7 +167,7 @@ def test_keep_after_window_matches_the_official_hooks_and_the_default_is_unmodul
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     # the default: after the window the gradient is the plain gradient of f(N)
-    mod = make_agm(neutral, alpha=2.0, stop_step=0)
+    mod = make_agm(neutral, sharpness=2.0, stop_step=0)
     inputs, y = data[0]
     responses = agm.mono_responses(neutral, inputs)
     mod.observe(responses=responses, target=y)
@@ -202,7 +202,7 @@ def test_three_modalities_follow_the_official_three_modal_rule(cap):
     for _ in range(5):
         y = torch.randint(0, 3, (10,), generator=g)
         steps.append(([torch.randn(10, 3, generator=g) * scale for scale in (2.0, 0.5, 1.0)], y))
-    policy = agm.AGMPolicy(alpha=1.5, cap=cap)
+    policy = agm.AGMPolicy(sharpness=1.5, cap=cap)
     expected = official_three_modal_coefficients(steps, 1.5, cap)
     for (outputs, y), want in zip(steps, expected):
         got = policy(agm.response_evidence(dict(zip(names, outputs)), y))
@@ -328,7 +328,7 @@ def test_the_policy_is_symmetric_under_swapping_modalities(seed):
 
 
 def test_the_first_step_targets_one_and_only_a_committed_call_moves_the_targets():
-    policy = agm.AGMPolicy(alpha=1.0, cap=10.0)
+    policy = agm.AGMPolicy(sharpness=1.0, cap=10.0)
     y = torch.tensor([0, 1])
     evidence = agm.response_evidence({"audio": torch.eye(3)[y] * 5, "visual": torch.zeros(2, 3)}, y)
     balanced = agm.response_evidence({"audio": torch.zeros(2, 3), "visual": torch.zeros(2, 3)}, y)
@@ -349,7 +349,7 @@ def test_the_first_step_targets_one_and_only_a_committed_call_moves_the_targets(
 def test_combine_scales_the_gradient_through_each_response_and_nothing_else():
     torch.manual_seed(0)
     model = Net()
-    mod = make_agm(model, alpha=3.0)
+    mod = make_agm(model, sharpness=3.0)
     inputs, y = batches(1)[0]
     responses = agm.mono_responses(model, inputs)  # the Shapley convention: f(∅) joins unmodulated
     mod.observe(responses=responses, target=y)
@@ -417,7 +417,7 @@ def test_bad_input_fails_by_name():
 
 
 def test_without_a_cap_an_overflowing_coefficient_is_refused_before_any_gradient_changes():
-    policy = agm.AGMPolicy(alpha=200.0, cap=None)
+    policy = agm.AGMPolicy(sharpness=2000.0, cap=None)  # exp overflows float64
     y = torch.zeros(4, dtype=torch.long)
     strong = {"audio": torch.eye(3)[y] * 30, "visual": torch.zeros(4, 3)}
     policy(agm.response_evidence(strong, y))
@@ -483,7 +483,7 @@ def test_a_step_skipped_by_grad_scaler_leaves_the_running_targets_alone():
 def test_resuming_from_a_state_dict_follows_the_same_trajectory(tmp_path, resume_at):
     model, _, data = twin_runs(6)
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
-    mod = make_agm(model, alpha=2.0, stop_step=4, keep_after_window=True)
+    mod = make_agm(model, sharpness=2.0, stop_step=4, keep_after_window=True)
     mod.attach(opt)
     for step, (inputs, y) in enumerate(data):
         if step == resume_at:
@@ -491,7 +491,7 @@ def test_resuming_from_a_state_dict_follows_the_same_trajectory(tmp_path, resume
         agm_step(model, mod, opt, inputs, y)
     resumed = Net()
     resumed_opt = torch.optim.SGD(resumed.parameters(), lr=0.5, momentum=0.9)
-    resumed_mod = make_agm(resumed, alpha=2.0, stop_step=4, keep_after_window=True)
+    resumed_mod = make_agm(resumed, sharpness=2.0, stop_step=4, keep_after_window=True)
     saved = torch.load(tmp_path / "ck.pt")
     resumed.load_state_dict(saved["model"])
     resumed_opt.load_state_dict(saved["opt"])
@@ -511,7 +511,7 @@ def test_resuming_from_a_state_dict_follows_the_same_trajectory(tmp_path, resume
 # ------------------------------------------------------------------ torch.distributed
 def ddp_run(model, data, rank=None, world=1, ddp=None):
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    mod = make_agm(model, alpha=2.0)
+    mod = make_agm(model, sharpness=2.0)
     mod.attach(opt)
     forward = (lambda x: ddp(**x)) if ddp is not None else None
     for inputs, y in data:
@@ -568,7 +568,7 @@ def test_without_validation_a_degenerate_step_leaves_the_targets_alone_as_with_v
     runs = []
     for net, validate in ((model, True), (twin, False)):
         opt = torch.optim.SGD(net.parameters(), lr=0.5)
-        mod = make_agm(net, alpha=2.0, validate=validate)
+        mod = make_agm(net, sharpness=2.0, validate=validate)
         mod.attach(opt)
         for inputs, y in data:
             degenerate = validate and bool((y == -100).all())
@@ -587,4 +587,4 @@ def test_without_validation_a_degenerate_step_leaves_the_targets_alone_as_with_v
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q)
     info = gradmod.METHODS["agm"]
-    assert info.preset is gradmod.AGM and info.loop == "responses" and isinstance(runs[0], agm.AGMModulator)
+    assert info.preset is gradmod.AGM and info.kind == "responses" and isinstance(runs[0], agm.AGM)

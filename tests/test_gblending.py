@@ -17,7 +17,7 @@ from hypothesis import assume, given
 from torch import nn
 
 import gradmod
-from gradmod.gblending import (
+from gradmod.methods.gblending import (
     DEFAULT_TOLERANCE,
     GBlending,
     HeadLosses,
@@ -244,7 +244,7 @@ def test_record_estimates_from_consecutive_checkpoints():
     assert gb.record(second) == pytest.approx(blending_weights(first, second))
     assert gb.record(third) == pytest.approx(blending_weights(second, third))
     assert gb.weights["b"] == 0.0 and len(gb.history) == 2
-    assert gb.history[1]["generalization"]["b"] == pytest.approx(-0.1) and not gb.history[1]["fallback"]
+    assert gb.history[1]["generalization"]["b"] == pytest.approx(-0.1) and gb.history[1]["status"] == "applied"
 
 
 def test_the_fallback_is_flagged_and_warned_once():
@@ -256,11 +256,11 @@ def test_the_fallback_is_flagged_and_warned_once():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         gb.record(rising[2])
-    assert gb.weights == {"a": 0.5, "b": 0.5} and [h["fallback"] for h in gb.history] == [True, True]
+    assert gb.weights == {"a": 0.5, "b": 0.5} and [h["status"] for h in gb.history] == ["degenerate", "degenerate"]
 
 
 def test_estimator_inputs_fail_by_name():
-    with pytest.raises(ValueError, match="two or more distinct heads"):
+    with pytest.raises(ValueError, match="heads must name two or more distinct"):
         GBlending(("a", "a"))
     with pytest.raises(ValueError, match="sequence of non-empty names"):
         GBlending("ab")
@@ -361,7 +361,7 @@ def test_resume_gives_the_same_weights_and_history():
     resumed.load_state_dict(copy.deepcopy(first.state_dict()))
     resumed.record(checkpoints[2])
     assert resumed.weights == straight.weights and resumed.history == straight.history
-    with pytest.raises(ValueError, match=r"heads \['a', 'b'\], this GBlending has \['a', 'c'\]"):
+    with pytest.raises(ValueError, match=r"GBlending state_dict is for modalities \['a', 'b'\], this GBlending has \['a', 'c'\]"):
         GBlending(("a", "c")).load_state_dict(first.state_dict())
 
 
@@ -408,4 +408,4 @@ def test_two_gloo_ranks_measure_and_weigh_alike_and_refuse_differing_losses(tmp_
 
 def test_the_registry_names_gblending():
     info = gradmod.METHODS["gblending"]
-    assert info.preset is GBlending and info.loop == "loss weights" and gradmod.GBlending is GBlending
+    assert info.preset is GBlending and info.kind == "loss" and gradmod.GBlending is GBlending

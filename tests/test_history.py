@@ -22,7 +22,7 @@ def fill(history: History, count: int, start: int = 0) -> list[tuple[list[float]
         evidence = appended(step)
         coefficients = [0.5, 1.0]
         when = torch.tensor(step) if history.ring else step
-        history.append(when, torch.tensor(evidence), torch.tensor(coefficients), bool(step % 3), step % 5 != 1, step % 11 != 4)
+        history.append(when, (torch.tensor(evidence), torch.tensor(coefficients)), bool(step % 3), step % 5 != 1, step % 11 != 4)
         rows.append((evidence, coefficients))
     return rows
 
@@ -167,7 +167,7 @@ def test_a_ring_keeps_negative_evidence_and_warns_about_nothing():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for step in range(6):
-            history.append(torch.tensor(step), torch.tensor([-1.0 - step, -0.5]), torch.tensor([1.0, 1.0]), False, True, True)
+            history.append(torch.tensor(step), (torch.tensor([-1.0 - step, -0.5]), torch.tensor([1.0, 1.0])), False, True, True)
     records = history.records()
     assert [r["step"] for r in records] == [2, 3, 4, 5] and history.dropped == 2
     assert [r["evidence"]["audio"] for r in records] == [-3.0, -4.0, -5.0, -6.0]

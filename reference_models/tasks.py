@@ -1,6 +1,6 @@
 """Tasks: a dataset's train/val/test splits, its reference model and how it is evaluated.
 
-``build_task("avdigits" | "cremad" | "ave" | "llp", ...)`` is the one place the training CLI learns
+``build_task("avdigits" | "avmnist" | "cremad" | "ave" | "llp", ...)`` is the one place the training CLI learns
 what a dataset looks like; everything dataset-specific (metrics, targets, masks) is answered here.
 """
 
@@ -16,11 +16,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from reference_models import metrics
+from reference_models.config import DATASETS
 from reference_models.models.common import FUSION_KINDS, ModelOutput, MultimodalModel, mask_features
 
 __all__ = ["Task", "build_task", "DATASETS", "TASK_KINDS", "SELECTION_METRICS"]
 
-DATASETS = ("avdigits", "cremad", "ave", "llp")
 #: ``classification``: one label per item (AV-digits, CREMA-D); ``segments``: one label per 1-s segment
 #: (AVE); ``parsing``: weak multi-hot video labels, dense evaluation (LLP).
 TASK_KINDS = ("classification", "segments", "parsing")
@@ -150,30 +150,42 @@ def build_task(
     fusion: str = "concat",
     seed: int = 0,
     max_items: int | None = None,
-    avdigits_options: Mapping[str, Any] | None = None,
+    dataset_options: Mapping[str, Any] | None = None,
 ) -> Task:
     """Splits and a freshly initialised model (seeded by ``seed``) for dataset ``name``.
 
-    AV-digits is generated in memory (``avdigits_options`` go to `make_avdigits`); the others read
-    the real on-disk formats under ``data_root`` (see each loader for its layout). ``max_items`` caps each
-    split (smoke runs).
+    AV-digits is generated in memory (``dataset_options`` go to `make_avdigits`); AV-MNIST is embedded in the
+    repository (``dataset_options`` go to both splits' `reference_models.data.avmnist.AVMNIST`: the split kind,
+    the difficulty knobs; ``repair_every_epoch`` to the training split only); the others read the real on-disk
+    formats under ``data_root`` (see each loader for its layout). ``max_items`` caps each split (smoke runs).
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; expected one of {DATASETS}")
     if fusion not in FUSION_KINDS:
         raise ValueError(f"unknown fusion {fusion!r}; expected one of {FUSION_KINDS}")
-    if name != "avdigits" and data_root is None:
+    options = dict(dataset_options or {})
+    if options and name not in ("avdigits", "avmnist"):
+        raise ValueError(f"dataset options {sorted(options)} are for the generated or embedded datasets, not {name!r}")
+    if name not in ("avdigits", "avmnist") and data_root is None:
         raise ValueError(f"dataset {name!r} is read from disk: pass --data-root (the folder holding its files)")
     torch.manual_seed(seed)
     if name == "avdigits":
         from reference_models.data.avdigits import make_avdigits
         from reference_models.models.avdigits import AVDigitsModel
 
-        options = dict(avdigits_options or {})
         train, test = make_avdigits(seed=seed, **options)
         if max_items is not None:
             train, test = (torch.utils.data.Subset(s, range(min(max_items, len(s)))) for s in (train, test))
         return Task(name, "classification", train, test, AVDigitsModel(fusion), 10, {"generator": options})
+    if name == "avmnist":
+        from reference_models.data.avmnist import AVMNIST
+        from reference_models.models.avmnist import AVMNISTModel
+
+        repair = options.pop("repair_every_epoch", False)
+        train = AVMNIST("train", seed=seed, max_items=max_items, repair_every_epoch=repair, **options)
+        test = AVMNIST("test", seed=seed, max_items=max_items, **options)
+        info = {"dataset": {**options, "repair_every_epoch": repair}}
+        return Task(name, "classification", train, test, AVMNISTModel(fusion), AVMNIST.num_classes, info)
     if name == "cremad":
         from reference_models.data.cremad import CremaD
         from reference_models.models.cremad import CremaDModel

@@ -18,7 +18,7 @@ import json
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+
 from pathlib import Path
 from typing import Any
 
@@ -27,133 +27,16 @@ from torch.utils.data import DataLoader, random_split
 from tqdm import tqdm
 
 import gradmod
-from gradmod.mla import PROJECTIONS
-from gradmod.mmpareto import RULES
-from reference_models.loops import (
-    MODULATOR_METHODS,
-    PARAM_FILTERS,
-    make_loop,
-    make_modulator,
-    make_optimizer,
-    observe_inputs,
-    unimodal_metrics,
-)
+from reference_models.config import CLI_METHODS, DATASETS, METHODS, OPTIMIZERS, TrainConfig, strength_keywords
+from reference_models.loops import make_loop, make_optimizer
+from reference_models.loops.modulator import PARAM_FILTERS
 from reference_models.models.common import FUSION_KINDS
-from reference_models.tasks import DATASETS, IndexedDataset, Task, build_task
+from reference_models.tasks import IndexedDataset, Task, build_task
 
-__all__ = [
-    "METHODS",
-    "MODULATOR_METHODS",
-    "TrainConfig",
-    "main",
-    "make_modulator",
-    "observe_inputs",
-    "select_epochs",
-    "summary_lines",
-    "train",
-    "unimodal_metrics",
-]
+__all__ = ["METHODS", "TrainConfig", "main", "parse_args", "select_epochs", "summary_lines", "train"]
 
-#: Every ``--method``: no modulation, every gradmod method by its `gradmod.METHODS` name, and the data-level
-#: mixups of Ma, Ding & Chen (2025).
-METHODS = ("baseline", *gradmod.METHODS, "mm", "bmm")
 #: Offset of the seed that draws the ``--val-size`` split from the run's seed.
 VAL_SEED_OFFSET = 30_011
-
-#: Per-dataset training defaults: OGM-GE's CREMA-D protocol (SGD 1e-3, momentum 0.9, wd 1e-4, StepLR(70, 0.1),
-#: batch 64); Fu, Gao & Xu's Adam 5e-4, ×0.25 every 6 epochs, for LLP; what works on the generated AV-digits in a
-#: few CPU minutes.
-DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
-    "avdigits": {"optimizer": "sgd", "lr": 0.01, "batch_size": 64, "epochs": 6, "lr_step": None, "lr_gamma": 0.1},
-    "cremad": {"optimizer": "sgd", "lr": 1e-3, "batch_size": 64, "epochs": 100, "lr_step": 70, "lr_gamma": 0.1},
-    "ave": {"optimizer": "adam", "lr": 1e-3, "batch_size": 64, "epochs": 30, "lr_step": 15, "lr_gamma": 0.1},
-    "llp": {"optimizer": "adam", "lr": 5e-4, "batch_size": 128, "epochs": 25, "lr_step": 6, "lr_gamma": 0.25},
-}
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a run; ``None`` fields take the dataset's `DATASET_DEFAULTS` (training) or
-    the method's own default (``alpha``, ``gamma``)."""
-
-    dataset: str = "avdigits"
-    method: str = "baseline"
-    fusion: str = "concat"
-    data_root: str | None = None
-    epochs: int | None = None
-    batch_size: int | None = None
-    optimizer: str | None = None
-    lr: float | None = None
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    lr_step: int | None = None
-    lr_gamma: float | None = None
-    seed: int = 0
-    apply: str = "params"
-    backend: str = "auto"
-    param_filter: str = "all"
-    modulation_start: int = 0
-    modulation_end: int | None = None
-    alpha: float | None = None
-    gamma: float | None = None
-    noise: str | None = "default"
-    gamma_p: float = 1.0
-    gamma_r: float = 0.5
-    pdmp_metrics: dict[str, float] | None = None
-    pdmp_budget: int = 1
-    agm_clip: float | None = 1.0
-    mmpareto_rule: str = "paper"
-    mla_projection: str = "owm"
-    gblending_super_epoch: int = 1
-    gblending_holdout: float = 0.08
-    mixup_alpha: float = 0.4
-    bmm_degree: float = 1.0
-    bmm_warmup: int = 1
-    bmm_smoothing: float = 0.5
-    solo: str | None = None
-    val_size: int | None = None
-    max_items: int | None = None
-    avdigits: dict[str, Any] = field(default_factory=dict)
-    device: str = "auto"
-    workers: int = 0
-    out: str | None = None
-    resume: bool = False
-    progress: bool = True
-
-    def resolved(self) -> TrainConfig:
-        """A copy with the dataset defaults filled in and every choice validated."""
-        if self.dataset not in DATASETS:
-            raise ValueError(f"unknown dataset {self.dataset!r}; expected one of {DATASETS}")
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; expected one of {METHODS}")
-        if self.fusion not in FUSION_KINDS:
-            raise ValueError(f"unknown fusion {self.fusion!r}; expected one of {FUSION_KINDS}")
-        if self.param_filter not in PARAM_FILTERS:
-            raise ValueError(f"unknown param filter {self.param_filter!r}; expected one of {tuple(PARAM_FILTERS)}")
-        if self.mmpareto_rule not in RULES:
-            raise ValueError(f"unknown MMPareto rule {self.mmpareto_rule!r}; expected one of {RULES}")
-        projections = tuple(p or "none" for p in PROJECTIONS)
-        if self.mla_projection not in projections:
-            raise ValueError(f"unknown MLA projection {self.mla_projection!r}; expected one of {projections}")
-        filled = {k: v for k, v in DATASET_DEFAULTS[self.dataset].items() if getattr(self, k) is None}
-        config = dataclasses.replace(self, **filled)
-        if config.optimizer not in ("sgd", "adam"):
-            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {config.optimizer!r}")
-        if config.epochs < 1 or config.batch_size < 1:
-            raise ValueError("epochs and batch size must be >= 1")
-        if config.resume and config.out is None:
-            raise ValueError("--resume needs --out (the folder holding checkpoint.pt)")
-        if config.solo is not None and config.method != "baseline":
-            raise ValueError(f"--solo trains one modality alone without any method: use --method baseline, not {config.method}")
-        if config.gblending_super_epoch < 1 or not 0.0 < config.gblending_holdout < 1.0:
-            raise ValueError("--gblending-super-epoch must be >= 1 and --gblending-holdout in (0, 1)")
-        if not 0.0 <= config.bmm_smoothing < 1.0:
-            raise ValueError(f"--bmm-smoothing must lie in [0, 1), got {config.bmm_smoothing}")
-        if config.agm_clip is not None and not config.agm_clip > 0:
-            raise ValueError(f"--agm-clip must be > 0 (or none), got {config.agm_clip}")
-        if config.val_size is not None and config.val_size < 1:
-            raise ValueError(f"--val-size must be >= 1, got {config.val_size}")
-        return config
 
 
 def _hold_out_val(task: Task, config: TrainConfig) -> None:
@@ -168,6 +51,14 @@ def _hold_out_val(task: Task, config: TrainConfig) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- training
+def _set_epoch(dataset: Any, epoch: int) -> None:
+    """Tell a dataset that pairs its items per epoch (AV-MNIST's ``repair_every_epoch``) which epoch starts,
+    through the subsets of held-out splits."""
+    while dataset is not None:
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+            return
+        dataset = getattr(dataset, "dataset", None)
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -180,7 +71,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     device = _device(config.device)
     task = build_task(
         config.dataset, data_root=config.data_root, fusion=config.fusion, seed=config.seed,
-        max_items=config.max_items, avdigits_options=config.avdigits,
+        max_items=config.max_items, dataset_options=config.dataset_options,
     )
     if config.val_size is not None:
         _hold_out_val(task, config)
@@ -194,7 +85,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     }
     out = Path(config.out) if config.out else None
     checkpoint_path = out / "checkpoint.pt" if out else None
-    optimizer = make_optimizer(config, model)
+    optimizer = make_optimizer(config, loop.parameters())
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, config.lr_step, config.lr_gamma) if config.lr_step else None
     loop.attach(optimizer)
 
@@ -214,6 +105,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         started = time.perf_counter()
         model.train()
         loop.start_epoch(epoch)
+        _set_epoch(loop.train_set, epoch)
         generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
         loader = DataLoader(loop.train_set, shuffle=True, generator=generator, **loader_args)
         total_loss, batches = 0.0, 0
@@ -337,68 +229,49 @@ def summary_lines(results: Mapping[str, Any]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def _metrics_arg(text: str) -> dict[str, float]:
-    try:
-        return {name: float(value) for name, value in (item.split("=") for item in text.split(","))}
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"expected name=value,name=value, got {text!r}") from error
-
-
-def _clip_arg(text: str) -> float | None:
-    if text == "none":
-        return None
-    try:
-        return float(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"expected a positive number or none, got {text!r}") from error
+def _method_help() -> str:
+    own = "; ".join(f"{key}: {text}" for key, text in CLI_METHODS.items())
+    return f"{own}; and every gradmod method by its gradmod.METHODS key ({', '.join(gradmod.METHODS)})"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
+    """The CLI's arguments as a `TrainConfig`; each method's strength and options come from its registry entry."""
     parser = argparse.ArgumentParser(prog="python -m reference_models.train", description=__doc__.split("\n\n")[0])
     add = parser.add_argument
     add("--dataset", choices=DATASETS, default="avdigits")
-    add("--method", choices=METHODS, default="baseline")
+    add("--method", choices=METHODS, default="baseline", help=_method_help())
     add("--fusion", choices=FUSION_KINDS, default="concat")
     add("--data-root", help="folder of the dataset's real files (cremad, ave, llp); scan it first with "
         "python -m reference_models.check")
     add("--epochs", type=int)
     add("--batch-size", type=int)
-    add("--optimizer", choices=("sgd", "adam"))
+    add("--optimizer", choices=OPTIMIZERS)
     add("--lr", type=float)
     add("--lr-step", type=int, help="StepLR period in epochs")
     add("--lr-gamma", type=float, help="StepLR decay factor")
     add("--weight-decay", type=float, default=1e-4)
     add("--seed", type=int, default=0)
-    add("--apply", choices=("params", "features"), default="params")
+    add("--strength", type=float, help="the method's main hyper-parameter (gradmod.METHODS[method].strength), "
+        "also settable by its own name below")
+    for keyword, keys in strength_keywords().items():
+        meaning = gradmod.METHODS[keys[0]].strength.meaning
+        add(f"--{keyword.replace('_', '-')}", type=float, dest=f"strength:{keyword}", default=argparse.SUPPRESS,
+            help=f"the strength of {', '.join(keys)}: {meaning}".replace("%", "%%"))
+    group = parser.add_argument_group("method options", "--<method>-<option>, from each method's gradmod.METHODS entry")
+    for key, info in gradmod.METHODS.items():
+        for option in info.options:
+            choices = None if option.choices is None else [str(c) for c in option.choices]
+            group.add_argument(
+                f"--{key}-{option.keyword.replace('_', '-')}", dest=f"option:{key}:{option.keyword}", type=option.type,
+                default=argparse.SUPPRESS,
+                choices=choices if option.type is str else None, help=f"{info.title}: {option.help} (default {option.default})".replace("%", "%%"),
+            )
+    add("--apply", choices=gradmod.appliers.APPLY_MODES, default="params")
     add("--backend", choices=gradmod.kernels.BACKENDS, default="auto")
     add("--param-filter", choices=tuple(PARAM_FILTERS), default="all")
+    add("--noise", choices=("default", "none", *gradmod.functional.NOISE_KINDS), default="default")
     add("--modulation-start", type=int, default=0, help="first modulated epoch")
     add("--modulation-end", type=int, help="last modulated epoch (inclusive; default: the last epoch)")
-    add("--alpha", type=float, help="strength α: OGM / OGM-GE (Peng et al., CVPR 2022) and decoupling-free (Sun et "
-        "al., ICASSP 2024), default 0.8; AGM (Li et al., ICCV 2023), default 1.0; MLA's projection (Zhang et al., "
-        "CVPR 2024), default 0.1")
-    add("--gamma", type=float, help="DGM γ (Fu, Gao & Xu, eq. (7); default 0.1); MMPareto's magnitude γ (Wei & Hu, "
-        "ICML 2024; default 1 with --mmpareto-rule paper, 1.5 with official)")
-    add("--noise", choices=("default", "none", "ge", "restore", "paper"), default="default")
-    add("--gamma-p", type=float, default=1.0, help="PDMP γp (dominant modality)")
-    add("--gamma-r", type=float, default=0.5, help="PDMP γr (the rest)")
-    add("--pdmp-metrics", type=_metrics_arg, help="unimodal metrics, e.g. audio=0.61,visual=0.52 (default: measured)")
-    add("--pdmp-budget", type=int, default=1, help="epochs of unimodal training to rank the modalities")
-    add("--agm-clip", type=_clip_arg, default=1.0, help="AGM (Li et al., ICCV 2023): clip every gradient to this "
-        "norm when the fused head's weight gradient leaves [-c, c], as its official loop does; none: never")
-    add("--mmpareto-rule", choices=RULES, default="paper", help="MMPareto (Wei & Hu, ICML 2024): the paper's "
-        "whole-encoder rescaling or the official code's per-tensor one")
-    add("--mla-projection", choices=tuple(p or "none" for p in PROJECTIONS), default="owm", help="MLA (Zhang et "
-        "al., CVPR 2024): the head-gradient projection; none is what the official code runs")
-    add("--gblending-super-epoch", type=int, default=1, help="G-Blending (Wang, Tran & Feiszli, CVPR 2020): "
-        "re-estimate the loss weights every this many epochs")
-    add("--gblending-holdout", type=float, default=0.08, help="G-Blending: fraction of the training split held "
-        "out to estimate the weights (MultiBench's 8%%)")
-    add("--mixup-alpha", type=float, default=0.4, help="MM Beta(α, α) (Ma, Ding & Chen, 2025, eq. (3))")
-    add("--bmm-degree", type=float, default=1.0, help="B-MM degree β (Ma, Ding & Chen, 2025, eq. (7))")
-    add("--bmm-warmup", type=int, default=1, help="B-MM warm-up epochs")
-    add("--bmm-smoothing", type=float, default=0.5, help="B-MM: weight of the past in the moving average of the "
-        "unimodal accuracies that set κ (0: each epoch's own, as printed in the paper)")
     add("--solo", help="with --method baseline: train this modality alone (the others' features zeroed)")
     add("--val-size", type=int, help="hold this many training items out as a val split (datasets without one)")
     add("--max-items", type=int, help="cap each split (smoke runs)")
@@ -411,7 +284,23 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     args = vars(parser.parse_args(argv))
     if args["noise"] == "none":
         args["noise"] = None
-    return TrainConfig(**args)
+    method = args["method"]
+    info = gradmod.METHODS.get(method)
+    for dest in [d for d in args if d.startswith("strength:")]:
+        value, keyword = args.pop(dest), dest.split(":", 1)[1]
+        if info is None or info.strength is None or info.strength.keyword != keyword:
+            own = "none" if info is None or info.strength is None else f"--{info.strength.keyword.replace('_', '-')}"
+            parser.error(f"--{keyword.replace('_', '-')} is not a hyper-parameter of {method} (its strength: {own})")
+        if args["strength"] is not None:
+            parser.error(f"--strength and --{keyword.replace('_', '-')} set the same value: pass one")
+        args["strength"] = value
+    options = {}
+    for dest in [d for d in args if d.startswith("option:")]:
+        value, (_, key, keyword) = args.pop(dest), dest.split(":")
+        if key != method:
+            parser.error(f"--{key}-{keyword.replace('_', '-')} is an option of {key}, not of {method}")
+        options[keyword] = value
+    return TrainConfig(**args, options=options)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

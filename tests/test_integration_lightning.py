@@ -132,9 +132,9 @@ def test_fit_follows_the_plain_loop(precision, accumulate):
     callback = GradModCallback(ogm_ge)
     run = fit(module, callback, precision=precision, accumulate_grad_batches=accumulate)
     steps = EPOCHS * BATCHES // accumulate
-    assert run.global_step == steps and callback.modulator.step_count == steps
-    assert all(record["status"] == "applied" for record in callback.modulator.history)
-    assert_same_run(module, callback.modulator, *plain_run(precision, accumulate))
+    assert run.global_step == steps and callback.method.step_count == steps
+    assert all(record["status"] == "applied" for record in callback.method.history)
+    assert_same_run(module, callback.method, *plain_run(precision, accumulate))
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["unscaled-by-lightning", "fused-unscales-in-step"])
@@ -147,7 +147,7 @@ def test_a_step_the_scaler_skips_is_not_modulated_and_drops_its_evidence(fused):
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # no "step without observe()" after the skip
         fit(module, callback, precision="16-mixed", accumulate_grad_batches=2)
-    mod = callback.modulator
+    mod = callback.method
     assert mod.step_count == EPOCHS * BATCHES // 2 - 1
     assert_same_run(module, mod, *plain_run("16-mixed", 2, inf_at=inf_at, fused=fused))
 
@@ -156,7 +156,7 @@ def test_modulation_comes_before_lightnings_gradient_clipping():
     module = Module()
     callback = GradModCallback(ogm_ge)
     fit(module, callback, accumulate_grad_batches=2, gradient_clip_val=0.05)
-    assert_same_run(module, callback.modulator, *plain_run(accumulate=2, clip=0.05))
+    assert_same_run(module, callback.method, *plain_run(accumulate=2, clip=0.05))
     clipped_first, _ = plain_run(accumulate=2, clip=0.05, clip_first=True)
     differs = any(not torch.allclose(a, b) for a, b in zip(module.model.parameters(), clipped_first.parameters()))
     assert differs, "the clip was not active, so the test cannot tell the orders apart"
@@ -175,8 +175,8 @@ def test_resuming_from_a_checkpoint_gives_the_uninterrupted_run(tmp_path, given)
     resumed = Module()
     callback = GradModCallback(ogm_ge if given == "factory" else ogm_ge(resumed))
     fit(resumed, callback, accumulate_grad_batches=2, ckpt_path=str(first_epoch[0]))
-    assert callback.modulator.step_count == whole_callback.modulator.step_count == EPOCHS * BATCHES // 2
-    assert_same_run(resumed, callback.modulator, whole.model, whole_callback.modulator)
+    assert callback.method.step_count == whole_callback.method.step_count == EPOCHS * BATCHES // 2
+    assert_same_run(resumed, callback.method, whole.model, whole_callback.method)
 
 
 # ------------------------------------------------------------------ several optimizers (manual optimization)
@@ -230,7 +230,7 @@ def test_several_optimizers_each_step_their_own_modulator(tmp_path):
                 nn.functional.cross_entropy(logits, y).backward()
                 optimizer.step()
     for index in (0, 1):
-        mod = callbacks[1 - index].modulator
+        mod = callbacks[1 - index].method
         assert mod.step_count == EPOCHS * BATCHES
         for got, want in zip(mod.history, mods[index].history):
             assert got["coefficients"] == pytest.approx(want["coefficients"], rel=1e-5)
@@ -238,7 +238,7 @@ def test_several_optimizers_each_step_their_own_modulator(tmp_path):
 
     run.save_checkpoint(tmp_path / "two.ckpt")
     saved = torch.load(tmp_path / "two.ckpt", weights_only=True)["callbacks"]
-    states = {key: value["modulator"]["step"] for key, value in saved.items() if key.startswith("GradModCallback")}
+    states = {key: value["method"]["step"] for key, value in saved.items() if key.startswith("GradModCallback")}
     assert sorted(states) == sorted(callback.state_key for callback in callbacks)
     assert set(states.values()) == {EPOCHS * BATCHES}
 
@@ -305,5 +305,5 @@ def test_optimizer_index_is_a_non_negative_int(bad):
 def test_the_factory_modulator_exists_once_a_fit_started():
     callback = GradModCallback(ogm_ge)
     with pytest.raises(RuntimeError, match="no fit has started"):
-        callback.modulator
+        callback.method
     assert callback.state_dict() == {}

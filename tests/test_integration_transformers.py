@@ -126,15 +126,15 @@ def test_train_follows_the_plain_loop(tmp_path, accumulate, bf16):
         tmp_path, callback, accumulate=accumulate, bf16=bf16, eval_dataset=Samples(), eval_strategy="steps", eval_steps=5
     )
     steps = EPOCHS * SAMPLES // (BATCH * accumulate)
-    assert trainer.state.global_step == steps and callback.modulator.step_count == steps
-    assert all(record["status"] == "applied" for record in callback.modulator.history)
-    assert_same_run(model, callback.modulator, *plain_run(accumulate, bf16))
+    assert trainer.state.global_step == steps and callback.method.step_count == steps
+    assert all(record["status"] == "applied" for record in callback.method.history)
+    assert_same_run(model, callback.method, *plain_run(accumulate, bf16))
 
 
 def test_modulation_comes_after_the_trainers_gradient_clipping(tmp_path):
     callback = GradModCallback(ogm_ge)
     _, model = train(tmp_path, callback, accumulate=2)
-    assert_same_run(model, callback.modulator, *plain_run(2, clip_first=True))
+    assert_same_run(model, callback.method, *plain_run(2, clip_first=True))
     modulated_first, _ = plain_run(2, clip_first=False)
     differs = any(not torch.allclose(a, b) for a, b in zip(model.parameters(), modulated_first.parameters()))
     assert differs, "the clip was not active, so the test cannot tell the orders apart"
@@ -150,7 +150,7 @@ def test_resuming_from_a_checkpoint_gives_the_uninterrupted_run(tmp_path, given)
     model = TwoTower()
     callback = GradModCallback(ogm_ge if given == "factory" else ogm_ge(model))
     train(tmp_path, callback, model=model, resume=str(checkpoint), accumulate=2)
-    assert_same_run(model, callback.modulator, whole, whole_callback.modulator)
+    assert_same_run(model, callback.method, whole, whole_callback.method)
 
 
 class Wrapper(nn.Module):
@@ -167,7 +167,7 @@ class Wrapper(nn.Module):
 def test_a_submodule_of_the_trainers_model_reports_the_evidence(tmp_path):
     callback = GradModCallback(lambda model: ogm_ge(model.inner))
     trainer, model = train(tmp_path, callback, model=Wrapper())
-    assert callback.modulator.step_count == trainer.state.global_step == EPOCHS * SAMPLES // BATCH
+    assert callback.method.step_count == trainer.state.global_step == EPOCHS * SAMPLES // BATCH
 
 
 # ------------------------------------------------------------------ misuse is a clear error
@@ -198,7 +198,7 @@ def test_an_attached_modulator_or_a_factory_returning_something_else_is_refused(
     with pytest.raises(TypeError, match="returned a dict"):
         train(tmp_path, GradModCallback(lambda model: {}))
     with pytest.raises(RuntimeError, match="no training has started"):
-        GradModCallback(ogm_ge).modulator
+        GradModCallback(ogm_ge).method
 
 
 def test_a_train_that_raised_leaves_no_attachment_behind(tmp_path):

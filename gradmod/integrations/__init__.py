@@ -4,6 +4,8 @@
   (``pip install 'gradmod[lightning]'``).
 * `gradmod.integrations.transformers` — `GradModCallback` for the Hugging Face ``Trainer``
   (``pip install 'gradmod[transformers]'``).
+* `gradmod.integrations.tensorboard` — `log_scalars` for a plain loop: what a method decided, written to a
+  ``SummaryWriter`` under the tags the callbacks log.
 
 Accelerate needs no integration module: attach the modulator to the optimizer you built; the
 ``AcceleratedOptimizer`` that ``accelerator.prepare`` returns steps it, and its hooks fire (see the

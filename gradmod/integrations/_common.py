@@ -1,17 +1,33 @@
-"""What the trainer integrations share (not public API): the optional import and the modulator source."""
+"""What the trainer integrations share (not public API): the optional import, the method source, and the driver
+that runs a method of any kind at a trainer's events.
+
+A trainer owns the loop, so a callback cannot use a method's ``attach``: it drives the method by its kind
+(`gradmod.method.KINDS`) instead. At the start of training it checks that the trainer can run the method at all
+(`MethodDriver.start`): one optimizer step per modality and batch (``"turns"``) needs a loop that steps several
+times per batch. Before each optimizer step it steps the methods that act there (`STEPPED_KINDS`), or tells them
+the step was skipped; before and after every epoch it calls ``start_epoch`` / ``end_epoch``; after each step it
+reads ``scalars()`` for the trainer's logger (`MethodDriver.scalars`).
+"""
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
 from types import ModuleType
+from typing import Any
 
+import torch
 from torch import nn
 
-from gradmod.modulator import Modulator
+from gradmod.method import Method
 
-#: Builds the modulator from the model when training starts (after the trainer moved the model).
-ModulatorFactory = Callable[[nn.Module], Modulator]
+__all__ = ["STEPPED_KINDS", "MethodDriver", "MethodFactory", "require"]
+
+#: Builds the method from the model when training starts (after the trainer moved the model).
+MethodFactory = Callable[[nn.Module], Method]
+#: The kinds that act in the optimizer step (a trainer steps them before ``optimizer.step()``); the others act
+#: through the loss, the batch or the epoch hooks. A passive monitor (`gradmod.diagnose`) steps too.
+STEPPED_KINDS = ("modulator", "responses", "backward", "turns", "monitor")
 
 
 def require(module: str, *, extra: str, integration: str) -> ModuleType:
@@ -25,26 +41,74 @@ def require(module: str, *, extra: str, integration: str) -> ModuleType:
         ) from error
 
 
-class ModulatorSource:
-    """A modulator given as it is, or a factory called with the model each time training starts."""
+def _is_method(value: Any) -> bool:
+    return isinstance(value, Method) or hasattr(value, "kind") and hasattr(value, "state_dict") and hasattr(value, "scalars")
 
-    def __init__(self, modulator: Modulator | ModulatorFactory) -> None:
-        if isinstance(modulator, Modulator):
-            self._given: Modulator | None = modulator
-            self._factory: ModulatorFactory | None = None
-        elif callable(modulator):
-            self._given, self._factory = None, modulator
+
+class MethodDriver:
+    """One method (given, or built by a factory when training starts) run at a trainer's events.
+
+    Args:
+        method: a gradmod method (not attached to an optimizer: the trainer steps it), or a factory
+            ``model -> method`` called when training starts, after the trainer placed the model on its device.
+        trainer: the trainer's name, for messages (``"Lightning"``, ``"the Hugging Face Trainer"``).
+    """
+
+    def __init__(self, method: Method | MethodFactory, trainer: str) -> None:
+        if _is_method(method):
+            self._given: Any = method
+            self._factory: MethodFactory | None = None
+        elif callable(method):
+            self._given, self._factory = None, method
         else:
-            raise TypeError(
-                "expected a gradmod.Modulator or a factory model -> Modulator, "
-                f"got {type(modulator).__name__}"
-            )
+            raise TypeError(f"expected a gradmod method or a factory model -> method, got {type(method).__name__}")
+        self.trainer = trainer
+        self.method: Any = self._given
 
-    def build(self, model: nn.Module) -> Modulator:
-        """The given modulator, or a new one from the factory."""
-        if self._factory is None:
-            return self._given
-        built = self._factory(model)
-        if not isinstance(built, Modulator):
-            raise TypeError(f"the modulator factory returned a {type(built).__name__}, not a gradmod.Modulator")
-        return built
+    def start(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, *, steps_per_batch: bool) -> Any:
+        """Build the method (a factory), check the trainer can run its kind, and check the optimizer.
+
+        ``steps_per_batch``: whether the trainer takes several optimizer steps per batch (Lightning's manual
+        optimization can; the Hugging Face Trainer cannot), which the ``"turns"`` kind needs.
+        """
+        method = self._given if self._factory is None else self._factory(model)
+        if not _is_method(method):
+            raise TypeError(f"the method factory returned a {type(method).__name__}, not a gradmod method")
+        kind = method.kind
+        if kind == "turns" and not steps_per_batch:
+            raise ValueError(
+                f"{type(method).__name__} takes one optimizer step per modality and batch, which {self.trainer} does "
+                "not do here; under Lightning set automatic_optimization = False and step the optimizer once per "
+                "modality in training_step (the Hugging Face Trainer steps once per batch: use Lightning or your own loop)"
+            )
+        if kind in STEPPED_KINDS:
+            if getattr(method, "attached_to", None) is not None:
+                raise ValueError(
+                    f"the {type(method).__name__} is attached to an optimizer, but the callback steps it itself: do not "
+                    "call attach() (or detach() it first)"
+                )
+            if optimizer is None:
+                raise ValueError(f"{type(method).__name__} acts in the optimizer step, but {self.trainer} gave no optimizer")
+            method.check_optimizer(optimizer)
+        self.method = method
+        return method
+
+    @property
+    def stepped(self) -> bool:
+        """Whether the method acts in the optimizer step."""
+        return self.method.kind in STEPPED_KINDS
+
+    def before_optimizer_step(self, skipped: bool) -> None:
+        """Step the method (or drop the step a ``GradScaler`` skips) right before ``optimizer.step()``."""
+        if not self.stepped:
+            return
+        if skipped:
+            self.method.skip_step()
+        else:
+            self.method.step()
+
+    def scalars(self, prefix: str = "gradmod") -> dict[str, float]:
+        """What the method decided at its last recorded step, as ``{"<prefix>/<method>/<field>/<unit>": value}``."""
+        from gradmod.integrations.tensorboard import tags
+
+        return tags(self.method, prefix)

@@ -1,4 +1,4 @@
-"""Lightning: `GradModCallback` modulates the gradients of one of the ``Trainer``'s optimizers.
+"""Lightning: `GradModCallback` runs any gradmod method in Lightning's ``Trainer`` and logs what it decided.
 
 ```
 trainer = L.Trainer(callbacks=[GradModCallback(lambda module: gradmod.OGMGE(...))])
@@ -6,13 +6,27 @@ trainer = L.Trainer(callbacks=[GradModCallback(lambda module: gradmod.OGMGE(...)
 observe(self, logits={"audio": la, "visual": lv}, target=y)
 ```
 
-Lightning runs ``training_step`` and ``backward`` inside a closure that it hands to
-``optimizer.step(closure)`` (except under a ``GradScaler``), so the step pre-hook of
-`gradmod.Modulator.attach` would run before the gradients exist. The callback steps the modulator in
-``on_before_optimizer_step`` instead: after the (accumulated) backward passes and, with
-``precision="16-mixed"``, after the scaler unscaled the gradients; **before** Lightning's gradient
-clipping, so the clipped gradient is the one the optimizer applies, noise included. A step the
-``GradScaler`` skips is not modulated, not counted, and its evidence is dropped, as in a plain loop.
+**Every kind of method** (`gradmod.method.KINDS`):
+
+* methods that act in the optimizer step — modulators (OGM-GE, DGM, PDMP, AGM, …), MMPareto's per-loss
+  gradients, MLA's turns — are stepped by the callback in ``on_before_optimizer_step``. Lightning runs
+  ``training_step`` and ``backward`` inside a closure that it hands to ``optimizer.step(closure)``, so the
+  step pre-hook of ``attach`` would run before the gradients exist; ``on_before_optimizer_step`` comes after
+  the (accumulated) backward passes and, with ``precision="16-mixed"``, after the scaler unscaled the gradients,
+  and **before** Lightning's gradient clipping. A step the ``GradScaler`` skips is not stepped, not counted, and
+  its evidence is dropped, as in a plain loop. Report evidence with `observe` (``observe(self, logits=...,
+  target=...)``; MMPareto: ``observe(self, loss_mm, unimodal_losses)`` and return ``loss_mm + Σ unimodal``;
+  MLA: ``observe(self, name, features)`` before each of its ``manual_backward``/``opt.step()`` turns, with
+  ``automatic_optimization = False`` — under automatic optimization the callback refuses MLA at ``fit`` start).
+* methods that give the loss or the batch (G-Blending, the mixups, …) are called from ``training_step`` through
+  `method_of` (``method_of(self).loss(losses)``); the callback calls their epoch hooks (G-Blending's held-out
+  estimates with ``measure=``, B-MM's accuracies with ``measure=``).
+
+Before and after every training epoch the callback calls ``start_epoch`` / ``end_epoch``; after every optimizer
+step it logs the method's ``scalars()`` through ``LightningModule.log_dict`` as ``gradmod/<method>/<field>/<unit>``
+(coefficients, ratios, loss weights, and ``active``: 1 on a step that applied the method) to whatever loggers the
+trainer has (TensorBoard, W&B, CSV). The method's ``state_dict`` is saved in Lightning checkpoints and restored by
+``Trainer.fit(ckpt_path=...)``.
 
 Needs the ``lightning`` package: ``pip install 'gradmod[lightning]'``.
 """
@@ -23,47 +37,42 @@ from typing import Any
 
 import torch
 
-from gradmod.integrations._common import ModulatorFactory, ModulatorSource, require
-from gradmod.modulator import Modulator
+from gradmod.integrations._common import MethodDriver, MethodFactory, require
+from gradmod.method import Method
 
 _pl = require("lightning.pytorch", extra="lightning", integration="lightning")
 
-__all__ = ["GradModCallback", "observe"]
+__all__ = ["GradModCallback", "method_of", "observe"]
 
 
 class GradModCallback(_pl.Callback):
-    """Modulate the gradients of the trainer's optimizer ``optimizer_index`` with a `gradmod.Modulator`.
-
-    Each optimizer step (after ``accumulate_grad_batches`` batches, or each ``opt.step()`` in manual
-    optimization), the modulator turns the evidence that `observe` gathered since the last step into
-    one coefficient per modality and applies it to the gradients: in ``on_before_optimizer_step``,
-    before gradient clipping. The modulator's `state_dict` is saved in Lightning checkpoints and
-    restored by ``Trainer.fit(ckpt_path=...)``.
+    """Run a gradmod method of any kind in Lightning's ``Trainer`` (module docstring), with one of its optimizers.
 
     Args:
-        modulator: a modulator (not attached to any optimizer: the callback steps it), or a factory
-            ``LightningModule -> Modulator`` called at the start of each ``fit``, after the trainer
-            moved the module to its device and configured the optimizers.
-        optimizer_index: which of the trainer's optimizers (the order ``configure_optimizers``
-            returns them in) steps the modulated encoders. Several optimizers: one callback each, with
-            its own modulator and index.
+        method: a gradmod method (not attached to any optimizer: the callback steps it), or a factory
+            ``LightningModule -> method`` called at the start of each ``fit``, after the trainer moved the module to
+            its device and configured the optimizers.
+        optimizer_index: which of the trainer's optimizers (the order ``configure_optimizers`` returns them in)
+            steps the method's parameters. Several optimizers: one callback each, with its own method and index.
+        log: log the method's ``scalars()`` after each optimizer step (``log_dict``, ``on_step=True``).
     """
 
-    def __init__(self, modulator: Modulator | ModulatorFactory, *, optimizer_index: int = 0) -> None:
+    def __init__(self, method: Method | MethodFactory, *, optimizer_index: int = 0, log: bool = True) -> None:
         if isinstance(optimizer_index, bool) or not isinstance(optimizer_index, int) or optimizer_index < 0:
             raise ValueError(f"optimizer_index must be an int >= 0, got {optimizer_index!r}")
-        self._source = ModulatorSource(modulator)
+        self._driver = MethodDriver(method, "Lightning's automatic optimization")
         self.optimizer_index = optimizer_index
-        self._modulator = modulator if isinstance(modulator, Modulator) else None
+        self.log_scalars = bool(log)
         self._optimizer: torch.optim.Optimizer | None = None
-        self._restored: dict[str, Any] | None = None  # a checkpoint's modulator state, loaded when the fit starts
+        self._restored: dict[str, Any] | None = None  # a checkpoint's method state, loaded when the fit starts
+        self._to_log = False
 
     @property
-    def modulator(self) -> Modulator:
-        """The modulator (built by the factory when the first ``fit`` started)."""
-        if self._modulator is None:
-            raise RuntimeError("the modulator factory is called when Trainer.fit starts; no fit has started yet")
-        return self._modulator
+    def method(self) -> Any:
+        """The method (built by the factory when the first ``fit`` started)."""
+        if self._driver.method is None:
+            raise RuntimeError("the method factory is called when Trainer.fit starts; no fit has started yet")
+        return self._driver.method
 
     @property
     def state_key(self) -> str:
@@ -77,19 +86,17 @@ class GradModCallback(_pl.Callback):
                 f"{len(optimizers)} optimizer(s)"
             )
         optimizer = optimizers[self.optimizer_index]
-        modulator = self._source.build(pl_module)
-        if modulator.attached_to is not None:
-            raise ValueError(
-                "the modulator is attached to an optimizer, but GradModCallback steps it itself: do not call "
-                "attach() (or detach() it first)"
-            )
-        # attach()'s pre-hook would run before Lightning's closure computes the gradients, so the callback
-        # steps the modulator itself, after the same checks
-        modulator.check_optimizer(optimizer)
+        method = self._driver.start(pl_module, optimizer, steps_per_batch=not pl_module.automatic_optimization)
         if self._restored is not None:
-            modulator.load_state_dict(self._restored)
+            method.load_state_dict(self._restored)
             self._restored = None
-        self._modulator, self._optimizer = modulator, optimizer
+        self._optimizer = optimizer
+
+    def on_train_epoch_start(self, trainer: _pl.Trainer, pl_module: _pl.LightningModule) -> None:
+        self.method.start_epoch(trainer.current_epoch)
+
+    def on_train_epoch_end(self, trainer: _pl.Trainer, pl_module: _pl.LightningModule) -> None:
+        self.method.end_epoch(trainer.current_epoch)
 
     def on_before_optimizer_step(
         self, trainer: _pl.Trainer, pl_module: _pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -97,10 +104,16 @@ class GradModCallback(_pl.Callback):
         if optimizer is not self._optimizer:
             return
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        if scaler is not None and scaler.is_enabled() and _scaler_skips(scaler, optimizer):
-            self._modulator.skip_step()
-            return
-        self._modulator.step()
+        skipped = scaler is not None and scaler.is_enabled() and _scaler_skips(scaler, optimizer)
+        self._driver.before_optimizer_step(skipped)
+        self._to_log = not skipped
+
+    def on_train_batch_end(self, trainer: _pl.Trainer, pl_module: _pl.LightningModule, *args: Any, **kwargs: Any) -> None:
+        if self.log_scalars and trainer.loggers and (self._to_log or not self._driver.stepped):
+            values = self._driver.scalars()
+            if values:
+                pl_module.log_dict(values, on_step=True, on_epoch=False, prog_bar=False, logger=True)
+        self._to_log = False
 
     def on_fit_end(self, trainer: _pl.Trainer, pl_module: _pl.LightningModule) -> None:
         self._optimizer = None
@@ -110,22 +123,30 @@ class GradModCallback(_pl.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         if self._restored is not None:
-            return {"modulator": self._restored}
-        return {} if self._modulator is None else {"modulator": self._modulator.state_dict()}
+            return {"method": self._restored}
+        return {} if self._driver.method is None else {"method": self._driver.method.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if "modulator" not in state_dict:
-            raise ValueError("the checkpoint's GradModCallback state holds no modulator state")
+        saved = state_dict.get("method", state_dict.get("modulator"))  # "modulator": checkpoints of earlier releases
+        if saved is None:
+            raise ValueError("the checkpoint's GradModCallback state holds no method state")
         if self._optimizer is not None:  # restored after the fit started (strategies that restore late)
-            self._modulator.load_state_dict(state_dict["modulator"])
+            self.method.load_state_dict(saved)
         else:
-            self._restored = state_dict["modulator"]
+            self._restored = saved
 
 
-def observe(module: _pl.LightningModule, *, optimizer_index: int | None = None, **inputs: Any) -> None:
-    """Report a training batch's evidence, from ``training_step`` (gradmod's ``self.log``).
+def method_of(module: _pl.LightningModule, *, optimizer_index: int | None = None) -> Any:
+    """The method of the module's `GradModCallback` (``optimizer_index`` picks one of several), e.g. for
+    ``method_of(self).loss(losses)`` in ``training_step``."""
+    return _callback_for(module.trainer, optimizer_index).method
 
-    Call it after the forward pass, as `gradmod.Modulator.observe` (same inputs): once per batch; the
+
+def observe(module: _pl.LightningModule, *args: Any, optimizer_index: int | None = None, **inputs: Any) -> None:
+    """Report a training batch to the callback's method, from ``training_step`` (gradmod's ``self.log``).
+
+    Call it after the forward pass with what the method's ``observe`` takes (a modulator: ``logits=...,
+    target=...``; MMPareto: the multimodal and unimodal losses; MLA: the turn's modality and features); the
     batches of one optimizer step (``accumulate_grad_batches``) add up. ``optimizer_index`` picks the
     `GradModCallback` when the trainer has several.
     """
@@ -134,7 +155,7 @@ def observe(module: _pl.LightningModule, *, optimizer_index: int | None = None, 
     if not trainer.training:
         stage = "no" if trainer.state.stage is None else repr(trainer.state.stage.value)
         raise RuntimeError(f"observe() reports training evidence, but the trainer is in {stage} stage: call it in training_step only")
-    callback.modulator.observe(**inputs)
+    callback.method.observe(*args, **inputs)
 
 
 def _callbacks(trainer: _pl.Trainer) -> list[GradModCallback]:
@@ -164,4 +185,3 @@ def _scaler_skips(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer
     """
     found = scaler._found_inf_per_device(optimizer) or scaler._check_inf_per_device(optimizer)
     return bool(sum(value.item() for value in found.values()))
-

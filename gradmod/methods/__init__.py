@@ -11,7 +11,7 @@ import importlib
 
 from gradmod.method import MethodInfo
 
-__all__ = ["METHODS", "MethodInfo"]
+__all__ = ["METHODS", "MethodInfo", "key_of"]
 
 #: The modules of the catalogue, in the order the docs list them.
 _MODULES = (
@@ -39,3 +39,12 @@ def _collect() -> dict[str, MethodInfo]:
 
 #: Every method by its one name (the training CLI's ``--method``), in catalogue order.
 METHODS: dict[str, MethodInfo] = _collect()
+
+
+def key_of(method: object) -> str:
+    """The registry key of ``method``'s class (its most derived registered class), else its class name in lower case."""
+    for cls in type(method).__mro__:
+        for key, info in METHODS.items():
+            if info.preset is cls:
+                return key
+    return type(method).__name__.lower()

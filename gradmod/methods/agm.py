@@ -67,7 +67,7 @@ from gradmod.appliers import Applier, Modality, scale_grad
 from gradmod.functional import coalitions, shapley_values
 from gradmod.history import MODULATOR_FIELDS, Derived
 from gradmod.measures import IGNORE_INDEX, Measure
-from gradmod.method import Fit, MethodInfo, Strength
+from gradmod.method import Fit, MethodInfo, Option, Strength, float_or_none
 from gradmod.modulator import Modulator
 
 __all__ = [
@@ -640,5 +640,12 @@ METHODS = (
         cost="every step: 2^M forward passes (4 for two modalities), backward through all",
         fit=Fit(head="coalitions", acts_on="gradient scale"),
         strength=Strength("sharpness", 1.0, "α of c = exp(α·min(τ − ρ, cap)): how hard a modality is pulled to its target"),
+        options=(
+            Option("cap", 10.0, "the cap of α·min(τ − ρ, cap) (10 for CREMA-D in the official code; none: no cap)", float_or_none),
+            Option(
+                "clip", 1.0, "clip every gradient to this norm when the fused head's weight gradient leaves [-c, c], as "
+                "the official loop does (official_clip_); none: never", float_or_none, loop=True,
+            ),
+        ),
     ),
 )

@@ -231,6 +231,7 @@ class GBlending(Method):
     """
 
     kind = "loss"
+    loss_inputs = ("losses",)
     state_version = 2
     _migrations = {1: _from_version_1}
 

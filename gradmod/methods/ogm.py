@@ -67,8 +67,22 @@ class OGMGE(OGM):
     Arguments as `OGM`, with ``noise="ge"``.
     """
 
-    def __init__(self, modalities: Mapping[str, Modality], alpha: float, *, noise: str | None = "ge", **options: Any) -> None:
-        super().__init__(modalities, alpha, noise=noise, **options)
+    def __init__(
+        self,
+        modalities: Mapping[str, Modality],
+        alpha: float,
+        *,
+        noise: str | None = "ge",
+        apply: str | Applier = "params",
+        backend: str = DEFAULT_BACKEND,
+        param_filter: ParamFilter | None = None,
+        ignore_index: int | None = IGNORE_INDEX,
+        **options: Any,
+    ) -> None:
+        super().__init__(
+            modalities, alpha, noise=noise, apply=apply, backend=backend, param_filter=param_filter,
+            ignore_index=ignore_index, **options,
+        )
 
 
 _PAPER = "Peng et al., Balanced Multimodal Learning via On-the-fly Gradient Modulation, CVPR 2022"

@@ -135,6 +135,14 @@ class StaticMetrics(Measure):
 
 
 
+def parse_metrics(text: str) -> dict[str, float]:
+    """``"audio=0.61,visual=0.52"`` → ``{"audio": 0.61, "visual": 0.52}`` (the training CLI's ``--pdmp-metrics``)."""
+    try:
+        return {name: float(value) for name, value in (item.split("=") for item in text.split(","))}
+    except ValueError as error:
+        raise ValueError(f"expected name=value,name=value, got {text!r}") from error
+
+
 class PDMP(Modulator):
     """Performance-dominant modality prioritization — gradmod's reading (the paper publishes no equations).
 
@@ -188,6 +196,10 @@ METHODS = (
         cost="before training: one unimodal run per modality; per step as OGM",
         fit=Fit(head="decoupled", acts_on="gradient scale"),
         strength=Strength("gamma_r", 0.5, "γr of k_u = 1 − tanh(γr·e_u/e_d) for every modality but the dominant d"),
-        options=(Option("gamma_p", 1.0, "γp, the dominant modality's boost", float),),
+        options=(
+            Option("gamma_p", 1.0, "γp, the dominant modality's boost", float),
+            Option("metrics", None, "the unimodal metrics to rank by, e.g. audio=0.61,visual=0.52 (default: measured)", parse_metrics, loop=True),
+            Option("budget", 1, "epochs of unimodal training per modality to measure the ranking metrics", int, loop=True),
+        ),
     ),
 )

@@ -10,6 +10,7 @@ import torch
 
 import gradmod
 from reference_models import train as train_module
+from reference_models.config import DATASET_DEFAULTS
 from reference_models.train import (
     METHODS,
     SELECTION_LABELS,
@@ -25,7 +26,7 @@ TINY_DIGITS = {"num_train": 96, "num_test": 48}
 
 
 def tiny(**overrides):
-    options = {"dataset": "avdigits", "epochs": 1, "batch_size": 32, "avdigits": TINY_DIGITS, "progress": False}
+    options = {"dataset": "avdigits", "epochs": 1, "batch_size": 32, "dataset_options": TINY_DIGITS, "progress": False}
     return TrainConfig(**{**options, **overrides})
 
 
@@ -45,11 +46,11 @@ HEADS = {"decoupling_free": "gated", "mla": "shared"}
 def test_every_method_trains_on_avdigits(method):
     # PDMP ranks by held-out unimodal accuracy: enough data that the two modalities do not tie
     digits = {"num_train": 600, "num_test": 48} if method == "pdmp" else TINY_DIGITS
-    results = train(tiny(method=method, fusion=HEADS.get(method, "concat"), pdmp_budget=1, avdigits=digits, epochs=2))
+    results = train(tiny(method=method, fusion=HEADS.get(method, "concat"), dataset_options=digits, epochs=2))
     check_results(results)
     info = gradmod.METHODS.get(method)
-    assert results["method"]["loop"] == (info.loop if info else "plain")
-    modulated = info is not None and info.loop in ("modulator", "responses")
+    assert results["method"]["loop"] == (info.kind if info else "plain")
+    modulated = info is not None and info.kind in ("modulator", "responses")
     assert bool(results["coefficients_per_step"]) == modulated
     last = results["history"][-1]
     if method == "pdmp":
@@ -57,17 +58,18 @@ def test_every_method_trains_on_avdigits(method):
     if method == "bmm":
         assert set(last["bmm"]) == {"train_unimodal", "smoothed", "kappa", "weak", "strength"}
     if method == "agm":
-        assert results["method"]["options"] == {"alpha": 1.0, "agm_clip": 1.0}
+        assert results["method"]["options"] == {"sharpness": 1.0, "cap": 10.0, "clip": 1.0}
     if method == "mmpareto":
         assert set(last["mmpareto"]) == {"cosine", "unimodal_weight", "scale"}
-        assert results["method"]["options"] == {"gamma": 1.0, "mmpareto_rule": "paper"}
+        assert results["method"]["options"] == {"gamma": 1.0, "rule": "paper"}
     if method == "mla":
         assert set(last["mla"]["kept"]) == {"audio", "visual"}
         assert all(0.0 < kept <= 1.0 for kept in last["mla"]["kept"].values())
     if method == "gblending":
-        weights = [record["gblending"]["weights"] for record in results["history"]]
-        assert weights[0] == {"fused": 1 / 3, "audio": 1 / 3, "visual": 1 / 3}  # no estimate before epoch 1
-        assert weights[1] != weights[0] and sum(weights[1].values()) == pytest.approx(1.0)
+        assert results["history"][0]["gblending"] == {}  # no estimate before epoch 1
+        weights = {k.split("/")[1]: v for k, v in results["history"][1]["gblending"].items() if k.startswith("weights/")}
+        assert set(weights) == {"fused", "audio", "visual"} and sum(weights.values()) == pytest.approx(1.0)
+        assert weights != {"fused": 1 / 3, "audio": 1 / 3, "visual": 1 / 3}
         assert results["method"]["options"]["held_out_items"] == round(0.08 * TINY_DIGITS["num_train"])
 
 
@@ -95,7 +97,7 @@ def _without_times(history):
 def test_resume_continues_exactly(tmp_path, method):
     options = {"method": method, "fusion": HEADS.get(method, "concat")}
     if method == "pdmp":
-        options["pdmp_metrics"] = {"audio": 0.9, "visual": 0.3}
+        options["options"] = {"metrics": {"audio": 0.9, "visual": 0.3}}
     straight = train(tiny(epochs=3, out=str(tmp_path / "a"), **options))
     train(tiny(epochs=1, out=str(tmp_path / "b"), **options))
     resumed = train(tiny(epochs=3, out=str(tmp_path / "b"), resume=True, **options))
@@ -152,16 +154,30 @@ def test_cli_reports_a_wrong_data_root(tmp_path, capsys):
 
 def test_cli_parses_every_option():
     config = train_module.parse_args(
-        ["--method", "pdmp", "--pdmp-metrics", "audio=0.6,visual=0.4", "--noise", "none", "--epochs", "3"]
+        ["--method", "pdmp", "--pdmp-metrics", "audio=0.6,visual=0.4", "--noise", "none", "--epochs", "3", "--gamma-r", "0.2"]
     )
-    assert config.pdmp_metrics == {"audio": 0.6, "visual": 0.4} and config.noise is None and config.epochs == 3
-    assert config.resolved().lr == train_module.DATASET_DEFAULTS["avdigits"]["lr"]
+    assert config.options == {"metrics": {"audio": 0.6, "visual": 0.4}} and config.noise is None and config.epochs == 3
+    assert config.strength == 0.2
+    assert config.resolved().lr == DATASET_DEFAULTS["avdigits"]["lr"]
+    assert train_module.parse_args(["--method", "mmpareto", "--mmpareto-rule", "official"]).options == {"rule": "official"}
+    assert train_module.parse_args(["--method", "agm", "--agm-clip", "none"]).options == {"clip": None}
+    for argv, message in (
+        (["--method", "ogm", "--sharpness", "2"], "--sharpness is not a hyper-parameter of ogm"),
+        (["--method", "ogm", "--mmpareto-rule", "paper"], "--mmpareto-rule is an option of mmpareto, not of ogm"),
+        (["--method", "ogm", "--strength", "1", "--alpha", "2"], "--strength and --alpha set the same value"),
+    ):
+        with pytest.raises(SystemExit):
+            train_module.parse_args(argv)
+    with pytest.raises(ValueError, match="gblending has no strength"):
+        TrainConfig(method="gblending", strength=2.0).resolved()
+    with pytest.raises(ValueError, match="baseline has no strength or options"):
+        TrainConfig(options={"rule": "paper"}).resolved()
     with pytest.raises(ValueError, match="--resume needs --out"):
         TrainConfig(resume=True).resolved()
 
 
 def test_pdmp_with_given_metrics_and_dgm_single_label():
-    results = train(tiny(method="pdmp", pdmp_metrics={"audio": 0.9, "visual": 0.3}))
+    results = train(tiny(method="pdmp", options={"metrics": {"audio": 0.9, "visual": 0.3}}))
     assert results["pdmp"]["ranking"] == ["audio", "visual"]
     k = results["coefficients_per_step"][0]["coefficients"]
     assert k["audio"] >= 1.0 >= k["visual"]
@@ -175,7 +191,7 @@ def test_demo_prints_the_comparison(tmp_path, monkeypatch, capsys):
     original = TrainConfig.resolved
 
     def small(self):
-        return original(TrainConfig(**{**self.__dict__, "avdigits": TINY_DIGITS, "progress": False}))
+        return original(TrainConfig(**{**self.__dict__, "dataset_options": TINY_DIGITS, "progress": False}))
 
     monkeypatch.setattr(TrainConfig, "resolved", small)
     assert demo.main(["--epochs", "1", "--out", str(tmp_path)]) == 0
@@ -214,7 +230,7 @@ def test_results_and_cli_summary_label_every_report(tmp_path, capsys):
     argv = ["--epochs", "1", "--batch-size", "32", "--method", "baseline", "--no-progress"]
     original = TrainConfig.resolved
     try:
-        TrainConfig.resolved = lambda self: original(TrainConfig(**{**self.__dict__, "avdigits": TINY_DIGITS}))
+        TrainConfig.resolved = lambda self: original(TrainConfig(**{**self.__dict__, "dataset_options": TINY_DIGITS}))
         assert main(argv) == 0
     finally:
         TrainConfig.resolved = original
@@ -223,50 +239,56 @@ def test_results_and_cli_summary_label_every_report(tmp_path, capsys):
     assert all(label in printed for label in SELECTION_LABELS.values())
 
 
-def test_cli_methods_are_gradmod_methods_by_the_same_name():
-    """One registry: each modulator method is gradmod.METHODS[name], its hyper-parameters from the config."""
-    import gradmod
-    from reference_models.tasks import build_task
-    from reference_models.train import MODULATOR_METHODS, make_modulator, parse_args
+def test_cli_methods_are_the_cli_controls_and_every_gradmod_method_by_its_key():
+    """One registry: the CLI's --method choices are its own two and gradmod.METHODS; strengths and options resolve
+    from each method's entry (given values, else its defaults)."""
+    from reference_models.config import CLI_METHODS, method_options
 
-    assert set(MODULATOR_METHODS) <= set(gradmod.METHODS)
-    task = build_task("avdigits", max_items=8, avdigits_options={"num_train": 8, "num_test": 8})
-    strengths = {"ogm": 0.3, "ogm_ge": 0.3, "decoupling_free": 0.3, "dgm": 0.7}
-    for method in MODULATOR_METHODS:
-        config = parse_args(["--method", method, "--alpha", "0.3", "--gamma", "0.7", "--gamma-p", "0.2"]).resolved()
-        modulator = make_modulator(config, task, steps_per_epoch=1, pdmp_ranking=("visual", "audio"))
-        assert isinstance(modulator, gradmod.Modulator), method
-        if method == "pdmp":
-            assert modulator.policy.ranking == ("visual", "audio") and modulator.policy.gamma_p == 0.2
-        else:
-            assert modulator.policy.strength == strengths[method], method
-    assert make_modulator(parse_args(["--method", "mm"]).resolved(), task, 1) is None
+    assert METHODS == (*CLI_METHODS, *gradmod.METHODS)
+    for key, info in gradmod.METHODS.items():
+        resolved = method_options(TrainConfig(method=key))
+        if info.strength is not None:
+            assert resolved[info.strength.keyword] == info.strength.default, key
+        assert {o.keyword for o in info.options} <= set(resolved), key
+    assert method_options(TrainConfig(method="dgm", strength=0.7)) == {"alpha": 0.7}
+    assert method_options(TrainConfig(method="agm", strength=0.3, options={"clip": None})) == {"sharpness": 0.3, "cap": 10.0, "clip": None}
+    with pytest.raises(ValueError, match=r"mmpareto has no options --mmpareto-cap; its options: \['rule'\]"):
+        method_options(TrainConfig(method="mmpareto", options={"cap": 1.0}))
+    with pytest.raises(ValueError, match="--mmpareto-rule must be one of"):
+        method_options(TrainConfig(method="mmpareto", options={"rule": "mine"}))
 
 
 def test_every_gradmod_method_enters_through_the_loop_of_its_kind():
-    """One dispatch: a gradmod method's CLI loop is LOOPS[gradmod.METHODS[name].loop]; the CLI's own methods are OWN_LOOPS."""
-    from reference_models.loops import LOOPS, OWN_LOOPS, make_loop
+    """One dispatch: a gradmod method's CLI loop is the loop of gradmod.METHODS[name].kind (the data methods each
+    have theirs); the CLI's own methods are CLI_LOOPS."""
+    from reference_models.loops import CLI_LOOPS, LOOPS, make_loop
+    from reference_models.loops.data import DATA_LOOPS
     from reference_models.tasks import build_task
 
-    assert set(METHODS) == {*gradmod.METHODS, *OWN_LOOPS}
+    assert set(METHODS) == {*gradmod.METHODS, *CLI_LOOPS}
     for method in METHODS:
-        task = build_task("avdigits", fusion=HEADS.get(method, "concat"), avdigits_options={"num_train": 8, "num_test": 8})
-        config = tiny(method=method, fusion=HEADS.get(method, "concat"), pdmp_metrics={"audio": 0.9, "visual": 0.3})
+        task = build_task("avdigits", fusion=HEADS.get(method, "concat"), dataset_options={"num_train": 8, "num_test": 8})
+        options = {"metrics": {"audio": 0.9, "visual": 0.3}} if method == "pdmp" else {}
+        config = tiny(method=method, fusion=HEADS.get(method, "concat"), options=options)
         loop = make_loop(config.resolved(), task, torch.device("cpu"))
         info = gradmod.METHODS.get(method)
-        assert type(loop) is (LOOPS[info.loop] if info else OWN_LOOPS[method]), method
-        assert loop.kind == (info.loop if info else "plain")
+        expected = CLI_LOOPS.get(method) or DATA_LOOPS.get(method) or LOOPS[info.kind]
+        assert type(loop) is expected, method
+        assert loop.kind == (info.kind if info else "plain")
+        assert (loop.method is None) == (info is None), method
 
 
-def test_strengths_default_to_each_methods_own_value():
-    from reference_models.loops import preset_options
+def test_the_control_adds_the_unimodal_heads_losses_to_the_fused_one():
+    from reference_models.loops import make_loop
+    from reference_models.tasks import build_task
 
-    config = TrainConfig()
-    assert preset_options(gradmod.METHODS["ogm"].preset, config) == {"alpha": 0.8}  # OGM requires α: the CLI's 0.8
-    assert preset_options(gradmod.METHODS["agm"].preset, config) == {"alpha": 1.0}  # AGM's official default
-    assert preset_options(gradmod.METHODS["mla"].preset, config) == {"alpha": 0.1}
-    assert preset_options(gradmod.METHODS["dgm"].preset, config) == {"gamma": 0.1}
-    assert preset_options(gradmod.METHODS["agm"].preset, TrainConfig(alpha=0.3)) == {"alpha": 0.3}
+    task = build_task("avdigits", dataset_options=TINY_DIGITS)
+    loop = make_loop(tiny(method="unimodal_losses").resolved(), task, torch.device("cpu"))
+    inputs, target = next(iter(torch.utils.data.DataLoader(task.train_set, batch_size=8)))
+    features = task.model.encode(inputs)
+    expected = task.model.loss(task.model.head(features), target) + sum(loop.unimodal_losses(features, target).values())
+    assert loop.loss(inputs, target).item() == pytest.approx(expected.item(), rel=1e-6)
+    check_results(train(tiny(method="unimodal_losses")))
 
 
 def _task_of(kind, model, name="llp"):
@@ -325,9 +347,9 @@ def test_solo_trains_one_modality_alone_through_the_fused_head():
     from reference_models.loops import make_loop, make_optimizer
     from reference_models.tasks import build_task
 
-    task = build_task("avdigits", avdigits_options=TINY_DIGITS)
+    task = build_task("avdigits", dataset_options=TINY_DIGITS)
     loop = make_loop(tiny(solo="visual").resolved(), task, torch.device("cpu"))
-    loop.attach(make_optimizer(tiny().resolved(), task.model))
+    loop.attach(make_optimizer(tiny().resolved(), loop.parameters()))
     inputs, target = next(iter(torch.utils.data.DataLoader(task.train_set, batch_size=8)))
     loop.step(inputs, target)
     assert all(p.grad is None for p in task.model.encoders["audio"].parameters())
@@ -345,7 +367,7 @@ def test_val_size_holds_training_items_out_as_a_val_split():
 
 
 def test_bmm_sets_kappa_from_the_moving_average_of_the_decoupled_training_accuracies():
-    results = train(tiny(method="bmm", epochs=3, avdigits={"num_train": 192, "num_test": 48}))
+    results = train(tiny(method="bmm", epochs=3, dataset_options={"num_train": 192, "num_test": 48}))
     records = [record["bmm"] for record in results["history"]]
     assert records[0]["smoothed"] == records[0]["train_unimodal"]  # the first estimate is the epoch's own
     for before, now in zip(records, records[1:]):
@@ -354,4 +376,4 @@ def test_bmm_sets_kappa_from_the_moving_average_of_the_decoupled_training_accura
         ratio = now["smoothed"]["audio"] / now["smoothed"]["visual"]
         assert now["kappa"]["audio"] == pytest.approx(ratio)
     assert any(r["smoothed"] != r["train_unimodal"] for r in records[1:])  # the average did move something
-    assert results["method"]["options"]["bmm_smoothing"] == 0.5
+    assert results["method"]["options"]["smoothing"] == 0.5

@@ -1,0 +1,2 @@
+"""tmp"""
+from gradmod.diagnose.monitor import Monitor

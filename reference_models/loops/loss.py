@@ -1,0 +1,115 @@
+"""The loop of kind ``"loss"``: the training loss of a batch is the method's, from the step inputs it names.
+
+A loss method declares ``loss_inputs`` (names of `gradmod.method.INPUTS`); the loop computes them
+(`reference_models.loops.base.provide`) and backwards ``method.loss(**inputs)``. The preset is built from what the
+loop knows, bound by parameter name: ``modalities`` (the encoders), ``heads`` (``fused`` and one per modality),
+``names``, ``num_classes``, ``seed``, and a per-epoch ``measure`` where the method needs data once per epoch
+(`MEASURES`: G-Blending's checkpoint of every head's train and held-out loss). Unimodal heads are added to the model
+when the method reads them. A method with parameters of its own (``method.extra``) has them stepped by the run's
+optimizer.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, random_split
+
+import gradmod
+from reference_models.config import TrainConfig
+from reference_models.loops.base import APPLIER_FIELDS, FUSED_HEAD, WINDOW_FIELDS, MethodLoop, provide, rows
+from reference_models.tasks import Task
+
+__all__ = ["HOLDOUT_SEED_OFFSET", "LossLoop", "MEASURES"]
+
+#: Offset of the seed that draws a held-out split of the training set (G-Blending's) from the run's seed.
+HOLDOUT_SEED_OFFSET = 20_011
+
+
+def _gblending_measure(loop: LossLoop) -> Callable[[], Any]:
+    """G-Blending's checkpoint: every head's mean loss on the training split and on the held-out part."""
+    size = {"batch_size": loop.config.batch_size, "num_workers": loop.config.workers}
+
+    def heads(model: nn.Module, batch: Any) -> tuple[dict[str, Tensor], Tensor]:
+        inputs, target = batch
+        inputs, target = {n: x.to(loop.device) for n, x in inputs.items()}, target.to(loop.device)
+        features = model.encode(inputs)
+        logits = {FUSED_HEAD: rows(model.head(features).logits)}
+        logits.update({name: rows(z) for name, z in model.unimodal_head_logits(features).items()})
+        return logits, model.measure_target(target)
+
+    def measure() -> Any:
+        return gradmod.methods.gblending.checkpoint(
+            loop.model, heads, train=DataLoader(loop.train_set, **size), held_out=DataLoader(loop.held_out, **size)
+        )
+
+    return measure
+
+
+#: The per-epoch data a method's ``measure`` needs, by method key: ``loop -> measure``.
+MEASURES: dict[str, Callable[[LossLoop], Callable[[], Any]]] = {"gblending": _gblending_measure}
+
+
+class LossLoop(MethodLoop):
+    """Kind ``"loss"``: backward the method's ``loss(**inputs)`` of the inputs it names (module docstring)."""
+
+    kind = "loss"
+
+    def __init__(self, config: TrainConfig, task: Task, device: torch.device) -> None:
+        self.held_out: Dataset | None = None
+        super().__init__(config, task, device)
+        self.refuse({**APPLIER_FIELDS, **WINDOW_FIELDS}, "modulation window or params applier")
+        self.reads = tuple(self.info.preset.loss_inputs)
+        if {"target", "losses", "unimodal_head_logits"} & set(self.reads):
+            self.needs_class_targets("trains unimodal heads" if "losses" in self.reads else "computes its loss from class labels")
+        if FUSED_HEAD in task.modalities:
+            raise ValueError(f"{config.method} names the fused head {FUSED_HEAD!r}, which is also a modality of {task.name}")
+        if {"unimodal_head_logits", "losses"} & set(self.reads):
+            self.add_unimodal_heads("trains unimodal heads")
+        arguments, keywords = self._arguments()
+        self.method = self.info.preset(*arguments, **keywords)
+
+    def _training_split(self) -> Dataset:
+        """The training split, less a held-out part where the method has a ``holdout`` option (G-Blending)."""
+        data = self.task.train_set
+        fraction = self.method_options.get("holdout")
+        if fraction is None:
+            return data
+        if not 0.0 < fraction < 1.0:
+            raise ValueError(f"--{self.config.method}-holdout must lie in (0, 1), got {fraction}")
+        held = max(1, round(fraction * len(data)))
+        if held >= len(data):
+            raise ValueError(f"{self.config.method}: a held-out split of {held} leaves nothing of {len(data)} training items to train on")
+        generator = torch.Generator().manual_seed(self.config.seed + HOLDOUT_SEED_OFFSET)
+        fit, self.held_out = random_split(data, [len(data) - held, held], generator)
+        return fit
+
+    def _arguments(self) -> tuple[list[Any], dict[str, Any]]:
+        known: dict[str, Any] = {
+            "modalities": self.model.modality_modules(),
+            "heads": (FUSED_HEAD, *self.task.modalities),
+            "names": self.task.modalities,
+            "num_classes": self.task.num_classes,
+            "seed": self.config.seed,
+        }
+        if self.config.method in MEASURES:
+            known["measure"] = MEASURES[self.config.method](self)
+        parameters = inspect.signature(self.info.preset).parameters
+        first = next(iter(parameters))
+        keywords = {name: value for name, value in known.items() if name in parameters and name != first}
+        return [known[first]], {**keywords, **self.preset_options}
+
+    def loss(self, inputs: Mapping[str, Tensor], target: Tensor) -> Tensor:
+        return self.method.loss(**provide(self.reads, self, inputs, target))
+
+    def options(self) -> dict[str, Any]:
+        extra = {} if self.held_out is None else {"held_out_items": len(self.held_out)}
+        return {**super().options(), **extra}
+
+    def end_epoch(self, epoch: int) -> dict[str, Any]:
+        super().end_epoch(epoch)
+        return {"coefficients": {}, self.config.method: self.method.scalars()}

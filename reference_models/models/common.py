@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gradmod.fusion import ConcatFusion, FiLMFusion, Fusion, GatedSumFusion, SumFusion
-from gradmod.mla import entropy_fusion
+from gradmod.methods.mla import entropy_fusion
 
 __all__ = [
     "FUSION_KINDS",
@@ -226,7 +226,7 @@ class FusedClassifier(MultimodalModel):
 class SharedHead(Fusion):
     """One linear classifier shared by every modality, ``z_m = W·f_m + b`` (one width for all), fused by
     the entropy weights of MLA's test-time fusion (Zhang et al., *Multimodal Representation Learning by
-    Alternating Unimodal Adaptation*, CVPR 2024; `gradmod.mla.entropy_fusion`, per sample):
+    Alternating Unimodal Adaptation*, CVPR 2024; `gradmod.methods.mla.entropy_fusion`, per sample):
     ``Σ_m w_m z_m`` with ``w = softmax_m(−entropy(softmax(z_m)))``.
 
     ``unimodal_logits`` are the ``z_m``; ``linear`` is the head `gradmod.MLA` trains in turns. Trained

@@ -8,7 +8,7 @@ Inputs: audio ``[B, T, 128]`` (VGGish), visual ``[B, T, 2560]`` (ResNet-152 appe
 * ``e_u = ψ_u(x_u)``: per-modality snippet encoders (Linear → ReLU → Linear to ``dim``) — `encode`;
 * MSDU: ``P^ms_u = sigmoid(φ^ms_u(e_u))``, ``A^ms_u = softmax_T(Atn^ms_u(e_u))`` on the pure unimodal
   features; the video-level score ``s_u = Σ_t A^ms_u ⊙ P^ms_u ∈ [0, 1]`` per class is what DGM measures
-  (eq. (6), `gradmod.functional.dgm_evidence`): ``ModelOutput.unimodal_scores`` (the paper says
+  (eq. (6), `gradmod.methods.dgm.dgm_evidence`): ``ModelOutput.unimodal_scores`` (the paper says
   ``P^ms`` and ``A^ms`` give ``s`` without a formula; this is the same attention pooling as ``P``'s);
 * ``f_a, f_v = cro_att(e_a, e_v)``: a HAN hybrid-attention layer per modality (self-attention plus
   attention over the other modality, residual, LayerNorm, feed-forward), both computed from the

@@ -386,7 +386,7 @@ def test_shared_head_fuses_the_per_modality_predictions_by_their_entropy(name: s
         assert output.unimodal_logits is not None
         for m in model.modalities:
             assert torch.allclose(output.unimodal_logits[m], own[m], atol=1e-6)
-        fused = gradmod.mla.entropy_fusion(own)
+        fused = gradmod.methods.mla.entropy_fusion(own)
         assert torch.allclose(output.logits.flatten(0, -2), fused, atol=1e-6)
         alone, decoupled = model.masked_logits(features), model.decoupled_logits(features)
         for m in model.modalities:

@@ -1,29 +1,34 @@
-"""Accuracy of every method against plain joint training on AV-digits: a documented sweep, then seeds.
+"""Accuracy of every method against plain joint training on AV-digits or AV-MNIST: a documented sweep, then seeds.
 
-Every method of `reference_models.train.METHODS` is trained with `reference_models.train.train` on the
-embedded AV-digits dataset, under one budget (epochs, data, optimizer). ``decoupling_free`` needs a
-ζ-gated head and ``mla`` the shared head (`HEADS`); every other method uses the concat head. The baseline
-is run once per head used, and the visual branch is trained alone (``--solo visual``, concat head) with
-every seed: the reference of the "gap closed".
+Every method of `reference_models.config.METHODS` — the CLI's baseline and its ``unimodal_losses`` control, and
+every method of ``gradmod.METHODS`` — is trained with `reference_models.train.train` on an embedded dataset
+(``--dataset``: the generated AV-digits, or AV-MNIST's real recordings and handwriting), under one budget
+(epochs, data, optimizer) per dataset (`PROFILES`). Each method runs on the head its registry entry asks for
+(`fusion_for`: a ζ-gated head for the gate, the shared head for MLA; concat otherwise). The baseline is run once
+per head used, and the weak modality is trained alone (``--solo``, concat head) with every seed: the reference of
+the "gap closed". The control (``unimodal_losses``: the same unimodal heads as the methods that add them, the
+losses simply summed) is the row a method that trains unimodal heads must beat to be credited with its own rule.
 
-**The sweep.** Each method's main strength (`SWEPT`) gets the same grid: its default times 1/3, 1 and 3
-(`GRID`), trained with the first seed. ``--val-size`` items of the training split are held out of training
-in every run, and the value is chosen on them, never on test (`choose`): the value with the best held-out
-visual-alone accuracy among those whose held-out fused accuracy is at least the baseline's; if none is,
-the best held-out fused accuracy. The other seeds then train at the chosen value (the first seed's run is
-the sweep's). G-Blending has no strength to set (`UNSWEPT`).
+**The sweep.** Each method's main strength (``gradmod.METHODS[key].strength``) gets the same grid: its default
+times its registry ``sweep`` factors (1/3, 1 and 3), trained with the first seed. ``--val-size`` items of the
+training split are held out of training in every run, and the value is chosen on them, never on test (`choose`):
+the value with the best held-out weak-modality accuracy among those whose held-out fused accuracy is at least the
+baseline's; if none is, the best held-out fused accuracy. The other seeds then train at the chosen value (the first
+seed's run is the sweep's). Methods without a strength are run at their defaults (`unswept`).
 
-Reported per method, as mean ± sample std (n − 1) over seeds: final test accuracy of the fused model and of
-each modality alone (the fused head with the other modality's features zeroed; MLA's shared head on that
-modality's features), the difference to the baseline on the same head paired by seed, with the number of
-seeds where the method is ahead, the **gap closed** for the weak modality (`gap_closed`), the imbalance
-ratio ``ρ = acc_audio / acc_visual`` and the wall time. It writes ``accuracy.json`` (every run, every
-epoch, every step's coefficients) and ``accuracy.md`` (the tables) under ``--out`` after each run, and
-the PNG plots under ``--plots`` at the end. ``--resume`` keeps the runs an interrupted benchmark wrote.
+Reported per method, as mean ± sample std (n − 1) over seeds: final test accuracy of the fused model and of each
+modality alone (the fused head with the other modality's features zeroed; MLA's shared head on that modality's
+features), the difference to the baseline on the same head paired by seed (and to the control, for the methods with
+unimodal heads), with the number of seeds where the method is ahead, the **gap closed** for the weak modality
+(`gap_closed`), the imbalance ratio ``ρ = acc_dominant / acc_weak`` and the wall time. It writes
+``accuracy[_<dataset>].json`` (every run, every epoch, every step's coefficients) and ``.md`` (the tables) under
+``--out`` after each run, and the PNG plots under ``--plots`` at the end. ``--resume`` keeps the runs an
+interrupted benchmark wrote.
 
     OMP_NUM_THREADS=1 python benchmarks/accuracy.py --quick     # smoke run, about 20 s
     OMP_NUM_THREADS=1 python benchmarks/accuracy.py --jobs 2 \\
         --out benchmarks/results --plots docs/benchmarks/img   # the run of docs/benchmarks/accuracy.md
+    OMP_NUM_THREADS=1 python benchmarks/accuracy.py --dataset avmnist --jobs 2   # its AV-MNIST table
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,43 +61,90 @@ import matplotlib.pyplot as plt
 
 import gradmod
 from reference_models.data.avdigits import make_avdigits
-from reference_models.loops import PRESET_OPTIONS, preset_options
 from reference_models.plots import bar_chart
 from reference_models.train import METHODS, TrainConfig, train
 
-#: The modality AV-digits makes dominant (clean tones) and the weak one (noisy glyphs); ρ = dominant / weak.
-DOMINANT, WEAK = "audio", "visual"
-#: The head each method needs; the others run on the decouplable concat head, as the solo run does.
-HEADS = {"decoupling_free": "gated", "mla": "shared"}
+@dataclass(frozen=True)
+class Profile:
+    """One dataset's benchmark: which modality dominates and which is weak, the budget, the smoke run, the goal."""
+
+    dataset: str
+    title: str
+    dominant: str
+    weak: str
+    #: epochs, ``val_size`` and the dataset's own options (its generator's sizes for AV-digits)
+    budget: dict[str, Any]
+    quick: dict[str, Any]
+    #: the weak modality's alone accuracy the goal asks for (``None``: no goal stated)
+    goal_weak: float | None
+    #: the stem of the result files: ``<stem>.json``, ``<stem>.md``, ``<stem>_gap.png``, …
+    stem: str
+
+
+#: The benchmarks. AV-digits: clean tones dominate noisy glyphs (6 epochs of 6000 training samples, 564 SGD steps,
+#: with 500 more generated and held out for the sweep; the solo visual run reaches about 87 %). AV-MNIST: the FSDD
+#: training split (2,700 recordings, 270 held out for the sweep) with the dataset's SGD recipe (lr 0.01 then 0.001
+#: for the last epochs, which keeps eval-mode accuracy from swinging between epochs: docs/benchmarks/accuracy.md).
+PROFILES: dict[str, Profile] = {
+    "avdigits": Profile(
+        "avdigits", "AV-digits", "audio", "visual", {"epochs": 6, "val_size": 500, "num_train": 6500},
+        {"epochs": 1, "seeds": [0], "val_size": 40, "num_train": 360, "num_test": 160}, 0.80, "accuracy",
+    ),
+    "avmnist": Profile(
+        "avmnist", "AV-MNIST", "visual", "audio", {"epochs": 9, "val_size": 270},
+        {"epochs": 1, "seeds": [0], "val_size": 20, "max_items": 200}, None, "accuracy_avmnist",
+    ),
+}
+
+#: The benchmark of this run (`select`): the modules' functions read its modalities and title.
+PROFILE = PROFILES["avdigits"]
+DOMINANT, WEAK = PROFILE.dominant, PROFILE.weak
+GOAL_WEAK = PROFILE.goal_weak
+
+
+def select(dataset: str) -> Profile:
+    """Make ``dataset``'s profile the one every function of this script uses (modalities, goal, titles)."""
+    global PROFILE, DOMINANT, WEAK, GOAL_WEAK
+    if dataset not in PROFILES:
+        raise ValueError(f"unknown dataset {dataset!r}; the benchmarks: {sorted(PROFILES)}")
+    PROFILE = PROFILES[dataset]
+    DOMINANT, WEAK, GOAL_WEAK = PROFILE.dominant, PROFILE.weak, PROFILE.goal_weak
+    return PROFILE
+
+
+#: The CLI's control: the same unimodal heads as the methods that add them, the losses summed.
+CONTROL = "unimodal_losses"
+#: The head each kind of head a method needs runs on (`gradmod.method.Fit.head`); the others run on concat.
+HEAD_FUSION = {"gate": "gated", "shared": "shared"}
 DEFAULT_HEAD = "concat"
-#: Each method's main strength: the `TrainConfig` field the sweep varies.
-SWEPT = {
-    "ogm": "alpha", "ogm_ge": "alpha", "dgm": "gamma", "decoupling_free": "alpha", "pdmp": "gamma_r",
-    "agm": "alpha", "mmpareto": "gamma", "mla": "alpha", "mm": "mixup_alpha", "bmm": "bmm_degree",
-}
-#: Methods without a strength to sweep, and why.
-UNSWEPT = {
-    "baseline": "no method",
-    "gblending": "its loss weights are estimated from a held-out split; it has no strength to set",
-}
-#: The sweep's grid: the default value times these factors (log-spaced).
-GRID = (1 / 3, 1.0, 3.0)
-#: The documented budget (docs/benchmarks/accuracy.md): 6 epochs of 6000 training samples (564 SGD steps) per run,
-#: the generator's default training size, with 500 more generated and held out for the sweep's choice; the test
-#: split keeps its default size (2000).
-BUDGET = {"epochs": 6, "num_train": 6500, "val_size": 500}
-#: The smoke run of ``--quick``: 1 epoch, 1 seed, a tiny dataset, no sweep (every method at its default).
-QUICK = {"epochs": 1, "seeds": [0], "num_train": 360, "num_test": 160, "val_size": 40}
-#: The weak modality's alone accuracy the goal asks for (the solo run reaches about 87 %).
-GOAL_WEAK = 0.80
+#: Each swept method's strength keyword, from the registry.
+SWEPT = {key: info.strength.keyword for key, info in gradmod.METHODS.items() if info.strength is not None}
+
+
+def unswept() -> dict[str, str]:
+    """The methods run at their defaults, and why."""
+    reasons = {"baseline": "no method", CONTROL: "the control: no strength"}
+    reasons.update({
+        key: f"{info.title} has no strength to set" for key, info in gradmod.METHODS.items() if info.strength is None
+    })
+    return reasons
+
+
+UNSWEPT = unswept()
 
 
 # ------------------------------------------------------------------------------------------ the plan
 def fusion_for(method: str) -> str:
-    """The fusion head ``method`` runs on (`HEADS`, else concat)."""
+    """The fusion head ``method`` runs on: what its registry entry's head needs (`HEAD_FUSION`), else concat; a
+    method of kind ``"head"`` is its own head."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-    return HEADS.get(method, DEFAULT_HEAD)
+    info = gradmod.METHODS.get(method)
+    if info is None:
+        return DEFAULT_HEAD
+    if info.kind == "head":
+        return method
+    return HEAD_FUSION.get(info.fit.head, DEFAULT_HEAD)
 
 
 def run_key(method: str, fusion: str, solo: str | None = None) -> str:
@@ -112,7 +165,8 @@ def base_specs(methods: Sequence[str], seeds: Sequence[int]) -> list[dict[str, A
     missing = [m for m in methods if m not in SWEPT and m not in UNSWEPT]
     if missing:
         raise ValueError(f"methods {missing} are in neither SWEPT nor UNSWEPT: say what their sweep varies")
-    heads = dict.fromkeys([DEFAULT_HEAD, *(fusion_for(m) for m in methods)])
+    heads = dict.fromkeys([DEFAULT_HEAD, *(fusion_for(m) for m in methods if gradmod.METHODS.get(m) is None
+                                          or gradmod.METHODS[m].kind != "head")])
     specs = []
     for seed in seeds:
         specs += [spec("baseline", head, seed) for head in heads]
@@ -128,21 +182,18 @@ def spec(method: str, fusion: str, seed: int, *, option: str | None = None, valu
 
 
 def default_strength(method: str, option: str) -> float:
-    """The value the training CLI uses for ``option`` of ``method`` when it is not set."""
-    config = TrainConfig(method=method)
-    if option not in PRESET_OPTIONS:
-        return float(getattr(config, option))
-    preset = gradmod.METHODS[method].preset
-    value = preset_options(preset, config)[option]
-    if value is None:  # the preset picks it: MMPareto's γ depends on its rule
-        value = gradmod.mmpareto.DEFAULT_GAMMA[config.mmpareto_rule]
-    return float(value)
+    """The value the training CLI uses for ``method``'s strength ``option`` when it is not set (its registry default)."""
+    strength = gradmod.METHODS[method].strength
+    if strength is None or strength.keyword != option:
+        raise ValueError(f"{method}'s strength is not {option!r}")
+    return float(strength.default)
 
 
 def sweep_values(method: str) -> list[float]:
-    """The grid of ``method``'s strength: its default times each factor of `GRID`, rounded to 4 significant digits."""
+    """The grid of ``method``'s strength: its default times each factor of its registry ``sweep``, rounded to 4
+    significant digits."""
     center = default_strength(method, SWEPT[method])
-    return [float(f"{center * factor:.4g}") for factor in GRID]
+    return [float(f"{center * factor:.4g}") for factor in gradmod.METHODS[method].sweep]
 
 
 def sweep_specs(methods: Sequence[str], seed: int) -> list[dict[str, Any]]:
@@ -199,6 +250,10 @@ def _scores(evaluation: Mapping[str, Any]) -> dict[str, Any]:
     return {"accuracy": evaluation["accuracy"], "unimodal": evaluation["unimodal"]}
 
 
+#: The keys every epoch record of `reference_models.train.train` has; a method's own entries are the others.
+_STANDARD_RECORD = ("epoch", "train_loss", "test", "val", "coefficients", "elapsed_s")
+
+
 def summarize_run(run: Mapping[str, Any], results: Mapping[str, Any], total_s: float) -> dict[str, Any]:
     """The compact record of one training run that the JSON keeps."""
     epochs = [
@@ -209,7 +264,7 @@ def summarize_run(run: Mapping[str, Any], results: Mapping[str, Any], total_s: f
             "unimodal": r["test"]["unimodal"],
             "imbalance_ratio": imbalance_ratio(r["test"]["unimodal"]),
             "mean_coefficients": r["coefficients"],
-            **{key: r[key] for key in ("bmm", "mla", "mmpareto", "gblending") if key in r},
+            **{key: value for key, value in r.items() if key not in _STANDARD_RECORD},
         }
         for r in results["history"]
     ]
@@ -234,17 +289,20 @@ def summarize_run(run: Mapping[str, Any], results: Mapping[str, Any], total_s: f
 
 
 def config_for(run: Mapping[str, Any], epochs: int, dataset: Mapping[str, Any], val_size: int, device: str) -> TrainConfig:
-    """The `TrainConfig` of one run."""
-    options = {} if run["option"] is None else {run["option"]: run["value"]}
+    """The `TrainConfig` of one run (``dataset`` holds the dataset's options and, for smoke runs, ``max_items``)."""
+    options = dict(dataset)
+    max_items = options.pop("max_items", None)
     return TrainConfig(
-        dataset="avdigits", method=run["method"], fusion=run["fusion"], epochs=epochs, seed=run["seed"],
-        solo=run["solo"], val_size=val_size, avdigits=dict(dataset), device=device, progress=False, **options,
+        dataset=PROFILE.dataset, method=run["method"], fusion=run["fusion"], epochs=epochs, seed=run["seed"],
+        solo=run["solo"], val_size=val_size, dataset_options=options, max_items=max_items, device=device,
+        progress=False, strength=None if run["option"] is None else run["value"],
     )
 
 
-def train_one(job: tuple[dict[str, Any], int, dict[str, Any], int, str, int]) -> tuple[dict[str, Any], dict[str, Any]]:
+def train_one(job: tuple[str, dict[str, Any], int, dict[str, Any], int, str, int]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train one run (in a worker process under ``--jobs``); returns its summary and its resolved config."""
-    run, epochs, dataset, val_size, device, threads = job
+    profile, run, epochs, dataset, val_size, device, threads = job
+    select(profile)
     torch.set_num_threads(threads)
     started = time.perf_counter()
     results = train(config_for(run, epochs, dataset, val_size, device))
@@ -308,13 +366,18 @@ def summarize(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         for field in ("imbalance_ratio_mean", "imbalance_ratio_final"):
             defined = _defined(r[field] for r in group)
             row[field] = mean_std(defined) if defined else None
-        baseline = {r["seed"]: r for r in by_key.get(run_key("baseline", fusion), [])}
-        paired = [(r, baseline[r["seed"]]) for r in group if r["seed"] in baseline]
-        if group[0]["method"] != "baseline" and group[0]["solo"] is None and paired:
-            for label, read in (("fused", lambda r: r["accuracy"]), (WEAK, lambda r: r["unimodal"][WEAK])):
-                deltas = [read(r) - read(b) for r, b in paired]
-                row[f"delta_{label}"] = mean_std(deltas)
-                row[f"wins_{label}"] = [sum(d > 0 for d in deltas), len(deltas)]
+        references = {"delta": run_key("baseline", fusion)}
+        info = gradmod.METHODS.get(group[0]["method"])
+        if info is not None and info.fit.head == "unimodal heads":
+            references["control"] = run_key(CONTROL, DEFAULT_HEAD)
+        for prefix, reference_key in references.items():
+            against = {r["seed"]: r for r in by_key.get(reference_key, [])}
+            paired = [(r, against[r["seed"]]) for r in group if r["seed"] in against]
+            if group[0]["method"] != "baseline" and group[0]["solo"] is None and paired:
+                for label, read in (("fused", lambda r: r["accuracy"]), (WEAK, lambda r: r["unimodal"][WEAK])):
+                    deltas = [read(r) - read(b) for r, b in paired]
+                    row[f"{prefix}_{label}"] = mean_std(deltas)
+                    row[f"{_wins(prefix)}_{label}"] = [sum(d > 0 for d in deltas), len(deltas)]
         gaps = _defined(
             gap_closed(r["unimodal"][WEAK], reference[r["seed"]]["unimodal"][WEAK], solo[r["seed"]]["unimodal"][WEAK])
             for r in group if r["seed"] in reference and r["seed"] in solo
@@ -328,7 +391,7 @@ def goal_rows(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     """The methods that meet the goal: mean weak-alone accuracy ≥ `GOAL_WEAK` and mean fused accuracy at or
     above the concat baseline's (plain joint training)."""
     reference = next((r for r in rows if r["name"] == run_key("baseline", DEFAULT_HEAD)), None)
-    if reference is None:
+    if reference is None or GOAL_WEAK is None:
         return []
     return [
         r["name"] for r in rows
@@ -362,11 +425,16 @@ def _plain(pair: Sequence[float] | None, digits: int) -> str:
     return "—" if pair is None else f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
 
 
-def _delta(row: Mapping[str, Any], label: str) -> str:
-    if f"delta_{label}" not in row:
+def _wins(prefix: str) -> str:
+    """The key stem of the seeds-ahead counts of a difference (``wins_`` for the baseline's, ``control_wins_``)."""
+    return "wins" if prefix == "delta" else f"{prefix}_wins"
+
+
+def _delta(row: Mapping[str, Any], label: str, prefix: str = "delta") -> str:
+    if f"{prefix}_{label}" not in row:
         return "—"
-    wins, total = row[f"wins_{label}"]
-    return f"{_pct(row[f'delta_{label}'], signed=True)} ({wins}/{total})"
+    wins, total = row[f"{_wins(prefix)}_{label}"]
+    return f"{_pct(row[f'{prefix}_{label}'], signed=True)} ({wins}/{total})"
 
 
 def _setting(row: Mapping[str, Any]) -> str:
@@ -385,12 +453,12 @@ def markdown_tables(rows: Sequence[Mapping[str, Any]], sweep: Sequence[Mapping[s
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
-        f"| method | Δ fused vs baseline | Δ {WEAK} vs baseline | ρ mean over epochs | ρ final |",
-        "|" + " --- |" * 5,
+        f"| method | Δ fused vs baseline | Δ {WEAK} vs baseline | Δ {WEAK} vs control | ρ mean over epochs | ρ final |",
+        "|" + " --- |" * 6,
     ]
     for row in rows:
-        cells = [row["name"], _delta(row, "fused"), _delta(row, WEAK), _plain(row["imbalance_ratio_mean"], 2),
-                 _plain(row["imbalance_ratio_final"], 2)]
+        cells = [row["name"], _delta(row, "fused"), _delta(row, WEAK), _delta(row, WEAK, "control"),
+                 _plain(row["imbalance_ratio_mean"], 2), _plain(row["imbalance_ratio_final"], 2)]
         lines.append("| " + " | ".join(cells) + " |")
     if sweep:
         lines += ["", f"| method | value | held-out fused | held-out {WEAK} alone | chosen |", "|" + " --- |" * 5]
@@ -411,13 +479,13 @@ def markdown_report(meta: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], 
         f"met by {', '.join(met)}" if met else "not met by any method"
     )
     return "\n".join([
-        "# AV-digits accuracy benchmark (measured)",
+        f"# {PROFILE.title} accuracy benchmark (measured)",
         "",
         f"Command: `{meta['command']}`" + "".join(f"; tables and plots rewritten by `{c}`" for c in meta.get("rewritten_by", [])),
         "",
-        (f"Budget: {budget['epochs']} epochs, seeds {budget['seeds']}, AV-digits {budget['dataset']}, "
+        (f"Budget: {budget['epochs']} epochs, seeds {budget['seeds']}, {PROFILE.title} {budget['dataset']}, "
         f"{budget['val_size']} training items held out for the sweep; {budget['optimizer']} lr {budget['lr']}, "
-        f"batch {budget['batch_size']}. Sweep: each method's strength × {[round(f, 4) for f in GRID]} on seed "
+        f"batch {budget['batch_size']}. Sweep: each method's strength × {[round(f, 4) for f in budget['grid']]} on seed "
         f"{budget['seeds'][0]}, chosen on the held-out items."),
         "",
         (f"Machine: {machine['cpu']} ({machine['cpu_count']} logical CPUs, {budget['jobs']} parallel runs of "
@@ -425,15 +493,18 @@ def markdown_report(meta: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], 
         f"{machine['platform']}. Wall time: {meta.get('elapsed_s', 0.0):.0f} s for {meta.get('runs_done', 0)} runs."),
         "",
         (f"Goal ({WEAK} alone ≥ {100 * GOAL_WEAK:.0f} % with fused accuracy at or above the concat baseline): "
-        f"{verdict}."),
+        f"{verdict}." if GOAL_WEAK is not None else f"Goal: none stated; the gap closed measures how far each method "
+        f"brings the {WEAK} branch towards its solo run."),
         "",
         markdown_tables(rows, sweep),
         "",
-        (f"Accuracies in % (test set, {budget['dataset']['num_test']} samples), mean ± sample std over seeds. Gap "
+        (f"Accuracies in % (test set), mean ± sample std over seeds. Gap "
         f"closed: ({WEAK} alone − baseline (concat)) / (solo − baseline (concat)) per seed. Δ: method − baseline "
         f"on the same head, paired by seed, with (seeds where the method is ahead / seeds). ρ = {DOMINANT} alone / "
         f"{WEAK} alone (test accuracy), per epoch. Held-out: the {budget['val_size']} held-out training items, "
-        "first seed, after the last epoch. Train time: the epochs' wall time (see `total_s` in accuracy.json)."),
+        "first seed, after the last epoch. Δ control: method − the unimodal_losses control (the same unimodal heads, "
+        "losses summed), for the methods that train unimodal heads. Train time: the epochs' wall time (see "
+        f"`total_s` in {PROFILE.stem}.json)."),
         "",
     ])
 
@@ -448,7 +519,7 @@ def budget_record(resolved: Mapping[str, Any], args: argparse.Namespace, dataset
         "seeds": list(args.seeds),
         "dataset": dataset_options(dataset),
         **{k: resolved[k] for k in SHARED_TRAINING},
-        "grid": list(GRID),
+        "grid": [1 / 3, 1.0, 3.0],
         "jobs": args.jobs,
         "threads": args.threads,
     }
@@ -473,7 +544,10 @@ def machine_info() -> dict[str, Any]:
 
 
 def dataset_options(overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """The generator's effective keyword arguments: `make_avdigits`'s defaults with ``overrides``."""
+    """The dataset's effective options: AV-digits' generator's keyword arguments (`make_avdigits`'s defaults with
+    ``overrides``), AV-MNIST's knobs as given (all off by default)."""
+    if PROFILE.dataset != "avdigits":
+        return dict(overrides)
     defaults = {
         name: p.default for name, p in inspect.signature(make_avdigits).parameters.items()
         if p.default is not inspect.Parameter.empty and name != "seed"
@@ -492,6 +566,8 @@ def goal_gap(runs: Sequence[Mapping[str, Any]]) -> float | None:
     by_key = runs_by_key(runs)
     reference = {r["seed"]: r["unimodal"][WEAK] for r in by_key.get(run_key("baseline", DEFAULT_HEAD), [])}
     solo = {r["seed"]: r["unimodal"][WEAK] for r in by_key.get(run_key("baseline", DEFAULT_HEAD, WEAK), [])}
+    if GOAL_WEAK is None:
+        return None
     gaps = _defined(gap_closed(GOAL_WEAK, reference[s], solo[s]) for s in reference if s in solo)
     return statistics.fmean(gaps) if gaps else None
 
@@ -523,7 +599,7 @@ def plot_gap(rows: Sequence[Mapping[str, Any]], runs: Sequence[Mapping[str, Any]
         ax.axvline(target, color="red", ls="--", lw=1.0, label=f"goal: {WEAK} alone ≥ {100 * GOAL_WEAK:.0f} %")
     ax.set_xlim(min(-0.5, ax.get_xlim()[0]), max(2.0, ax.get_xlim()[1]))
     ax.set_xlabel(f"gap closed = ({WEAK} alone − baseline) / (solo − baseline); label: gap ({WEAK} alone)")
-    ax.set_title(f"AV-digits: share of the {WEAK} gap each method closes, mean ± std over seeds\n"
+    ax.set_title(f"{PROFILE.title}: share of the {WEAK} gap each method closes, mean ± std over seeds\n"
                  "grey, hatched: fused accuracy below the baseline's", fontsize=10)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
@@ -576,7 +652,7 @@ def plot_accuracy(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
     """Grouped bars: fused and unimodal test accuracy per method, mean ± std over seeds."""
     keys = ["fused", f"{DOMINANT} alone", f"{WEAK} alone"]
     bars = [{"name": r["name"], keys[0]: r["fused"], keys[1]: r[DOMINANT], keys[2]: r[WEAK]} for r in rows]
-    bar_chart(bars, path, keys, "AV-digits: final test accuracy (mean ± std over seeds)")
+    bar_chart(bars, path, keys, f"{PROFILE.title}: final test accuracy (mean ± std over seeds)")
 
 
 def plot_epochs(runs: Sequence[Mapping[str, Any]], path: Path) -> None:
@@ -626,13 +702,20 @@ def _bmm_panel(ax: plt.Axes, group: Sequence[Mapping[str, Any]]) -> None:
     ax.set_xlabel("epoch (κ measured after it)")
 
 
+def _weights(epoch: Mapping[str, Any]) -> dict[str, float]:
+    """G-Blending's loss weights at the end of an epoch (its last estimate; uniform before the first)."""
+    recorded = {key.split("/", 1)[1]: v for key, v in epoch.get("gblending", {}).items() if key.startswith("weights/")}
+    return recorded or {}
+
+
 def _weights_panel(ax: plt.Axes, group: Sequence[Mapping[str, Any]]) -> None:
-    """G-Blending's loss weight of every head per epoch, mean over seeds."""
+    """G-Blending's loss weight of every head per epoch (after its estimate), mean over seeds."""
     epochs = [e["epoch"] for e in group[0]["epochs"]]
-    for index, head in enumerate(group[0]["epochs"][0]["gblending"]["weights"]):
-        weights = _seed_mean([[e["gblending"]["weights"][head] for e in r["epochs"]] for r in group])
+    heads = next((list(_weights(e)) for e in group[0]["epochs"] if _weights(e)), [])
+    for index, head in enumerate(heads):
+        weights = _seed_mean([[_weights(e).get(head) for e in r["epochs"]] for r in group])
         ax.plot(epochs, weights, "o-", color=f"C{index}", label=f"w {head}")
-    ax.set_xlabel("epoch (the weights it trained with)")
+    ax.set_xlabel("epoch (the weights estimated at its start)")
 
 
 def _panel(group: Sequence[Mapping[str, Any]]) -> Callable[[plt.Axes, Sequence[Mapping[str, Any]]], None] | None:
@@ -641,7 +724,7 @@ def _panel(group: Sequence[Mapping[str, Any]]) -> Callable[[plt.Axes, Sequence[M
         return _coefficient_panel
     if first["epochs"] and "bmm" in first["epochs"][0]:
         return _bmm_panel
-    if first["epochs"] and "gblending" in first["epochs"][0]:
+    if any(_weights(e) for e in first["epochs"]):
         return _weights_panel
     return None
 
@@ -671,27 +754,40 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", choices=[m for m in METHODS if m != "baseline"],
                         default=[m for m in METHODS if m != "baseline"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=BUDGET["epochs"])
-    parser.add_argument("--num-train", type=int, default=BUDGET["num_train"], help="AV-digits train size (with the held-out items)")
+    parser.add_argument("--dataset", choices=tuple(PROFILES), default="avdigits")
+    parser.add_argument("--epochs", type=int, help="default: the dataset's budget (PROFILES)")
+    parser.add_argument("--num-train", type=int, help="AV-digits train size (with the held-out items)")
     parser.add_argument("--num-test", type=int, help="AV-digits test size (default: make_avdigits's)")
-    parser.add_argument("--val-size", type=int, default=BUDGET["val_size"], help="training items held out for the sweep's choice")
+    parser.add_argument("--val-size", type=int, help="training items held out for the sweep's choice")
     parser.add_argument("--no-sweep", dest="sweep", action="store_false", help="every method at its default")
     parser.add_argument("--jobs", type=int, default=1, help="runs trained in parallel (processes)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    parser.add_argument("--resume", action="store_true", help="keep the runs of --out/accuracy.json made with this budget")
-    parser.add_argument("--out", type=Path, help="folder for accuracy.json and accuracy.md (default: benchmarks/results)")
+    parser.add_argument("--resume", action="store_true", help="keep the runs of the --out JSON made with this budget")
+    parser.add_argument("--out", type=Path, help="folder for the JSON and markdown results (default: benchmarks/results)")
     parser.add_argument("--plots", type=Path, help="folder for the PNG plots (default: docs/benchmarks/img)")
     parser.add_argument("--device", default="auto")
     parser.add_argument(
-        "--quick", action="store_true", help="smoke run: 1 epoch, seed 0, 360/160 samples, no sweep, output in a temp folder"
+        "--quick", action="store_true", help="smoke run: 1 epoch, seed 0, tiny data, no sweep, output in a temp folder"
     )
     args = parser.parse_args(argv)
+    profile = select(args.dataset)
     repo = Path(__file__).resolve().parents[1]
+    plan = dict(profile.quick if args.quick else profile.budget)
     if args.quick:
         scratch = Path(tempfile.gettempdir()) / "gradmod_accuracy_quick"
-        args.epochs, args.seeds, args.sweep = QUICK["epochs"], QUICK["seeds"], False
-        args.num_train, args.num_test, args.val_size = QUICK["num_train"], QUICK["num_test"], QUICK["val_size"]
+        args.seeds, args.sweep = plan.pop("seeds"), False
         args.out, args.plots = args.out or scratch, args.plots or scratch
+    args.max_items = plan.pop("max_items", None)
+    for key in ("epochs", "val_size"):
+        value = plan.pop(key)
+        if getattr(args, key) is None or args.quick:
+            setattr(args, key, value)
+    args.dataset_options = plan
+    for key in ("num_train", "num_test"):
+        if getattr(args, key) is not None:
+            if args.dataset != "avdigits":
+                parser.error(f"--{key.replace('_', '-')} sizes the generated AV-digits, not {args.dataset}")
+            args.dataset_options[key] = getattr(args, key)
     args.out = args.out or repo / "benchmarks" / "results"
     args.plots = args.plots or repo / "docs" / "benchmarks" / "img"
     if args.epochs < 1 or args.jobs < 1 or args.threads < 1:
@@ -706,7 +802,9 @@ class Benchmark:
 
     def __init__(self, args: argparse.Namespace, argv: Sequence[str] | None) -> None:
         self.args = args
-        self.dataset = {k: v for k, v in (("num_train", args.num_train), ("num_test", args.num_test)) if v is not None}
+        self.dataset = dict(args.dataset_options)
+        if args.max_items is not None:
+            self.dataset["max_items"] = args.max_items
         self.command = " ".join(["python", "benchmarks/accuracy.py", *(sys.argv[1:] if argv is None else argv)])
         self.meta: dict[str, Any] = {"command": self.command, "machine": machine_info()}
         self.runs: list[dict[str, Any]] = []
@@ -717,7 +815,7 @@ class Benchmark:
             self._load()
 
     def _load(self) -> None:
-        path = self.args.out / "accuracy.json"
+        path = self.args.out / f"{PROFILE.stem}.json"
         if not path.is_file():
             return
         stored = json.loads(path.read_text())
@@ -735,7 +833,10 @@ class Benchmark:
     def execute(self, specs: Sequence[dict[str, Any]]) -> None:
         done = {identity(run) for run in self.runs}
         todo = [s for s in specs if identity(s) not in done]
-        jobs = [(s, self.args.epochs, self.dataset, self.args.val_size, self.args.device, self.args.threads) for s in todo]
+        jobs = [
+            (PROFILE.dataset, s, self.args.epochs, self.dataset, self.args.val_size, self.args.device, self.args.threads)
+            for s in todo
+        ]
         if self.args.jobs == 1:
             for job in jobs:
                 self._record(*train_one(job))
@@ -775,8 +876,8 @@ class Benchmark:
         sweep = sweep_table(self.runs, self.chosen, self.args.seeds[0])
         self.meta.update(elapsed_s=self.elapsed(), runs_done=len(self.runs), chosen=self.chosen, goal_met_by=goal_rows(rows))
         record = {**self.meta, "summary": rows, "sweep": sweep, "runs": self.runs}
-        (self.args.out / "accuracy.json").write_text(json.dumps(record, indent=1))
-        (self.args.out / "accuracy.md").write_text(markdown_report(self.meta, rows, sweep))
+        (self.args.out / f"{PROFILE.stem}.json").write_text(json.dumps(record, indent=1))
+        (self.args.out / f"{PROFILE.stem}.md").write_text(markdown_report(self.meta, rows, sweep))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -801,13 +902,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = bench.rows()
     final = final_runs(bench.runs, bench.chosen)
     sweep = sweep_table(bench.runs, bench.chosen, seeds[0])
-    plot_gap(rows, final, args.plots / "accuracy_gap.png")
-    plot_accuracy(rows, args.plots / "accuracy.png")
-    plot_epochs(final, args.plots / "accuracy_epochs.png")
-    plot_coefficients(final, args.plots / "accuracy_coefficients.png")
-    plot_sweep(sweep, args.plots / "accuracy_sweep.png")
+    stem = PROFILE.stem
+    plot_gap(rows, final, args.plots / f"{stem}_gap.png")
+    plot_accuracy(rows, args.plots / f"{stem}.png")
+    plot_epochs(final, args.plots / f"{stem}_epochs.png")
+    plot_coefficients(final, args.plots / f"{stem}_coefficients.png")
+    plot_sweep(sweep, args.plots / f"{stem}_sweep.png")
     print(markdown_tables(rows, sweep))
-    print(f"wrote {args.out / 'accuracy.json'}, {args.out / 'accuracy.md'} and plots under {args.plots}")
+    print(f"wrote {args.out / f'{stem}.json'}, {args.out / f'{stem}.md'} and plots under {args.plots}")
     return 0
 
 

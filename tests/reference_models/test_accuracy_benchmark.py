@@ -121,11 +121,11 @@ def test_summary_closes_the_gap_against_the_concat_baseline_and_the_solo_run_of_
 
 # ---------------------------------------------------------------- the smoke run
 def test_the_quick_run_writes_the_tables_and_plots_and_resumes_without_training_again(tmp_path, capsys):
-    argv = ["--quick", "--methods", "mla", "gblending", "--out", str(tmp_path), "--plots", str(tmp_path)]
+    argv = ["--quick", "--methods", "mla", "ogm", "--out", str(tmp_path), "--plots", str(tmp_path)]
     assert accuracy.main(argv) == 0
     stored = json.loads((tmp_path / "accuracy.json").read_text())
     names = {row["name"] for row in stored["summary"]}
-    assert names == {"baseline (concat)", "baseline (shared)", "solo (visual)", "mla", "gblending"}
+    assert names == {"baseline (concat)", "baseline (shared)", "solo (visual)", "mla", "ogm"}
     assert all("gap_closed" in row for row in stored["summary"])
     report = (tmp_path / "accuracy.md").read_text()
     assert "gap closed" in report and "Goal (visual alone ≥ 80 %" in report
@@ -136,3 +136,36 @@ def test_the_quick_run_writes_the_tables_and_plots_and_resumes_without_training_
     printed = capsys.readouterr().out
     assert "resuming: 5 runs kept" in printed and " seed 0: fused" not in printed
     assert len(json.loads((tmp_path / "accuracy.json").read_text())["runs"]) == 5
+
+
+def test_methods_that_train_unimodal_heads_are_compared_with_the_control_too():
+    runs = [
+        _run("baseline", 0, 0.90, 0.40), _run("baseline", 0, 0.20, 0.80, solo="visual"),
+        _run("unimodal_losses", 0, 0.93, 0.70),
+        _run("mmpareto", 0, 0.94, 0.75, option="gamma", value=1.0), _run("ogm", 0, 0.91, 0.60, option="alpha", value=0.8),
+    ]
+    rows = {row["name"]: row for row in accuracy.summarize(accuracy.final_runs(runs, {"mmpareto": 1.0, "ogm": 0.8}))}
+    assert rows["mmpareto"]["control_visual"][0] == pytest.approx(0.05)  # what its rule adds beyond summing the losses
+    assert rows["mmpareto"]["control_wins_fused"] == [1, 1]
+    assert "control_visual" not in rows["ogm"]  # no unimodal heads: the baseline is its reference
+    table = accuracy.markdown_tables(list(rows.values()), [])
+    assert "Δ visual vs control" in table and "+5.0 ± 0.0 (1/1)" in table
+
+
+def test_the_plan_reads_heads_and_strengths_from_the_registry_and_each_dataset_has_its_profile():
+    import gradmod
+
+    for key, info in gradmod.METHODS.items():
+        expected = {"gate": "gated", "shared": "shared"}.get(info.fit.head, "concat")
+        assert accuracy.fusion_for(key) == (key if info.kind == "head" else expected), key
+        assert (key in accuracy.SWEPT) == (info.strength is not None)
+    assert accuracy.fusion_for("unimodal_losses") == "concat"
+    try:
+        profile = accuracy.select("avmnist")
+        assert (accuracy.DOMINANT, accuracy.WEAK, accuracy.GOAL_WEAK) == ("visual", "audio", None)
+        assert profile.stem == "accuracy_avmnist"
+    finally:
+        accuracy.select("avdigits")
+    assert accuracy.WEAK == "visual"
+    with pytest.raises(ValueError, match="unknown dataset"):
+        accuracy.select("cremad")

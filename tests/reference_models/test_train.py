@@ -185,7 +185,7 @@ def test_pdmp_with_given_metrics_and_dgm_single_label():
     check_results(train(tiny(method="dgm")))
 
 
-def test_demo_prints_the_comparison(tmp_path, monkeypatch, capsys):
+def test_demo_shows_the_imbalance_and_the_benchmarks_best_method(tmp_path, monkeypatch, capsys):
     from reference_models import demo
 
     original = TrainConfig.resolved
@@ -194,10 +194,31 @@ def test_demo_prints_the_comparison(tmp_path, monkeypatch, capsys):
         return original(TrainConfig(**{**self.__dict__, "dataset_options": TINY_DIGITS, "progress": False}))
 
     monkeypatch.setattr(TrainConfig, "resolved", small)
-    assert demo.main(["--epochs", "1", "--out", str(tmp_path)]) == 0
+    assert demo.main(["--dataset", "avdigits", "--epochs", "1", "--jobs", "1", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
-    assert "baseline" in printed and "OGM-GE" in printed and "visual alone" in printed
+    method, _, why = demo.best_method(demo.RESULTS["avdigits"])
+    title = gradmod.METHODS[method].title
+    for row in ("audio trained alone", "visual trained alone", "joint training (baseline)", f"joint training + {title}"):
+        assert row in printed
+    assert why in printed and "against its solo run (points): audio " in printed
     assert (tmp_path / "comparison.png").is_file() and Path(tmp_path / "comparison.json").is_file()
+    assert json.loads((tmp_path / "comparison.json").read_text())["method"] == method
+
+
+def test_the_demo_picks_the_method_with_the_largest_gap_closed_that_keeps_the_fused_accuracy(tmp_path):
+    from reference_models import demo
+
+    def row(name, fused, gap, value=None):
+        return {"name": name, "method": name.split()[0], "fused": [fused, 0.0], "gap_closed": gap, "value": value,
+                "seeds": [0, 1, 2]}
+
+    rows = [row("baseline (concat)", 0.90, [0.0, 0.0]), row("ogm_ge", 0.91, [0.3, 0.1], 0.8),
+            row("mmpareto", 0.95, [0.9, 0.1], 1.0), row("agm", 0.85, [1.2, 0.1], 1.0), row("unimodal_losses", 0.96, [1.5, 0.0])]
+    path = tmp_path / "accuracy.json"
+    path.write_text(json.dumps({"summary": rows}))
+    method, value, why = demo.best_method(path)
+    assert (method, value) == ("mmpareto", 1.0) and "gap closed 0.90" in why  # agm drops the fused accuracy
+    assert demo.best_method(tmp_path / "missing.json")[0] == demo.FALLBACK_METHOD
 
 
 def _record(epoch, test, val=None):

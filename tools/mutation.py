@@ -48,7 +48,7 @@ TESTS = (
     "tests/test_modulator.py",
     "tests/test_seams.py",
     "tests/test_bookkeeping.py",
-    "tests/test_official_loop.py",
+    "tests/methods/test_ogm.py",
 )
 
 #: Tests that mutmut's dispatch to the mutant under test breaks. It sets a ``ContextVar``, which dynamo

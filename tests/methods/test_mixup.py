@@ -13,10 +13,11 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradmod.methods.mixup import bmm_strength, imbalance_factor
 from gradmod.methods.mixup import (
     BalancedMixup,
     MultimodalMixup,
+    bmm_strength,
+    imbalance_factor,
     smoothed_accuracy,
     soft_cross_entropy,
 )
@@ -545,3 +546,47 @@ def test_bmm_state_keeps_the_average_and_its_smoothing():
     _bmm(smoothing=0.0).load_state_dict(legacy)  # version 1, saved before the average existed: each epoch's own
     with pytest.raises(ValueError, match="smoothing"):
         _bmm(smoothing=1.0)
+
+
+# ---------------------------------------------------------------- the equations (5)-(7)
+@given(st.floats(0.01, 1.0), st.floats(0.01, 1.0))
+def test_imbalance_factor_two_modalities(a, v):
+    kappa = imbalance_factor({"audio": a, "visual": v})
+    assert kappa["audio"] == pytest.approx(a / v)
+    assert kappa["audio"] * kappa["visual"] == pytest.approx(1.0)
+
+
+def test_imbalance_factor_errors():
+    with pytest.raises(ValueError, match="all unimodal accuracies are zero"):
+        imbalance_factor({"audio": 0.0, "visual": 0.0})
+    with pytest.raises(ValueError, match="'audio'"):
+        imbalance_factor({"audio": -0.1, "visual": 0.3})
+
+
+@given(st.floats(0.0, 20.0), st.floats(0.0, 20.0), st.floats(0.0, 5.0))
+def test_bmm_strength_monotone_bounded(k1, k2, degree):
+    lo, hi = sorted((k1, k2))
+    s_lo, s_hi = bmm_strength(lo, degree), bmm_strength(hi, degree)
+    assert 0.0 <= s_lo <= s_hi <= 1.0
+    assert bmm_strength(1.0, degree) == 0.0
+
+
+@given(st.floats(1.0, 30.0), st.floats(0.0, 5.0))
+def test_bmm_strength_is_the_papers_equation(kappa, degree):
+    assert bmm_strength(kappa, degree) == pytest.approx(math.tanh(degree * (kappa - 1.0)), abs=1e-15)
+    assert bmm_strength(kappa - 1.0, degree) == pytest.approx(max(0.0, math.tanh(degree * (kappa - 2.0))), abs=1e-15)
+
+
+def test_bmm_strength_limits():
+    assert bmm_strength(2.0, 1.0) == math.tanh(1.0)
+    assert bmm_strength(math.inf, 0.0) == 0.0  # no mixing at degree 0, even for an infinite imbalance
+    assert bmm_strength(math.inf, 0.5) == 1.0
+    assert bmm_strength(0.5, 3.0) == 0.0
+
+
+@given(st.floats(0.01, 1.0), st.floats(0.01, 1.0))
+def test_imbalance_factor_is_the_exact_float64_ratio(a, v):
+    kappa = imbalance_factor({"audio": a, "visual": v})
+    assert kappa == {"audio": a / v, "visual": v / a}
+
+

@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.gradmod-installed
 
-.PHONY: demo test test-all docs docs-check bench-speed gpu-check bench-accuracy mutation clean
+.PHONY: demo test test-all docs docs-check bench-speed gpu-check bench-accuracy mutation catalogue clean
 
 # gradmod (editable) with its trainer extras, and the dev and reference dependency groups of
 # pyproject.toml: what the tests, docs, demo and benchmarks need, not part of the published package
@@ -57,3 +57,8 @@ mutation: $(STAMP)
 
 clean:
 	rm -rf $(VENV) site build *.egg-info .pytest_cache .hypothesis
+
+# The lists of methods in mkdocs.yml, docs/ and the READMEs, rewritten from gradmod.METHODS (tools/catalogue.py);
+# tests/test_catalogue.py fails when one is stale.
+catalogue: $(STAMP)
+	$(PY) tools/catalogue.py

@@ -147,6 +147,13 @@ class History:
         """The step of the newest record of a non-ring history (``None`` when empty or a ring)."""
         return self._steps[-1] if self._steps and not self.ring else None
 
+    def drop_newest(self) -> None:
+        """Remove the newest record of a non-ring history (a step that was recorded, then skipped)."""
+        if self.ring or not self._steps or self._filled == 0:
+            raise ValueError("drop_newest() removes the newest row of a non-ring history that holds one in memory")
+        self._steps.pop()
+        self._filled -= 1
+
     def amend(self, values: Sequence[Tensor], usable: Flag = True, valid: Flag = True, in_window: Flag = True) -> None:
         """Overwrite the newest record's values and flags, keeping its step (a step whose numbers changed after
         it was recorded, e.g. by one more accumulated micro-batch). Not for ring histories."""

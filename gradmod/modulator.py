@@ -161,6 +161,7 @@ class Modulator(Method):
         self.capture_safe = capture_safe
         self.seed = int(seed) if seed is not None else self._broadcast(_default_seed())
         self._seeds_checked = False
+        self._driven = False  # attached, checked by a trainer, or stepped: someone steps this modulator
         self._step = 0
         self._device_step: Tensor | None = None  # capture-safe: the step counter, on the evidence's device
         self._pending: Tensor | None = None  # the step's evidence so far (capture-safe: one reused buffer)
@@ -231,6 +232,7 @@ class Modulator(Method):
             self._evidence_buffer(stacked.device).add_(stacked.to(self._pending.device, self._pending.dtype))
         else:
             if self._monitor.discarded():  # the gradients of the last pass are gone, and with them their evidence
+                self._check_driven()
                 self._drop_pending()
             self._pending = stacked if self._pending is None else self._pending + stacked.to(self._pending.device)
             self._observed_since_pass = True
@@ -413,6 +415,17 @@ class Modulator(Method):
                 stacklevel=3,
             )
         self.applier.prepare()  # the model may have moved to its device since the modulator was built
+        self._driven = True
+
+    def _check_driven(self) -> None:
+        """Gradients were used or discarded, and nothing ever stepped this modulator: it was not attached."""
+        if not self._driven and self._step == 0:
+            self._warn_once(
+                "not_attached",
+                "the gradients of an observed batch were used or discarded, but this modulator never stepped: it is "
+                "not attached to the optimizer, so nothing is modulated; call mod.attach(optimizer) once before "
+                "training (or mod.step() before each optimizer.step())",
+            )
 
     def skip_step(self) -> None:
         """The optimizer skips this step (e.g. ``GradScaler`` found ``inf``): drop its evidence, count nothing.
@@ -420,6 +433,7 @@ class Modulator(Method):
         What the `attach` hook does by itself when it sees a skipped step; for loops that step the
         modulator themselves.
         """
+        self._driven = True
         self._drop_pending()
         self._prepared = None
 
@@ -440,6 +454,7 @@ class Modulator(Method):
         Capture-safe modulators always return the coefficients (1 where the step applied nothing).
         """
         self.applier.check()
+        self._driven = True
         if self.capture_safe:
             return self._step_on_device()
         step = self._step
@@ -586,6 +601,6 @@ class Modulator(Method):
 
     def __repr__(self) -> str:
         return (
-            f"Modulator(modalities={list(self.names)}, measure={self.measure!r}, policy={self.policy!r}, "
+            f"{type(self).__name__}(modalities={list(self.names)}, measure={self.measure!r}, policy={self.policy!r}, "
             f"apply={self.applier!r}, window=[{self.start_step}, {self.stop_step}))"
         )

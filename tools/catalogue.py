@@ -15,6 +15,7 @@ from it (``tests/test_catalogue.py`` fails when one is stale):
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from collections.abc import Callable
@@ -54,7 +55,7 @@ def page_title(page: str) -> str:
 
 def nav_lines() -> list[str]:
     """The nav's method entries (indented for mkdocs.yml's ``Methods:`` list)."""
-    return [f"      - {page_title(page)}: {page}" for page in _pages()]
+    return [f"      - {json.dumps(page_title(page), ensure_ascii=False)}: {page}" for page in _pages()]
 
 
 def api_lines() -> list[str]:

@@ -93,7 +93,7 @@ def _span_tolerance(dtype: torch.dtype) -> float:
     return math.sqrt(torch.finfo(dtype).eps)
 
 
-def owm_update(projector: Tensor, direction: Tensor, alpha: float) -> Tensor:
+def owm_update(projector: Tensor, direction: Tensor, regularization: float) -> Tensor:
     """Store ``direction`` ``r`` in the projector: ``P − (P r)(P r)ᵀ / (α + rᵀ P r)`` (a new tensor).
 
     The orthogonal-weight-modification projector, as MLA's head-gradient modification uses it. For
@@ -105,9 +105,9 @@ def owm_update(projector: Tensor, direction: Tensor, alpha: float) -> Tensor:
     Args:
         projector: ``[d, d]`` symmetric projector (floating point).
         direction: ``[d]`` direction to store, e.g. the mean head input of a step.
-        alpha: ``α ≥ 0``.
+        regularization: ``α ≥ 0`` (MLA's ``regularization``).
     """
-    alpha = real_scalar(alpha, "alpha")
+    alpha = real_scalar(regularization, "regularization")
     if projector.dim() != 2 or projector.shape[0] != projector.shape[1] or not projector.is_floating_point():
         raise ValueError(f"projector must be a square floating-point [d, d] matrix, got {projector.dtype} {tuple(projector.shape)}")
     if direction.shape != projector.shape[:1]:

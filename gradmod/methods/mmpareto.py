@@ -337,6 +337,13 @@ class MMPareto(Method):
             if distributed():
                 g_all, u_all = self._averaged(g_all, u_all)
             if not self._round_open or not (self._intact() or self._deferred):
+                if self._round_open and not self._driven:
+                    self._warn_once(
+                        "not_attached",
+                        "the gradients MMPareto wrote were used or discarded and a new step began, but MMPareto never "
+                        "stepped: attach it to the optimizer (mod.attach(optimizer)) so that a step without "
+                        "mod.backward() is caught",
+                    )
                 self._start_step()
             for p, g, u, hit in zip(everything, g_all, u_all, reached):
                 if hit:
@@ -423,6 +430,7 @@ class MMPareto(Method):
         """Before the optimizer step (the hook of `attach`, or a trainer): write a combination that `observe`
         deferred, and end the round. A step with no `backward` or `observe` since the last one warns once: the
         encoders got whatever gradient the loop computed, not MMPareto's."""
+        self._driven = True
         if self._deferred:
             groups = [[p for p in params if p.requires_grad] for params in self._selection.groups()]
             self._write(groups, record=True)
@@ -438,7 +446,13 @@ class MMPareto(Method):
         self._monitor.forget()
 
     def skip_step(self) -> None:
-        """The optimizer skips this step (``GradScaler`` found ``inf``): the round's gradients are dropped."""
+        """The optimizer skips this step (``GradScaler`` found ``inf``): the round's gradients and its record are
+        dropped, and it is not counted."""
+        self._driven = True
+        if self._round_open:
+            if self._history.newest_step == self._step:
+                self._history.drop_newest()
+            self._step -= 1
         self._accumulated = {}
         self._written = []
         self._deferred = False

@@ -19,7 +19,7 @@ from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 import gradmod
-from gradmod import agm
+from gradmod.methods import agm
 
 NAMES = ("audio", "visual")
 

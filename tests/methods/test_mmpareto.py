@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 import gradmod
-from gradmod import mmpareto
+from gradmod.methods import mmpareto
 
 NAMES = ("audio", "visual")
 

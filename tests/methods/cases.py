@@ -1,0 +1,313 @@
+"""The contract database: one `Case` per method of ``gradmod.METHODS``, in the spirit of torch's ``optim_db``.
+
+A case says how to build the method over the tiny `Net` and how one training step of a plain loop drives it;
+``tests/methods/test_contract.py`` runs the generic contract over every case (exact resume, versions, reset,
+accumulation, skipped steps, bad inputs, the mistakes users make, two gloo ranks, the trainers). Most cases are
+derived from the method's registry entry (`derived_case`: the kind says how a step drives it, ``loss_inputs`` what a
+loss method reads); a method adds a line to `CASES` only where it needs more (a head, a per-epoch measure, a refusal).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import gradmod
+from gradmod.fusion import ConcatFusion
+from gradmod.method import Method, MethodInfo
+
+NAMES = ("audio", "visual")
+IN_DIM, DIM, CLASSES = 6, 8, 4
+Batch = tuple[dict[str, Tensor], Tensor]
+
+
+class Net(nn.Module):
+    """Per-modality MLP encoders of one width, a concat head, one linear head per modality, a shared linear head."""
+
+    def __init__(self, names: Sequence[str] = NAMES) -> None:
+        super().__init__()
+        self.names = tuple(names)
+        self.encoders = nn.ModuleDict({n: nn.Sequential(nn.Linear(IN_DIM, DIM), nn.ReLU(), nn.Linear(DIM, DIM)) for n in self.names})
+        self.fusion = ConcatFusion({n: DIM for n in self.names}, CLASSES)
+        self.unimodal = nn.ModuleDict({n: nn.Linear(DIM, CLASSES) for n in self.names})
+        self.shared = nn.Linear(DIM, CLASSES)
+
+    def encode(self, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {n: self.encoders[n](inputs[n]) for n in self.names}
+
+    def forward(self, inputs: Mapping[str, Tensor]) -> Tensor:
+        return self.fusion(self.encode(inputs))
+
+
+def batches(steps: int, batch: int = 8, names: Sequence[str] = NAMES, seed: int = 0) -> list[Batch]:
+    """Deterministic batches in which the first modality carries the label more clearly (an imbalance)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(steps):
+        y = torch.randint(0, CLASSES, (batch,), generator=g)
+        inputs = {n: F.one_hot(y, IN_DIM).float() * (3.0 if i == 0 else 0.5) + torch.randn(batch, IN_DIM, generator=g)
+                  for i, n in enumerate(names)}
+        out.append((inputs, y))
+    return out
+
+
+def provide(net: Net, names: Sequence[str], inputs: Mapping[str, Tensor], target: Tensor) -> dict[str, Any]:
+    """The step inputs ``names`` (`gradmod.method.INPUTS`) from the tiny net (the CLI's provider in miniature)."""
+    features = net.encode(inputs)
+    logits = net.fusion(features)
+    unimodal_heads = {n: net.unimodal[n](features[n]) for n in net.names}
+    given = {
+        "target": target,
+        "features": features,
+        "inputs": dict(inputs),
+        "head": net.fusion,
+        "logits": logits,
+        "unimodal_logits": net.fusion.unimodal_logits(features),
+        "unimodal_head_logits": unimodal_heads,
+        "losses": {"fused": F.cross_entropy(logits, target), **{n: F.cross_entropy(z, target) for n, z in unimodal_heads.items()}},
+    }
+    return {name: given[name] for name in names}
+
+
+# ------------------------------------------------------------------------------------------ one step per kind
+def modulator_step(net: Net, method: Any, batch: Batch, scale: float = 1.0) -> Tensor:
+    """Observe what the measure reads, backward the fused loss (the optimizer step applies the method)."""
+    inputs, target = batch
+    features = net.encode(inputs)
+    logits = net.fusion(features)
+    reads = method.measure.inputs
+    if "zeta" in reads:
+        method.observe(zeta=torch.sigmoid(logits[:, :1]).expand(-1, 3))
+    else:
+        method.observe(logits=net.fusion.unimodal_logits(features), target=target)
+    return scale * F.cross_entropy(logits, target)
+
+
+def responses_step(net: Net, method: Any, batch: Batch, scale: float = 1.0) -> Tensor:
+    inputs, target = batch
+    responses = gradmod.methods.agm.mono_responses(net, inputs, forward=net)
+    method.observe(responses=responses, target=target)
+    return scale * F.cross_entropy(method.combine(responses), target)
+
+
+def backward_step(net: Net, method: Any, batch: Batch, scale: float = 1.0) -> None:
+    inputs, target = batch
+    features = net.encode(inputs)
+    fused = scale * F.cross_entropy(net.fusion(features), target)
+    method.backward(fused, {n: scale * F.cross_entropy(net.unimodal[n](features[n]), target) for n in net.names})
+
+
+def loss_step(net: Net, method: Any, batch: Batch, scale: float = 1.0) -> Tensor:
+    inputs, target = batch
+    return scale * method.loss(**provide(net, method.loss_inputs, inputs, target))
+
+
+def forward_step(net: Net, method: Any, batch: Batch, scale: float = 1.0) -> Tensor:
+    inputs, target = batch
+    given = provide(net, method.forward_inputs, inputs, target)
+    features, keep = method(**given)
+    logits = net.fusion(features)
+    return scale * F.cross_entropy(logits if keep is None else logits[keep], target if keep is None else target[keep])
+
+
+def plain_step(net: Net, method: Any, batch: Batch, scale: float = 1.0) -> Tensor:
+    inputs, target = batch
+    return scale * F.cross_entropy(net(inputs), target)
+
+
+#: How one step of a plain loop drives a method of each kind: the loss to backward (``None``: the method ran the
+#: backward itself).
+KIND_STEPS: dict[str, Callable[[Net, Any, Batch], Tensor | None]] = {
+    "modulator": modulator_step,
+    "responses": responses_step,
+    "backward": backward_step,
+    "loss": loss_step,
+    "forward": forward_step,
+    "epoch": plain_step,
+}
+
+
+def modalities(net: Net) -> dict[str, nn.Module]:
+    return dict(net.encoders)
+
+
+@dataclass
+class Case:
+    """How the contract tests build and drive one method.
+
+    Attributes:
+        key: the registry key.
+        build: ``net -> method`` (not attached).
+        step: ``(net, method, batch, scale)``, one step's work before ``optimizer.step()``: returns the loss (times
+            ``scale``, the share of an accumulated micro-batch) to backward, or ``None`` when the method ran the
+            backward itself (MMPareto's ``backward``, MLA's turns).
+        turns: optimizer steps per batch (MLA: one per modality).
+        accumulates: ``True`` when k micro-batches give the gradient of one batch of k·b; otherwise why not.
+        attaches: whether the method hooks the optimizer (``attach``) in a plain loop.
+        bad: calls that must raise, with the error type and a fragment of the message that names the problem.
+    """
+
+    key: str
+    build: Callable[[Net], Method]
+    step: Callable[[Net, Any, Batch], Tensor | None]
+    turns: int = 1
+    accumulates: bool | str = True
+    attaches: bool = False
+    bad: list[tuple[Callable[[Net, Any], Any], type[Exception], str]] = field(default_factory=list)
+
+    @property
+    def info(self) -> MethodInfo:
+        return gradmod.METHODS[self.key]
+
+
+def derived_case(key: str, **overrides: Any) -> Case:
+    """A method's case from its registry entry: built over the encoders (``modalities``), or the heads (``heads``)
+    or names (``names``), with the strength's default, driven by its kind's step."""
+    info = gradmod.METHODS[key]
+    parameters = inspect.signature(info.preset).parameters
+    first = next(iter(parameters))
+    strength = {} if info.strength is None else {info.strength.keyword: info.strength.default}
+
+    def build(net: Net) -> Method:
+        known = {"modalities": modalities(net), "heads": ("fused", *net.names), "names": net.names}
+        keywords = {"num_classes": CLASSES} if "num_classes" in parameters else {}
+        return info.preset(known[first], **strength, **keywords)
+
+    attaches = info.kind in ("modulator", "responses", "backward", "turns")
+    return Case(key, build, KIND_STEPS[info.kind], attaches=attaches, **overrides)
+
+
+def _turns(net: Net, method: Any, batch: Batch, scale: float = 1.0) -> None:
+    """MLA's turns are driven by `run_step` (one optimizer step per modality)."""
+    raise AssertionError("MLA's steps are its turns")
+
+
+def _mla(net: Net) -> Method:
+    return gradmod.MLA(modalities(net), net.shared)
+
+
+@torch.no_grad()
+def decoupled_accuracy(net: Net, data: Sequence[Batch]) -> dict[str, float]:
+    """Each modality's accuracy from its decoupled logits on ``data`` (B-MM's per-epoch measure)."""
+    hits = {n: 0 for n in net.names}
+    count = 0
+    for inputs, target in data:
+        for name, logits in net.fusion.unimodal_logits(net.encode(inputs)).items():
+            hits[name] += int((logits.argmax(1) == target).sum())
+        count += len(target)
+    return {name: value / count for name, value in hits.items()}
+
+
+#: The fixed data of the per-epoch measures (B-MM's accuracies, G-Blending's checkpoints).
+MEASURED = batches(2, seed=7)
+
+
+def _bmm(net: Net) -> Method:
+    return gradmod.BalancedMixup(
+        net.names, CLASSES, degree=1.0, warmup_epochs=0, seed=0, measure=lambda: decoupled_accuracy(net, MEASURED)
+    )
+
+
+def _gblending(net: Net) -> Method:
+    def heads(model: Net, batch: Batch):
+        inputs, target = batch
+        features = model.encode(inputs)
+        return {"fused": model.fusion(features), **{n: model.unimodal[n](features[n]) for n in model.names}}, target
+
+    def measure():
+        return gradmod.methods.gblending.checkpoint(net, heads, train=MEASURED[:1], held_out=MEASURED[1:])
+
+    return gradmod.GBlending(("fused", *net.names), measure=measure)
+
+
+def _bmm_step(net: Net, method: Any, batch: Batch, scale: float = 1.0) -> Tensor:
+    inputs, target = batch
+    mixed, soft = method(inputs, target)
+    return gradmod.methods.mixup.soft_cross_entropy(net(mixed), soft)
+
+
+def _mm(net: Net) -> Method:
+    return gradmod.MultimodalMixup(0.4, generator=torch.Generator().manual_seed(0))
+
+
+def _mm_step(net: Net, method: Any, batch: Batch, scale: float = 1.0) -> Tensor:
+    inputs, target = batch
+    features = net.encode(inputs)
+    mixed, soft = method(torch.cat([features[n] for n in net.names], 1), target, CLASSES)
+    parts = dict(zip(net.names, mixed.split(DIM, 1)))
+    return gradmod.methods.mixup.soft_cross_entropy(net.fusion(parts), soft)
+
+
+def _pdmp(net: Net) -> Method:
+    return gradmod.PDMP(modalities(net), ("audio", "visual"), 1.0, 0.5)
+
+
+def _ogm(net: Net, preset: type = gradmod.OGM) -> Method:
+    return preset(modalities(net), 0.8)
+
+
+def _bad_observe(**inputs: Any) -> Callable[[Net, Any], Any]:
+    return lambda net, method: method.observe(**inputs)
+
+
+_LOGITS = {"audio": torch.randn(4, CLASSES), "visual": torch.randn(4, CLASSES)}
+_Y = torch.tensor([0, 1, 2, 3])
+#: The bad inputs every method that observes decoupled logits must refuse by name.
+LOGIT_MISTAKES = [
+    (_bad_observe(logits={"audio": _LOGITS["audio"]}, target=_Y), ValueError, "missing ['visual']"),
+    (_bad_observe(logits={**_LOGITS, "text": _LOGITS["audio"]}, target=_Y), ValueError, "unknown ['text']"),
+    (_bad_observe(logits={**_LOGITS, "audio": torch.full((4, CLASSES), float("nan"))}, target=_Y), ValueError, "NaN"),
+    (_bad_observe(logits={**_LOGITS, "audio": torch.randn(4, CLASSES, 2)}, target=_Y), ValueError, "[batch, classes]"),
+    (_bad_observe(logits=_LOGITS, target=torch.tensor([0, 1, 2])), ValueError, "target must be [batch]"),
+    (_bad_observe(logits=_LOGITS, target=torch.tensor([0, 1, 2, 9])), ValueError, "outside [0, 4)"),
+]
+
+#: Every method's case (the keys of gradmod.METHODS, in its order).
+CASES: dict[str, Case] = {
+    "ogm": Case("ogm", _ogm, modulator_step, attaches=True, bad=LOGIT_MISTAKES),
+    "ogm_ge": Case("ogm_ge", lambda net: _ogm(net, gradmod.OGMGE), modulator_step, attaches=True, bad=LOGIT_MISTAKES),
+    "dgm": derived_case("dgm", bad=LOGIT_MISTAKES[:2]),
+    "decoupling_free": Case(
+        "decoupling_free", lambda net: _ogm(net, gradmod.DecouplingFree), modulator_step, attaches=True,
+        bad=[(_bad_observe(zeta=torch.full((4, 3), 1.5)), ValueError, "zeta lies outside [0, 1]")],
+    ),
+    "pdmp": Case("pdmp", _pdmp, modulator_step, attaches=True, bad=LOGIT_MISTAKES),
+    "mm": Case("mm", _mm, _mm_step, accumulates="its mixing weight is drawn per call"),
+    "bmm": Case("bmm", _bmm, _bmm_step, accumulates="its partners are drawn per call"),
+    "mla": Case("mla", _mla, _turns, turns=2, attaches=True, accumulates="MLA takes one optimizer step per modality"),
+    "gblending": Case("gblending", _gblending, loss_step),
+    "agm": derived_case("agm", accumulates=(
+        "its coefficients act during backward, so each micro-batch's backward uses the coefficients of the evidence "
+        "observed so far (methods/agm.md, accumulation)"
+    )),
+    "mmpareto": derived_case("mmpareto"),
+}
+
+
+def case(key: str) -> Case:
+    """The case of ``key``: its entry in `CASES`, else the one derived from its registry entry."""
+    return CASES.get(key) or derived_case(key)
+
+
+def run_step(net: Net, method: Any, optimizer: torch.optim.Optimizer, batch: Batch, the_case: Case) -> None:
+    """One batch of a plain loop: the case's step, backward, ``optimizer.step()`` (MLA: one step per modality)."""
+    if the_case.key == "mla":
+        inputs, target = batch
+        features = net.encode(inputs)
+        for name in net.names:  # the encoders' graphs are separate: each turn frees its own
+            optimizer.zero_grad(set_to_none=True)
+            method.observe(name, features[name])
+            F.cross_entropy(net.shared(features[name]), target).backward()
+            optimizer.step()
+        return
+    optimizer.zero_grad(set_to_none=True)
+    loss = the_case.step(net, method, batch)
+    if loss is not None:
+        loss.backward()
+    optimizer.step()

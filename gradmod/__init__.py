@@ -17,11 +17,14 @@ from gradmod.methods.agm import AGM
 from gradmod.methods.decoupling_free import DecouplingFree
 from gradmod.methods.dgm import DGM
 from gradmod.methods.gblending import GBlending
+from gradmod.methods.lfm import LFM
 from gradmod.methods.mixup import BalancedMixup, MultimodalMixup
 from gradmod.methods.mla import MLA
 from gradmod.methods.mmpareto import MMPareto
 from gradmod.methods.ogm import OGM, OGMGE
 from gradmod.methods.pdmp import PDMP, rank_modalities
+from gradmod.methods.reconboost import ReconBoost
+from gradmod.methods.umt import UME, UMT
 from gradmod.modulator import Modulator, epoch_window
 from gradmod.policies import PolicyError
 
@@ -43,6 +46,10 @@ __all__ = [
     "GBlending",
     "MultimodalMixup",
     "BalancedMixup",
+    "ReconBoost",
+    "UMT",
+    "UME",
+    "LFM",
     "ParamsApplier",
     "FeaturesApplier",
     "PolicyError",

@@ -181,3 +181,36 @@ def stack_evidence(evidence: Mapping[str, Tensor]) -> tuple[Tensor, torch.dtype]
 def unstack_evidence(names: Sequence[str], values: Tensor, dtype: torch.dtype) -> dict[str, Tensor]:
     return dict(zip(names, values.to(dtype).unbind(0)))
 
+
+def checked_unimodal_logits(
+    logits: Mapping[str, Tensor], target: Tensor | None, names: Sequence[str], what: str
+) -> dict[str, Tensor]:
+    """``logits`` checked to be ``{name: [B, C]}`` for exactly ``names``, one shape, floating point, finite, a
+    non-empty batch, and ``target`` (unless ``None``) ``[B]`` class indices in ``[0, C)``; returned in the order
+    of ``names``. One host synchronisation (the finiteness and range checks).
+    """
+    logits = per_modality(logits, names, what)
+    first = logits[names[0]]
+    for name in names:
+        z = logits[name]
+        if target is not None:
+            check_logits_target(z, target, name=f"{what}[{name!r}]")
+        if not isinstance(z, Tensor) or z.dim() != 2 or z.shape != first.shape or not z.is_floating_point():
+            shape = f"{z.dtype} {tuple(z.shape)}" if isinstance(z, Tensor) else type(z).__name__
+            raise ValueError(
+                f"{what} must be floating-point [batch, classes] tensors of one shape; {name!r} is {shape}, "
+                f"{names[0]!r} is {tuple(first.shape) if isinstance(first, Tensor) else type(first).__name__}"
+            )
+    if first.shape[0] == 0:
+        raise ValueError(f"{what}: the batch is empty")
+    classes = first.shape[1]
+    checks = [~torch.isfinite(logits[name].detach()).all() for name in names]
+    if target is not None:
+        checks.append(((target < 0) | (target >= classes)).any().to(checks[0].device))
+    flags = torch.stack(checks).tolist()
+    bad = [name for name, flag in zip(names, flags) if flag]
+    if bad:
+        raise ValueError(f"{what} of modalities {bad} contain NaN or inf")
+    if target is not None and flags[-1]:
+        raise ValueError(f"target holds class indices outside [0, {classes})")
+    return {name: logits[name] for name in names}

@@ -291,6 +291,10 @@ class ConcatFusion(Fusion):
 
     Decoupled logits (OGM-GE official ``train_epoch``): ``f_u·W[:, block_u]ᵀ + b/M`` with column blocks in
     `modalities` order, so they sum to the forward logits.
+
+    Attributes:
+        linear: the ``nn.Linear`` over the concatenated features (``in_features = Σ_u D_u``); its weight is the
+            fused head's weight that AGM's official clip reads (`gradmod.methods.agm.official_clip_`).
     """
 
     decouplable = True
@@ -303,6 +307,8 @@ class ConcatFusion(Fusion):
         return self.linear(torch.cat(self.ordered(features), dim=1))
 
     def unimodal_logits(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Each modality's decoupled logits ``f_u·W[:, block_u]ᵀ + b/M`` (`gradmod.functional.decouple_linear`):
+        they sum to the forward logits, and are what OGM-GE measures."""
         tensors = dict(zip(self.modalities, self.ordered(features)))
         return decouple_linear(self.linear.weight, self.linear.bias, tensors)
 
@@ -324,6 +330,7 @@ class SumFusion(Fusion):
         return torch.stack(list(self.unimodal_logits(features).values())).sum(dim=0)
 
     def unimodal_logits(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Each branch's own logits ``f_u·W_uᵀ + b_u``, with its full bias: they sum to the forward logits."""
         tensors = self.ordered(features)
         return {name: self.branches[name](f) for name, f in zip(self.modalities, tensors)}
 

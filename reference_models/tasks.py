@@ -6,7 +6,7 @@ what a dataset looks like; everything dataset-specific (metrics, targets, masks)
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,18 +72,22 @@ class Task:
         return SELECTION_METRICS[self.kind]
 
     @torch.no_grad()
-    def evaluate(self, loader: DataLoader, device: torch.device) -> dict[str, Any]:
+    def evaluate(
+        self, loader: DataLoader, device: torch.device, predict: Callable[[dict[str, Tensor]], Tensor] | None = None
+    ) -> dict[str, Any]:
         """Fused and per-modality metrics on ``loader`` (built on `IndexedDataset`).
 
         Keys: ``accuracy`` (see `selection_metric`), ``macro_f1`` (classification and segments),
         ``unimodal`` — each modality's score with the other modality's features zeroed — and, for
         the concat and sum heads, ``unimodal_decoupled`` — OGM-GE's convention
-        (`MultimodalModel.decoupled_logits`); LLP adds ``avvp``, its ten scores.
+        (`MultimodalModel.decoupled_logits`); LLP adds ``avvp``, its ten scores. ``predict`` (features → logits)
+        replaces the fused head where a method predicts otherwise at test time (an ensemble of the unimodal heads):
+        it gives the fused prediction, and on masked features each modality's.
         """
         was_training = self.model.training
         self.model.eval()
         try:
-            return self._evaluate(loader, device)
+            return self._evaluate(loader, device, predict)
         finally:
             self.model.train(was_training)
 
@@ -94,18 +98,18 @@ class Task:
             features = self.model.encode(inputs)
             yield self.model.head(features), target.to(device), index, features
 
-    def _evaluate(self, loader: DataLoader, device: torch.device) -> dict[str, Any]:
+    def _evaluate(self, loader: DataLoader, device: torch.device, predict: Callable | None) -> dict[str, Any]:
         if self.kind == "parsing":
             return self._evaluate_parsing(loader, device)
         fused, targets = [], []
         predictions: dict[str, dict[str, list[Tensor]]] = {"unimodal": {}, "unimodal_decoupled": {}}
         for output, target, _, features in self._batches(loader, device):
-            fused.append(output.logits.argmax(-1).cpu())
+            fused.append((output.logits if predict is None else predict(features)).argmax(-1).cpu())
             targets.append(target.cpu())
-            per_modality = {
-                "unimodal": self.model.masked_logits(features),
-                "unimodal_decoupled": self.model.decoupled_logits(features) or {},
+            masked = self.model.masked_logits(features) if predict is None else {
+                name: predict(mask_features(features, keep=name)) for name in self.modalities
             }
+            per_modality = {"unimodal": masked, "unimodal_decoupled": self.model.decoupled_logits(features) or {}}
             for key, logits in per_modality.items():
                 for name, values in logits.items():
                     predictions[key].setdefault(name, []).append(values.argmax(-1).cpu())

@@ -117,7 +117,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             scheduler.step()
         record: dict[str, Any] = {"epoch": epoch, "train_loss": total_loss / max(batches, 1), **loop.end_epoch(epoch)}
         for split, split_loader in evaluation_loaders.items():
-            record[split] = task.evaluate(split_loader, device)
+            record[split] = task.evaluate(split_loader, device, predict=loop.predictor)
         elapsed += time.perf_counter() - started
         record["elapsed_s"] = elapsed
         history.append(record)

@@ -268,3 +268,24 @@ def test_pages_cite_papers_not_files(page: Path) -> None:
         f"{text.count(chr(10), 0, match.start()) + 1}: {match[0]!r}" for match in OUTSIDE_REFERENCES.finditer(text)
     ]
     assert not found, f"{_name(page)} refers to files outside the repository: {found}"
+
+
+def test_the_versions_the_pages_state_are_pyprojects():
+    """Every "Python ≥ 3.x" and every stated floor of torch and numpy on the pages is the one pyproject.toml
+    declares (a page that said Python ≥ 3.10 while the package needed 3.11 is how this test came to be)."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    python = project["requires-python"].removeprefix(">=")
+    floors = {dep.split(">=")[0]: dep.split(">=")[1] for dep in project["dependencies"]}
+    stated = {"python": [], "torch": [], "numpy": []}
+    for page in PAGES:
+        text = page.read_text(encoding="utf-8")
+        stated["python"] += [(page, v) for v in re.findall(r"Python (?:≥|>=) ?(3\.\d+)", text)]
+        stated["python"] += [(page, v) for v in re.findall(r"versions? the tests? (?:suite )?runs? against: Python (3\.\d+)", text)]
+        for name in ("torch", "numpy"):
+            stated[name] += [(page, v) for v in re.findall(rf"\b{name} (\d+\.\d+\.\d+)", text)]
+    assert stated["python"] and stated["torch"], "the pages state no versions any more: update this test"
+    wrong = [(str(page.relative_to(ROOT)), "python", v) for page, v in stated["python"] if v != python]
+    wrong += [(str(page.relative_to(ROOT)), name, v) for name in ("torch", "numpy") for page, v in stated[name] if v != floors[name]]
+    assert not wrong, f"pages state versions pyproject.toml does not: {wrong} (pyproject: Python {python}, {floors})"

@@ -24,6 +24,9 @@ _MODULES = (
     "gblending",
     "agm",
     "mmpareto",
+    "reconboost",
+    "umt",
+    "lfm",
 )
 
 

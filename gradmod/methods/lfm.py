@@ -62,10 +62,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gradmod._internal import real_scalar
+from gradmod._internal import checked_unimodal_logits, real_scalar
 from gradmod.history import History
 from gradmod.method import Fit, Method, MethodInfo, Option, check_units
-from gradmod.methods.reconboost import checked_unimodal_logits
 
 __all__ = [
     "DIVERGENCES",
@@ -222,6 +221,9 @@ class LFM(Method):
     Call `start_epoch` before every epoch (it sets the weights) and backward `loss` at every step.
     """
 
+    #: what `predict` reads (`gradmod.method.INPUTS`): the test-time prediction is the method's, not the fused head's
+    predict_inputs = ("unimodal_head_logits",)
+
     kind = "loss"
     loss_inputs = ("unimodal_head_logits", "target")
     state_version = 1
@@ -304,6 +306,11 @@ class LFM(Method):
         elif epoch != self._epoch:
             self._update(epoch)
         self._epoch = epoch
+        self._ended = False
+
+    def end_epoch(self, epoch: int) -> None:
+        """Mark the epoch finished: a `loss` before the next `start_epoch` is warned about (a forgotten call)."""
+        self._ended = True
 
     def _update(self, epoch: int) -> None:
         logits, target = self.probe()
@@ -331,6 +338,13 @@ class LFM(Method):
         if self._epoch is None:
             raise RuntimeError("gradmod LFM: no weights yet: call method.start_epoch(epoch) before every epoch")
         logits = checked_unimodal_logits(unimodal_head_logits, target, self.names, "unimodal_head_logits")
+        if self._ended:
+            self._warn_once(
+                "stale_epoch",
+                f"loss() after end_epoch() and before the next start_epoch(): the weights of epoch {self._epoch} are kept; "
+                "call method.start_epoch(epoch) before every epoch",
+                stacklevel=3,
+            )
         classification, alignment = lfm_terms(logits, target, self.divergence)
         weight = self._weight
         weights = torch.tensor([weight, 1.0 - weight], device=target.device)
@@ -338,9 +352,9 @@ class LFM(Method):
         self._steps += 1
         return _SCALE * (weight * classification + (1.0 - weight) * alignment)
 
-    def fused_logits(self, unimodal_head_logits: Mapping[str, Tensor]) -> Tensor:
+    def predict(self, unimodal_head_logits: Mapping[str, Tensor]) -> Tensor:
         """The test-time prediction ``(1/M) Σ_m o_m``."""
-        logits = checked_unimodal_logits(unimodal_head_logits, None, self.names, "fused_logits(unimodal_head_logits=...)")
+        logits = checked_unimodal_logits(unimodal_head_logits, None, self.names, "predict(unimodal_head_logits=...)")
         return sum(logits.values()) / len(logits)
 
     # ------------------------------------------------------------------ state
@@ -355,6 +369,7 @@ class LFM(Method):
         return {
             **self._config(),
             "epoch": self._epoch,
+            "ended": self._ended,
             "classification_weight": self._weight,
             "updates": self.updates,
             "steps": self._steps,
@@ -366,6 +381,7 @@ class LFM(Method):
             if state.get(key) != mine:
                 raise ValueError(f"state_dict has {key}={state.get(key)!r}, this LFM has {key}={mine!r}")
         self._epoch = state["epoch"]
+        self._ended = bool(state["ended"])
         self._weight = state["classification_weight"]
         self._updates = [dict(update) for update in state["updates"]]
         self._steps = int(state["steps"])
@@ -374,6 +390,7 @@ class LFM(Method):
     def _reset(self) -> None:
         """Before the first epoch: the learnable weights at their start, no update, no step."""
         self._epoch: int | None = None
+        self._ended = False
         self._weight: float | None = self.initial_weight if self.schedule == "learnable" else None
         self._updates: list[dict[str, float]] = []
         self._steps = 0

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gradmod._internal import check_logits_target, per_modality, real_scalar
+from gradmod._internal import checked_unimodal_logits, real_scalar
 from gradmod.history import History
 from gradmod.method import Fit, Method, MethodInfo, Option, Strength, check_units
 
@@ -63,7 +63,6 @@ __all__ = [
     "alignment_loss",
     "boosting_loss",
     "boosting_weights",
-    "checked_unimodal_logits",
     "true_class_probability",
 ]
 
@@ -84,40 +83,6 @@ ENSEMBLE = "ensemble"
 _RECORDED = ("trained", "confidence", "alignment", "boost_rate")
 #: Below this share of its initial value (or at or below 0) the boost rate counts as collapsed (warned).
 COLLAPSED = 1e-2
-
-
-def checked_unimodal_logits(
-    logits: Mapping[str, Tensor], target: Tensor | None, names: Sequence[str], what: str
-) -> dict[str, Tensor]:
-    """``logits`` checked to be ``{name: [B, C]}`` for exactly ``names``, one shape, floating point, finite, a
-    non-empty batch, and ``target`` (unless ``None``) ``[B]`` class indices in ``[0, C)``; returned in the order
-    of ``names``. One host synchronisation (the finiteness and range checks).
-    """
-    logits = per_modality(logits, names, what)
-    first = logits[names[0]]
-    for name in names:
-        z = logits[name]
-        if target is not None:
-            check_logits_target(z, target, name=f"{what}[{name!r}]")
-        if not isinstance(z, Tensor) or z.dim() != 2 or z.shape != first.shape or not z.is_floating_point():
-            shape = f"{z.dtype} {tuple(z.shape)}" if isinstance(z, Tensor) else type(z).__name__
-            raise ValueError(
-                f"{what} must be floating-point [batch, classes] tensors of one shape; {name!r} is {shape}, "
-                f"{names[0]!r} is {tuple(first.shape) if isinstance(first, Tensor) else type(first).__name__}"
-            )
-    if first.shape[0] == 0:
-        raise ValueError(f"{what}: the batch is empty")
-    classes = first.shape[1]
-    checks = [~torch.isfinite(logits[name].detach()).all() for name in names]
-    if target is not None:
-        checks.append(((target < 0) | (target >= classes)).any().to(checks[0].device))
-    flags = torch.stack(checks).tolist()
-    bad = [name for name, flag in zip(names, flags) if flag]
-    if bad:
-        raise ValueError(f"{what} of modalities {bad} contain NaN or inf")
-    if target is not None and flags[-1]:
-        raise ValueError(f"target holds class indices outside [0, {classes})")
-    return {name: logits[name] for name in names}
 
 
 # ----------------------------------------------------------------------------------------- the equations
@@ -208,6 +173,9 @@ class ReconBoost(Method):
     every epoch, and backward `loss` at every step. The history records one row per `loss` call.
     """
 
+    #: what `predict` reads (`gradmod.method.INPUTS`): the test-time prediction is the method's, not the fused head's
+    predict_inputs = ("unimodal_head_logits",)
+
     kind = "loss"
     loss_inputs = ("unimodal_head_logits", "target")
     state_version = 1
@@ -245,6 +213,7 @@ class ReconBoost(Method):
         self.initial_boost_rate = real_scalar(boost_rate, "boost_rate", strict=True)
         self.extra = BoostRate(self.initial_boost_rate)
         self._epoch: int | None = None
+        self._ended = False
         self._steps = 0
         self._warned: set[str] = set()
         self._history = History((*self.names, ENSEMBLE), fields=_RECORDED)
@@ -265,6 +234,7 @@ class ReconBoost(Method):
         """Choose the stage and the phase of epoch ``epoch`` (0-based): stage ``epoch // (boost_epochs +
         correct_epochs)``, boosting for its first ``boost_epochs`` epochs, correcting for the rest."""
         self._epoch = _int_at_least(epoch, "epoch", 0)
+        self._ended = False
         rate = float(self.extra.rate.detach())
         if rate <= 0.0 or rate < COLLAPSED * self.initial_boost_rate:
             self._warn_once(
@@ -273,6 +243,10 @@ class ReconBoost(Method):
                 "logits are scaled to ~0 or flipped; lower the correction phase's learning rate",
                 stacklevel=3,
             )
+
+    def end_epoch(self, epoch: int) -> None:
+        """Mark the epoch finished: a `loss` before the next `start_epoch` is warned about (a forgotten call)."""
+        self._ended = True
 
     def _require_epoch(self) -> int:
         if self._epoch is None:
@@ -319,6 +293,13 @@ class ReconBoost(Method):
         ``unimodal_head_logits``: ``{modality: [B, C]}``, each member's logits (its encoder and head) with grad.
         """
         logits = checked_unimodal_logits(unimodal_head_logits, target, self.names, "unimodal_head_logits")
+        if self._ended:
+            self._warn_once(
+                "stale_epoch",
+                f"loss() after end_epoch() and before the next start_epoch(): the stage of epoch {self._epoch} is kept; "
+                "call method.start_epoch(epoch) before every epoch",
+                stacklevel=3,
+            )
         if self.phase == PHASES[0]:
             return self._boosting_step(logits, target)
         return self._correction_step(logits, target)
@@ -326,7 +307,7 @@ class ReconBoost(Method):
     def _boosting_step(self, logits: dict[str, Tensor], target: Tensor) -> Tensor:
         member, stage = self.member, self.stage
         others = [name for name in self.ensemble if name != member]
-        ensemble = self.extra(sum(logits[name].detach() for name in others)).detach() if others else None
+        ensemble = self.extra(sum(logits[name] for name in others)).detach() if others else None
         loss = boosting_loss(logits[member], ensemble, target, self.task_weight, self.reconcilement)
         distance = None
         if stage > 0:
@@ -366,12 +347,12 @@ class ReconBoost(Method):
         self._steps += 1
 
     # ------------------------------------------------------------------ test time
-    def ensemble_logits(self, unimodal_head_logits: Mapping[str, Tensor]) -> Tensor:
+    def predict(self, unimodal_head_logits: Mapping[str, Tensor]) -> Tensor:
         """The ensemble's prediction ``β·Σ_j f_j`` over every member (after training every member is in it).
 
         Before the first `start_epoch` every member counts; afterwards the members in `ensemble`.
         """
-        logits = checked_unimodal_logits(unimodal_head_logits, None, self.names, "ensemble_logits(unimodal_head_logits=...)")
+        logits = checked_unimodal_logits(unimodal_head_logits, None, self.names, "predict(unimodal_head_logits=...)")
         members = self.names if self._epoch is None else self.ensemble
         return self.extra(sum(logits[name] for name in members))
 
@@ -391,13 +372,20 @@ class ReconBoost(Method):
     def _extra_state(self) -> dict[str, Any]:
         """The configuration (checked on load), the epoch, the step count and the warnings shown; the boost rate
         is ``state["extra"]``."""
-        return {**self._config(), "epoch": self._epoch, "steps": self._steps, "warned": sorted(self._warned)}
+        return {
+            **self._config(),
+            "epoch": self._epoch,
+            "ended": self._ended,
+            "steps": self._steps,
+            "warned": sorted(self._warned),
+        }
 
     def _load_extra_state(self, state: Mapping[str, Any]) -> None:
         for key, mine in self._config().items():
             if state[key] != mine:
                 raise ValueError(f"state_dict has {key}={state[key]!r}, this ReconBoost has {key}={mine!r}")
         self._epoch = state["epoch"]
+        self._ended = bool(state["ended"])
         self._steps = int(state["steps"])
         self._warned = set(state["warned"])
 
@@ -406,6 +394,7 @@ class ReconBoost(Method):
         with torch.no_grad():
             self.extra.rate.fill_(self.initial_boost_rate)
         self._epoch = None
+        self._ended = False
         self._steps = 0
         self._warned = set()
 
@@ -433,6 +422,7 @@ METHODS = (
             Option("correct_epochs", 4, "epochs of the ensemble correction per stage (BalanceBenchmark: 1)", int),
             Option("boost_rate", 1.0, "initial boost rate of the ensemble (BalanceBenchmark: 0.01)", float),
             Option("ga", "prediction", "the alignment term; none is the official code's (zero gradient)", str, ("prediction", "none")),
+            Option("pretrain_epochs", None, "epochs each unimodal model trains alone first (default: the run's epochs)", int, loop=True),
         ),
     ),
 )

@@ -42,12 +42,12 @@ from torch import Tensor, nn
 from gradmod._internal import (
     check_logits_target,
     check_names,
+    checked_unimodal_logits,
     per_modality,
     real_scalar,
 )
 from gradmod.history import History
 from gradmod.method import Fit, Method, MethodInfo, Option, Strength, check_units
-from gradmod.methods.reconboost import checked_unimodal_logits
 
 __all__ = ["AVERAGES", "TEACHER_MODES", "UME", "UMT", "umt_loss", "unimodal_ensemble"]
 
@@ -241,6 +241,9 @@ class UME(Method):
     The history records each modality's cross-entropy per `loss` call (``loss``).
     """
 
+    #: what `predict` reads (`gradmod.method.INPUTS`): the test-time prediction is the method's, not the fused head's
+    predict_inputs = ("unimodal_head_logits",)
+
     kind = "loss"
     loss_inputs = ("unimodal_head_logits", "target")
     state_version = 1
@@ -296,7 +299,10 @@ METHODS = (
         cost="one teacher forward pass per modality and step; unimodal teachers trained beforehand",
         fit=Fit(head="inputs", acts_on="loss"),
         strength=Strength("distillation_weight", 10.0, "λ of CE + λ·Σ_m MSE(h_m^teacher, h_m)"),
-        options=(Option("teacher_mode", "eval", "the teachers' mode; train is BalanceBenchmark's (drifting BN)", str, TEACHER_MODES),),
+        options=(
+            Option("teacher_mode", "eval", "the teachers' mode; train is BalanceBenchmark's (drifting BN)", str, TEACHER_MODES),
+            Option("pretrain_epochs", None, "epochs each unimodal model trains alone first (default: the run's epochs)", int, loop=True),
+        ),
     ),
     MethodInfo(
         key="ume",

@@ -60,11 +60,21 @@ class _HeadLogits(nn.Module):
 
 def provide(names: Sequence[str], loop: MethodLoop, inputs: Mapping[str, Tensor], target: Tensor) -> dict[str, Any]:
     """The step inputs ``names`` (`gradmod.method.INPUTS`) of one batch, each computed once."""
-    model, task = loop.model, loop.task
     unknown = [name for name in names if name not in gradmod.method.INPUTS]
     if unknown:
         raise ValueError(f"{loop.config.method} reads the inputs {unknown}, which no loop gives (gradmod.method.INPUTS)")
-    features = model.encode(inputs)
+    return provide_from_features(names, loop, loop.model.encode(inputs), target, inputs)
+
+
+def provide_from_features(
+    names: Sequence[str],
+    loop: MethodLoop,
+    features: Mapping[str, Tensor],
+    target: Tensor | None = None,
+    inputs: Mapping[str, Tensor] | None = None,
+) -> dict[str, Any]:
+    """`provide` from encoded ``features`` (at test time: no target, no raw inputs)."""
+    model, task = loop.model, loop.task
     output = None
     given: dict[str, Any] = {}
     for name in names:
@@ -133,8 +143,12 @@ class MethodLoop:
 
     @property
     def preset_options(self) -> dict[str, Any]:
-        """The method's options that are keywords of its preset."""
-        return {} if self.info is None else preset_keywords(self.method_options, self.info)
+        """The method's options that are keywords of its preset (an option's choice ``"none"`` is ``None``)."""
+        if self.info is None:
+            return {}
+        nullable = {o.keyword for o in self.info.options if o.choices is not None and "none" in o.choices}
+        options = preset_keywords(self.method_options, self.info)
+        return {k: None if k in nullable and v == "none" else v for k, v in options.items()}
 
     @property
     def head_module(self) -> nn.Module:
@@ -143,6 +157,18 @@ class MethodLoop:
 
     def _training_split(self) -> Dataset:
         return self.task.train_set
+
+    @property
+    def predictor(self) -> Any:
+        """The method's test-time prediction from features (``None``: the model's fused head)."""
+        if self.method is None or not hasattr(self.method, "predict_inputs"):
+            return None
+
+        def predict(features: Mapping[str, Tensor]) -> Tensor:
+            given = provide_from_features(self.method.predict_inputs, self, features)
+            return self.method.predict(**given)
+
+        return predict
 
     def options(self) -> dict[str, Any]:
         """The method's hyper-parameters as this run uses them (recorded in ``results.json``)."""

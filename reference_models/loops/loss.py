@@ -3,14 +3,18 @@
 A loss method declares ``loss_inputs`` (names of `gradmod.method.INPUTS`); the loop computes them
 (`reference_models.loops.base.provide`) and backwards ``method.loss(**inputs)``. The preset is built from what the
 loop knows, bound by parameter name: ``modalities`` (the encoders), ``heads`` (``fused`` and one per modality),
-``names``, ``num_classes``, ``seed``, and a per-epoch ``measure`` where the method needs data once per epoch
-(`MEASURES`: G-Blending's checkpoint of every head's train and held-out loss). Unimodal heads are added to the model
-when the method reads them. A method with parameters of its own (``method.extra``) has them stepped by the run's
-optimizer.
+``names``, ``num_classes``, ``seed``, ``epochs``, and a per-epoch ``measure`` where the method needs data once per
+epoch (`MEASURES`: G-Blending's checkpoint of every head's train and held-out loss). Unimodal heads are added to the
+model when the method reads them. Methods that start from unimodal models trained alone get them
+(`train_unimodal`, ``--<method>-pretrain-epochs``, default the run's epochs): UMT's frozen ``teachers`` (the
+encoders of a copy of the model, each trained alone), ReconBoost's ``pretrained`` members (the model's own encoders
+and unimodal heads, each trained alone). A method with parameters of its own (``method.extra``) has them stepped by
+the run's optimizer, and one that predicts otherwise at test time (``predict``) is evaluated with its prediction.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -21,10 +25,19 @@ from torch.utils.data import DataLoader, Dataset, random_split
 
 import gradmod
 from reference_models.config import TrainConfig
-from reference_models.loops.base import APPLIER_FIELDS, FUSED_HEAD, WINDOW_FIELDS, MethodLoop, provide, rows
+from reference_models.loops.base import (
+    APPLIER_FIELDS,
+    FUSED_HEAD,
+    HEAD_SEED_OFFSET,
+    WINDOW_FIELDS,
+    MethodLoop,
+    make_optimizer,
+    provide,
+    rows,
+)
 from reference_models.tasks import Task
 
-__all__ = ["HOLDOUT_SEED_OFFSET", "LossLoop", "MEASURES"]
+__all__ = ["HOLDOUT_SEED_OFFSET", "LossLoop", "MEASURES", "train_unimodal"]
 
 #: Offset of the seed that draws a held-out split of the training set (G-Blending's) from the run's seed.
 HOLDOUT_SEED_OFFSET = 20_011
@@ -50,6 +63,26 @@ def _gblending_measure(loop: LossLoop) -> Callable[[], Any]:
     return measure
 
 
+def train_unimodal(loop: LossLoop, model: nn.Module, epochs: int) -> None:
+    """Train each modality's encoder and unimodal head of ``model`` alone (its own cross-entropy), in place, for
+    ``epochs`` epochs of the loop's training split with the run's optimizer settings and seed."""
+    config = loop.config
+    for name in loop.task.modalities:
+        parameters = [*model.encoders[name].parameters(), *model.unimodal_heads[name].parameters()]
+        optimizer = make_optimizer(config, parameters)
+        generator = torch.Generator().manual_seed(config.seed + PRETRAIN_SEED_OFFSET)
+        for _ in range(epochs):
+            for inputs, target in DataLoader(loop.train_set, config.batch_size, shuffle=True, generator=generator):
+                optimizer.zero_grad(set_to_none=True)
+                inputs, target = {n: x.to(loop.device) for n, x in inputs.items()}, target.to(loop.device)
+                features = model.encoders[name](inputs[name])
+                logits = rows(model.unimodal_heads[name](features))
+                torch.nn.functional.cross_entropy(logits, model.measure_target(target)).backward()
+                optimizer.step()
+
+
+#: Offset of the seed that shuffles the unimodal pretraining from the run's seed.
+PRETRAIN_SEED_OFFSET = 40_009
 #: The per-epoch data a method's ``measure`` needs, by method key: ``loop -> measure``.
 MEASURES: dict[str, Callable[[LossLoop], Callable[[], Any]]] = {"gblending": _gblending_measure}
 
@@ -99,6 +132,17 @@ class LossLoop(MethodLoop):
         if self.config.method in MEASURES:
             known["measure"] = MEASURES[self.config.method](self)
         parameters = inspect.signature(self.info.preset).parameters
+        known["epochs"] = self.config.epochs
+        pretrain = self.method_options.get("pretrain_epochs") or self.config.epochs
+        if "teachers" in parameters:  # UMT: frozen encoders of a copy of the model, each trained alone
+            trained = copy.deepcopy(self.model)
+            if getattr(trained, "unimodal_heads", None) is None:
+                trained.add_unimodal_heads(self.task.num_classes, self.config.seed + HEAD_SEED_OFFSET)
+            train_unimodal(self, trained, pretrain)
+            known["teachers"] = dict(trained.encoders.items())
+        if "pretrained" in parameters:  # ReconBoost: the members start from unimodal models trained alone
+            train_unimodal(self, self.model, pretrain)
+            known["pretrained"] = True
         first = next(iter(parameters))
         keywords = {name: value for name, value in known.items() if name in parameters and name != first}
         return [known[first]], {**keywords, **self.preset_options}

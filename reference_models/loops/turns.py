@@ -34,11 +34,8 @@ class TurnsLoop(MethodLoop):
                 f"{config.method} trains every modality through one shared head: use --fusion shared (one linear "
                 f"head, one feature width for all encoders); the {task.name} model with --fusion {config.fusion} has none"
             )
-        options = dict(self.preset_options)
-        if options.get("projection") == "none":
-            options["projection"] = None
         self.head = self.model.fusion.linear
-        self.method = self.info.preset(self.model.modality_modules(), self.head, **options)
+        self.method = self.info.preset(self.model.modality_modules(), self.head, **self.preset_options)
         self._kept: dict[str, list[float]] = {}
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:

@@ -244,6 +244,15 @@ def _mm_step(net: Net, method: Any, batch: Batch, scale: float = 1.0) -> Tensor:
     return gradmod.methods.mixup.soft_cross_entropy(net.fusion(parts), soft)
 
 
+def _umt(net: Net) -> Method:
+    """UMT's teachers: the encoders of another net, made from a fixed seed (the tests need no trained teachers;
+    a run builds them from its trained unimodal models, which a resumed run loads again)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1234)
+        teachers = Net(net.names).encoders
+    return gradmod.UMT(dict(teachers))
+
+
 def _pdmp(net: Net) -> Method:
     return gradmod.PDMP(modalities(net), ("audio", "visual"), 1.0, 0.5)
 
@@ -287,6 +296,7 @@ CASES: dict[str, Case] = {
         "observed so far (methods/agm.md, accumulation)"
     )),
     "mmpareto": derived_case("mmpareto"),
+    "umt": Case("umt", _umt, loss_step),
 }
 
 

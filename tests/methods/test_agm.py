@@ -588,3 +588,49 @@ def test_without_validation_a_degenerate_step_leaves_the_targets_alone_as_with_v
         torch.testing.assert_close(p, q)
     info = gradmod.METHODS["agm"]
     assert info.preset is gradmod.AGM and info.kind == "responses" and isinstance(runs[0], agm.AGM)
+
+
+def test_the_history_records_agms_own_ratios_not_ogms():
+    torch.manual_seed(0)
+    model = Net()
+    mod = make_agm(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mod.attach(opt)
+    for inputs, y in batches(2):
+        agm_step(model, mod, opt, inputs, y, clip=False)
+    record = mod.last
+    expected = agm.agm_ratios({n: torch.tensor(v, dtype=torch.float64) for n, v in record["evidence"].items()})
+    for name in NAMES:
+        assert record["ratios"][name] == pytest.approx(expected[name].item(), rel=1e-5)
+    ogm = gradmod.functional.discrepancy_ratios({n: torch.tensor(v) for n, v in record["evidence"].items()})
+    assert record["ratios"]["audio"] != pytest.approx(ogm["audio"].item(), rel=1e-3)
+
+
+def test_a_model_whose_forward_takes_one_mapping_is_pointed_to_forward():
+    class DictModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = Net()
+
+        def forward(self, inputs):
+            return self.net(**inputs)
+
+    model = DictModel()
+    inputs, _ = batches(1)[0]
+    with pytest.raises(TypeError, match=r"pass forward=, e.g. forward=lambda x: model\(x\)"):
+        agm.mono_responses(model, inputs)
+    responses = agm.mono_responses(model, inputs, forward=lambda x: model(x))
+    assert set(responses) == set(NAMES)
+
+
+def test_a_tiny_coefficient_reaches_float64_gradients_intact():
+    """A coefficient like exp(−180) ≈ 6.7e-79 is 0 in float32: a float64 model must get it, not 0."""
+    policy = agm.AGMPolicy(sharpness=1.0, cap=None)
+    applier = agm.ResponseApplier(policy)
+    encoders = {n: nn.Linear(2, 2).double() for n in NAMES}
+    applier.bind(encoders)
+    applier.set_coefficients(torch.tensor([math.exp(-180.0), 1.0], dtype=torch.float64))
+    responses = {n: encoders[n](torch.ones(1, 2, dtype=torch.float64)) for n in NAMES}
+    applier.combine(responses).sum().backward()
+    gradient = encoders["audio"].weight.grad
+    assert torch.all(gradient != 0) and gradient.abs().max().item() == pytest.approx(math.exp(-180.0), rel=1e-9)

@@ -122,9 +122,11 @@ def test_accumulated_micro_batches_equal_one_batch_or_the_method_says_why_not(ke
     halves = [({n: x[i : i + 4] for n, x in inputs.items()}, target[i : i + 4]) for i in (0, 4)]
     whole_net, whole, whole_optimizer, _ = _fresh(key)
     whole_optimizer.param_groups[0]["momentum"] = 0.0
+    whole.start_epoch(0)
     run_step(whole_net, whole, whole_optimizer, (inputs, target), the_case)
     net, method, optimizer, _ = _fresh(key)
     optimizer.param_groups[0]["momentum"] = 0.0
+    method.start_epoch(0)
     optimizer.zero_grad(set_to_none=True)
     for half in halves:
         loss = the_case.step(net, method, half, 1 / len(halves))

@@ -61,6 +61,7 @@ import matplotlib.pyplot as plt
 
 import gradmod
 from reference_models.data.avdigits import make_avdigits
+from reference_models.config import default_fusion
 from reference_models.plots import bar_chart
 from reference_models.train import METHODS, TrainConfig, train
 
@@ -114,8 +115,6 @@ def select(dataset: str) -> Profile:
 
 #: The CLI's control: the same unimodal heads as the methods that add them, the losses summed.
 CONTROL = "unimodal_losses"
-#: The head each kind of head a method needs runs on (`gradmod.method.Fit.head`); the others run on concat.
-HEAD_FUSION = {"gate": "gated", "shared": "shared"}
 DEFAULT_HEAD = "concat"
 #: Each swept method's strength keyword, from the registry.
 SWEPT = {key: info.strength.keyword for key, info in gradmod.METHODS.items() if info.strength is not None}
@@ -135,16 +134,10 @@ UNSWEPT = unswept()
 
 # ------------------------------------------------------------------------------------------ the plan
 def fusion_for(method: str) -> str:
-    """The fusion head ``method`` runs on: what its registry entry's head needs (`HEAD_FUSION`), else concat; a
-    method of kind ``"head"`` is its own head."""
+    """The fusion head ``method`` runs on (`reference_models.config.default_fusion`)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-    info = gradmod.METHODS.get(method)
-    if info is None:
-        return DEFAULT_HEAD
-    if info.kind == "head":
-        return method
-    return HEAD_FUSION.get(info.fit.head, DEFAULT_HEAD)
+    return default_fusion(method)
 
 
 def run_key(method: str, fusion: str, solo: str | None = None) -> str:
@@ -703,9 +696,8 @@ def _bmm_panel(ax: plt.Axes, group: Sequence[Mapping[str, Any]]) -> None:
 
 
 def _weights(epoch: Mapping[str, Any]) -> dict[str, float]:
-    """G-Blending's loss weights at the end of an epoch (its last estimate; uniform before the first)."""
-    recorded = {key.split("/", 1)[1]: v for key, v in epoch.get("gblending", {}).items() if key.startswith("weights/")}
-    return recorded or {}
+    """G-Blending's loss weights estimated at the start of an epoch (empty before the first estimate)."""
+    return epoch.get("gblending", {}).get("weights", {})
 
 
 def _weights_panel(ax: plt.Axes, group: Sequence[Mapping[str, Any]]) -> None:

@@ -13,43 +13,23 @@ from gradmod import appliers, filters, functional, fusion, history, kernels, mea
 from gradmod.appliers import FeaturesApplier, ParamsApplier, scale_grad
 from gradmod.method import Method, MethodInfo
 from gradmod.methods import METHODS
-from gradmod.methods.agm import AGM
-from gradmod.methods.decoupling_free import DecouplingFree
-from gradmod.methods.dgm import DGM
-from gradmod.methods.gblending import GBlending
-from gradmod.methods.lfm import LFM
-from gradmod.methods.mixup import BalancedMixup, MultimodalMixup
-from gradmod.methods.mla import MLA
-from gradmod.methods.mmpareto import MMPareto
-from gradmod.methods.ogm import OGM, OGMGE
-from gradmod.methods.pdmp import PDMP, rank_modalities
-from gradmod.methods.reconboost import ReconBoost
-from gradmod.methods.umt import UME, UMT
+from gradmod.methods.pdmp import rank_modalities
 from gradmod.modulator import Modulator, epoch_window
 from gradmod.policies import PolicyError
 
 __version__ = "0.3.0.dev0"
+
+#: Every method's preset at the top level (gradmod.OGMGE, gradmod.MMPareto, …), from the registry: a method added to
+#: the catalogue is exported with its registry line.
+PRESETS: dict[str, type] = {info.preset.__name__: info.preset for info in METHODS.values()}
+globals().update(PRESETS)
 
 __all__ = [
     "METHODS",
     "Method",
     "MethodInfo",
     "Modulator",
-    "OGM",
-    "OGMGE",
-    "DGM",
-    "DecouplingFree",
-    "PDMP",
-    "AGM",
-    "MMPareto",
-    "MLA",
-    "GBlending",
-    "MultimodalMixup",
-    "BalancedMixup",
-    "ReconBoost",
-    "UMT",
-    "UME",
-    "LFM",
+    *PRESETS,
     "ParamsApplier",
     "FeaturesApplier",
     "PolicyError",

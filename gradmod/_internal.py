@@ -5,15 +5,16 @@ Every error names what was wrong: the argument, the modality, the expected shape
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 #: Added to a gradient's standard deviation before it scales the GE noise: ``grad.std() + 1e-8`` in the
 #: official OGM-GE code. One constant for every kernel.
@@ -214,3 +215,29 @@ def checked_unimodal_logits(
     if target is not None and flags[-1]:
         raise ValueError(f"target holds class indices outside [0, {classes})")
     return {name: logits[name] for name in names}
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode inside the block; every submodule's own mode restored afterwards."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+#: Seeds drawn for generators lie in [0, 2⁶²).
+SEED_HIGH = 2**62
+
+
+def seeded_generator(seed: int | None) -> torch.Generator:
+    """A CPU generator seeded with ``seed`` (an int ``>= 0``), or with a seed drawn from torch's global RNG when
+    ``None`` (so ``torch.manual_seed`` fixes it)."""
+    if seed is None:
+        seed = int(torch.randint(0, SEED_HIGH, ()))
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0 or None, got {seed!r}")
+    return torch.Generator().manual_seed(seed)

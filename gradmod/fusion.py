@@ -474,3 +474,11 @@ class FiLMFusion(Fusion):
             gates = self.gate(terms)
             self.zeta = gates[:, 0]
         return self.classifier(_superpose(terms, gates, self.simam))
+
+
+def __getattr__(name: str):  # MMCosine's head lives with its method (gradmod.methods.mmcosine)
+    if name == "MMCosineFusion":
+        from gradmod.methods.mmcosine import MMCosineFusion
+
+        return MMCosineFusion
+    raise AttributeError(f"module 'gradmod.fusion' has no attribute {name!r}")

@@ -24,6 +24,7 @@ __all__ = [
     "METHODS",
     "OPTIMIZERS",
     "TrainConfig",
+    "default_fusion",
     "method_options",
     "strength_keywords",
 ]
@@ -58,11 +59,12 @@ class TrainConfig:
     ``strength`` is the method's main hyper-parameter (``gradmod.METHODS[method].strength``; ``None``: its
     default); ``options`` the method's other options by keyword (those not given: their defaults);
     ``dataset_options`` go to the generated or embedded dataset (AV-digits' generator, AV-MNIST's knobs).
+    ``fusion`` ``None``: the head the method needs (`default_fusion`).
     """
 
     dataset: str = "avdigits"
     method: str = "baseline"
-    fusion: str = "concat"
+    fusion: str | None = None
     data_root: str | None = None
     epochs: int | None = None
     batch_size: int | None = None
@@ -104,9 +106,11 @@ class TrainConfig:
             raise ValueError(f"unknown dataset {self.dataset!r}; expected one of {DATASETS}")
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; expected one of {METHODS}")
-        if self.fusion not in FUSION_KINDS:
-            raise ValueError(f"unknown fusion {self.fusion!r}; expected one of {FUSION_KINDS}")
         filled = {k: v for k, v in DATASET_DEFAULTS[self.dataset].items() if getattr(self, k) is None}
+        if self.fusion is None:
+            filled["fusion"] = default_fusion(self.method)
+        elif self.fusion not in FUSION_KINDS:
+            raise ValueError(f"unknown fusion {self.fusion!r}; expected one of {FUSION_KINDS}")
         config = dataclasses.replace(self, **filled)
         if config.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {config.optimizer!r}")
@@ -120,6 +124,22 @@ class TrainConfig:
             raise ValueError(f"--val-size must be >= 1, got {config.val_size}")
         method_options(config)  # refuses options the method does not have
         return config
+
+
+#: The fusion head each kind of head a method needs (`gradmod.method.Fit.head`) runs on; the others run on concat.
+HEAD_FUSION = {"gate": "gated", "shared": "shared"}
+
+
+def default_fusion(method: str) -> str:
+    """The fusion head ``method`` trains on when ``--fusion`` is not given: what its registry entry's head needs
+    (`HEAD_FUSION`: a ζ-gated head for the gate, the shared head for MLA), the method itself for a head (MMCosine),
+    else the decouplable concat head."""
+    info = gradmod.METHODS.get(method)
+    if info is None:
+        return "concat"
+    if info.kind == "head":
+        return method
+    return HEAD_FUSION.get(info.fit.head, "concat")
 
 
 def method_options(config: TrainConfig) -> dict[str, Any]:

@@ -17,7 +17,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from reference_models import metrics
 from reference_models.config import DATASETS
-from reference_models.models.common import FUSION_KINDS, ModelOutput, MultimodalModel, mask_features
+from reference_models.models.common import (
+    FUSION_KINDS,
+    ModelOutput,
+    MultimodalModel,
+    mask_features,
+)
 
 __all__ = ["Task", "build_task", "DATASETS", "TASK_KINDS", "SELECTION_METRICS"]
 

@@ -18,7 +18,6 @@ import json
 import sys
 import time
 from collections.abc import Mapping, Sequence
-
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,14 @@ from torch.utils.data import DataLoader, random_split
 from tqdm import tqdm
 
 import gradmod
-from reference_models.config import CLI_METHODS, DATASETS, METHODS, OPTIMIZERS, TrainConfig, strength_keywords
+from reference_models.config import (
+    CLI_METHODS,
+    DATASETS,
+    METHODS,
+    OPTIMIZERS,
+    TrainConfig,
+    strength_keywords,
+)
 from reference_models.loops import make_loop, make_optimizer
 from reference_models.loops.modulator import PARAM_FILTERS
 from reference_models.models.common import FUSION_KINDS
@@ -107,7 +113,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         loop.start_epoch(epoch)
         _set_epoch(loop.train_set, epoch)
         generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
-        loader = DataLoader(loop.train_set, shuffle=True, generator=generator, **loader_args)
+        loader = DataLoader(loop.epoch_data, shuffle=True, generator=generator, **loader_args)
         total_loss, batches = 0.0, 0
         for inputs, target in tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, disable=None if config.progress else True):
             inputs, target = {n: x.to(device) for n, x in inputs.items()}, target.to(device)
@@ -240,7 +246,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     add = parser.add_argument
     add("--dataset", choices=DATASETS, default="avdigits")
     add("--method", choices=METHODS, default="baseline", help=_method_help())
-    add("--fusion", choices=FUSION_KINDS, default="concat")
+    add("--fusion", choices=FUSION_KINDS, help="the fusion head (default: the one the method needs, else concat)")
     add("--data-root", help="folder of the dataset's real files (cremad, ave, llp); scan it first with "
         "python -m reference_models.check")
     add("--epochs", type=int)

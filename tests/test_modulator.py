@@ -16,7 +16,7 @@ from gradmod import filters
 PRESETS = {
     "OGM": lambda mods, **kw: gradmod.OGM(mods, alpha=0.8, **kw),
     "OGMGE": lambda mods, **kw: gradmod.OGMGE(mods, alpha=0.8, **kw),
-    "DGM": lambda mods, **kw: gradmod.DGM(mods, gamma=0.5, **kw),
+    "DGM": lambda mods, **kw: gradmod.DGM(mods, alpha=0.5, **kw),
     "DecouplingFree": lambda mods, **kw: gradmod.DecouplingFree(mods, alpha=0.8, **kw),
     "PDMP": lambda mods, **kw: gradmod.PDMP(mods, ranking=tuple(mods), gamma_p=0.5, gamma_r=0.3, **kw),
 }
@@ -108,7 +108,7 @@ def test_ge_noise_statistics_match_the_unscaled_gradient_std():
 def test_dgm_restore_noise_keeps_total_variance():
     p = nn.Parameter(torch.zeros(200_000))
     q = nn.Parameter(torch.zeros(10))
-    mod = gradmod.DGM({"visual": [p], "audio": [q]}, gamma=0.3, backend="reference", seed=5)
+    mod = gradmod.DGM({"visual": [p], "audio": [q]}, alpha=0.3, backend="reference", seed=5)
     g = torch.randn(200_000, generator=torch.Generator().manual_seed(1)) * 0.5
     p.grad, q.grad = g.clone(), torch.ones(10)
     scores = {"visual": torch.tensor([[0.9, 0.1]]), "audio": torch.tensor([[0.5, 0.4]])}
@@ -504,7 +504,7 @@ def test_an_explicit_seed_is_kept():
 def test_repr_names_every_part():
     mod = gradmod.OGM(two_linears(), alpha=0.5, start_step=1, stop_step=9)
     assert repr(mod) == (
-        "Modulator(modalities=['audio', 'visual'], measure=SoftmaxScore(ignore_index=-100), "
+        "OGM(modalities=['audio', 'visual'], measure=SoftmaxScore(ignore_index=-100), "
         f"policy=OGMPolicy(strength=0.5), apply={mod.applier!r}, window=[1, 9))"
     )
 

@@ -10,11 +10,10 @@ from torch import nn
 
 import gradmod
 from gradmod import functional as F
-from gradmod.methods.pdmp import pdmp_coefficients
 from gradmod.measures import SoftmaxScore
+from gradmod.methods.pdmp import PDMPPolicy, pdmp_coefficients
 from gradmod.policies import (
     OGMPolicy,
-    PDMPPolicy,
     PolicyError,
     check_coefficients,
     coefficient_range,

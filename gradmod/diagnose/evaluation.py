@@ -15,15 +15,16 @@ What you pass:
   may be the logits ``[B, C]``, a tuple or list whose first element they are, a mapping with
   ``"logits"``, or an object with ``.logits``.
 
-Every function evaluates under ``torch.no_grad()`` with the modules it was given (an ``nn.Module``, or
-the module a bound method belongs to) in eval mode, restored afterwards, and leaves torch's random
-state as it was (``torch.random.fork_rng``): evaluating between epochs does not change the run, except
-that a loader with its own ``generator=`` advances it. ``device=None`` moves each batch to the device
-of the given modules' first parameter.
+Every function evaluates under ``torch.no_grad()`` with the modules it was given in eval mode, restored
+afterwards: an ``nn.Module``, the module a bound method belongs to, and those listed in ``modules=``
+(name there the models a lambda or closure calls, or their dropout and batch-norm layers stay in
+training mode). It leaves torch's random state as it was (``torch.random.fork_rng``): evaluating
+between epochs does not change the run, except that a loader with its own ``generator=`` advances it.
+``device=None`` moves each batch to the device of the given modules' first parameter.
 
-Costs, in passes over the held-out loader: `masked_accuracy` M + 1 forwards per batch (one encoding and
-M + 1 head calls with ``encode``/``head``); `shapley_accuracy` and `coalition_accuracy` all
-``2^M`` coalitions (4 for two modalities, 8 for three); `decoupled_accuracy` one; `linear_probe` one
+Costs, in passes over the held-out loader: `masked_accuracy` M forwards per batch (one encoding and M
+head calls with ``encode``/``head``); `shapley_accuracy` and `coalition_accuracy` all ``2^M``
+coalitions (4 for two modalities, 8 for three); `decoupled_accuracy` one; `linear_probe` one
 encoding pass over each loader and an L-BFGS fit on the features; `solo_accuracy` trains one encoder
 per modality for ``steps`` optimizer steps.
 """
@@ -33,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -214,11 +216,13 @@ def _evaluating(modules: Sequence[nn.Module]) -> Iterator[None]:
 
 
 class _Tally:
-    """Correct predictions per key over the counted rows (targets other than ``ignore_index``)."""
+    """Correct predictions per key over the counted rows (targets other than ``ignore_index``), and the
+    number of classes the logits had."""
 
     def __init__(self) -> None:
         self.correct: dict[Any, int] = {}
         self.samples = 0
+        self.classes: int | None = None
 
     def count(self, target: Tensor) -> Tensor:
         keep = target != IGNORE_INDEX
@@ -228,6 +232,7 @@ class _Tally:
     def add(self, key: Any, logits: Tensor, target: Tensor, keep: Tensor) -> None:
         if logits.shape[0] != target.shape[0]:
             raise ValueError(f"logits for {key!r} have {logits.shape[0]} rows, the target {target.shape[0]}")
+        self.classes = logits.shape[1]
         hits = int(((logits.argmax(1) == target) & keep).sum())
         self.correct[key] = self.correct.get(key, 0) + hits
 
@@ -235,6 +240,20 @@ class _Tally:
         if not self.samples:
             raise ValueError(f"every target of the loader equals ignore_index {IGNORE_INDEX}: no row to score")
         return {key: hits / self.samples for key, hits in self.correct.items()}
+
+
+@dataclass(frozen=True)
+class _Feed:
+    """How batches reach the model: their layout (``batch_of``), the device, and the modules put in eval
+    mode besides those found among the callables (``modules=``: the models a closure calls)."""
+
+    batch_of: BatchOf | None = None
+    device: torch.device | str | None = None
+    modules: tuple[nn.Module, ...] = ()
+
+    def evaluating(self, *callables: Any) -> tuple[contextlib.AbstractContextManager, torch.device | None]:
+        modules = _modules(*callables, *self.modules)
+        return _evaluating(modules), _device(self.device, modules)
 
 
 # ---------------------------------------------------------------------- coalitions
@@ -249,6 +268,7 @@ def coalition_accuracy(
     subsets: Iterable[Iterable[str]] | None = None,
     batch_of: BatchOf | None = None,
     device: torch.device | str | None = None,
+    modules: Iterable[nn.Module] = (),
 ) -> dict[frozenset, float]:
     """Fused accuracy ``v(S)`` with only the modalities of ``S`` present, for every subset (default: all
     ``2^M``, the empty one included: accuracy with every input, or feature, zeroed).
@@ -257,24 +277,40 @@ def coalition_accuracy(
     (absent features zeroed). Cost: one forward per subset and batch, or one encoding and one head call per
     subset and batch.
     """
+    feed = _Feed(batch_of, device, tuple(modules))
+    return _coalition_tally(loader, names, forward, encode, head, mask, subsets, feed).accuracies()
+
+
+def _coalition_tally(
+    loader: Iterable[Any],
+    names: Sequence[str],
+    forward: Any,
+    encode: Any,
+    head: Any,
+    mask: Mask | None,
+    subsets: Iterable[Iterable[str]] | None,
+    feed: _Feed,
+) -> _Tally:
+    """The tally behind `coalition_accuracy` (its accuracies, rows scored and class count)."""
     names = check_units(tuple(names), "names")
     chosen = all_coalitions(names) if subsets is None else [frozenset(s) for s in subsets]
     unknown = sorted({n for s in chosen for n in s} - set(names))
     if unknown:
         raise ValueError(f"subsets name {unknown}, which are not among the modalities {list(names)}")
-    predict, modules = _coalition_predictor(names, forward, encode, head, mask)
+    predict, callables = _coalition_predictor(names, forward, encode, head, mask)
     tally = _Tally()
-    with _evaluating(modules):
-        for inputs, target in _batches(loader, names, batch_of, _device(device, modules)):
+    context, device = feed.evaluating(*callables)
+    with context:
+        for inputs, target in _batches(loader, names, feed.batch_of, device):
             keep = tally.count(target)
             for subset, logits in predict(inputs, chosen).items():
                 tally.add(subset, logits, target, keep)
-    return tally.accuracies()
+    return tally
 
 
 def _coalition_predictor(
     names: Sequence[str], forward: Any, encode: Any, head: Any, mask: Mask | None
-) -> tuple[Callable[[Mapping[str, Any], list[frozenset]], dict[frozenset, Tensor]], list[nn.Module]]:
+) -> tuple[Callable[[Mapping[str, Any], list[frozenset]], dict[frozenset, Tensor]], tuple[Any, ...]]:
     if (forward is None) == (encode is None and head is None) or (encode is None) != (head is None):
         raise TypeError(
             "give forward= (the fused model: absent inputs are zeroed) or both encode= (inputs -> {modality: "
@@ -288,7 +324,7 @@ def _coalition_predictor(
         def predict(inputs, subsets):
             return {s: _logits(call(remove(inputs, every - s)), "forward") for s in subsets}
 
-        return predict, _modules(forward, mask)
+        return predict, (forward, mask)
     if mask is not None:
         raise TypeError("mask= removes inputs before forward=; with encode= and head= the absent features are zeroed")
     call_encode, call_head = _caller(encode, names, "encode"), _caller(head, names, "head")
@@ -301,7 +337,7 @@ def _coalition_predictor(
             out[s] = _logits(call_head(present), "head")
         return out
 
-    return predict, _modules(encode, head)
+    return predict, (encode, head)
 
 
 def masked_accuracy(loader: Iterable[Any], names: Sequence[str], **how: Any) -> dict[str, float]:
@@ -350,21 +386,26 @@ def decoupled_accuracy(
     unimodal_logits: Any,
     batch_of: BatchOf | None = None,
     device: torch.device | str | None = None,
+    modules: Iterable[nn.Module] = (),
 ) -> dict[str, float]:
     """Accuracy of each modality's own logits: ``unimodal_logits(inputs) -> {m: [B, C]}`` — a head that
     splits per modality (``lambda x: head.unimodal_logits(encode(x))``, OGM-GE's evaluation) or unimodal
     heads. One pass."""
+    return _decoupled_tally(loader, names, unimodal_logits, _Feed(batch_of, device, tuple(modules))).accuracies()
+
+
+def _decoupled_tally(loader: Iterable[Any], names: Sequence[str], unimodal_logits: Any, feed: _Feed) -> _Tally:
     names = check_units(tuple(names), "names")
     call = _caller(unimodal_logits, names, "unimodal_logits")
-    modules = _modules(unimodal_logits)
     tally = _Tally()
-    with _evaluating(modules):
-        for inputs, target in _batches(loader, names, batch_of, _device(device, modules)):
+    context, device = feed.evaluating(unimodal_logits)
+    with context:
+        for inputs, target in _batches(loader, names, feed.batch_of, device):
             keep = tally.count(target)
             logits = _features(call(inputs), names, "unimodal_logits")
             for name in names:
                 tally.add(name, _logits(logits[name], f"unimodal_logits[{name!r}]"), target, keep)
-    return tally.accuracies()
+    return tally
 
 
 # ---------------------------------------------------------------------- probes
@@ -417,6 +458,7 @@ def linear_probe(
     seed: int = 0,
     batch_of: BatchOf | None = None,
     device: torch.device | str | None = None,
+    modules: Iterable[nn.Module] = (),
 ) -> dict[str, float]:
     """Held-out accuracy of a linear classifier on each frozen encoder's features (the field's "unimodal
     accuracy" of an encoder, apart from how the fused head uses it).
@@ -434,9 +476,8 @@ def linear_probe(
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
     call = _caller(encode, names, "encode")
-    modules = _modules(encode)
-    with _evaluating(modules):
-        where = _device(device, modules)
+    context, where = _Feed(batch_of, device, tuple(modules)).evaluating(encode)
+    with context:
         train, train_y = _encoded(call, train_loader, names, batch_of, where)
         test, test_y = _encoded(call, test_loader, names, batch_of, where)
         count = int(max(train_y.max(), test_y.max())) + 1 if classes is None else int(classes)
@@ -473,6 +514,7 @@ def solo_accuracy(
     trained: Callable[[str], Any] | None = None,
     batch_of: BatchOf | None = None,
     device: torch.device | str | None = None,
+    modules: Iterable[nn.Module] = (),
 ) -> dict[str, float]:
     """Held-out accuracy of each modality's encoder trained alone, to compare with the joint model's.
 
@@ -497,9 +539,9 @@ def solo_accuracy(
         for name in names:
             predictors[name] = trained(name)
     tally = _Tally()
-    modules = _modules(*predictors.values())
-    with _evaluating(modules):
-        for inputs, target in _batches(test_loader, names, batch_of, _device(device, modules)):
+    context, where = _Feed(batch_of, device, tuple(modules)).evaluating(*predictors.values())
+    with context:
+        for inputs, target in _batches(test_loader, names, batch_of, where):
             keep = tally.count(target)
             for name in names:
                 tally.add(name, _logits(predictors[name](inputs[name]), f"the solo predictor of {name!r}"), target, keep)

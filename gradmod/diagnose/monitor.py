@@ -16,8 +16,9 @@
 It reads gradients and never writes them, draws no random number, and stays on the device: per step one
 multi-tensor norm over the gradients and weights (``torch._foreach_norm``) and five small operations,
 and one row written into the `gradmod.history.History`; no host synchronisation until the history (or
-`Monitor.scalars`, or `Monitor.end_epoch`) is read. ``end_epoch(epoch)`` averages the epoch's steps
-(`Monitor.epochs`): the per-epoch curves of `gradmod.diagnose.Diagnosis.figure`.
+`Monitor.scalars`, or `Monitor.end_epoch`) is read; ``every=k`` records one step in ``k`` and does nothing
+at the others. ``end_epoch(epoch)`` averages the epoch's recorded steps (`Monitor.epochs`): the per-epoch
+curves of `gradmod.diagnose.Diagnosis.figure`.
 """
 
 from __future__ import annotations
@@ -76,7 +77,9 @@ class Monitor(Method):
         measure: what ``observe`` reads (`gradmod.measures.SoftmaxScore`, the default, for decoupled logits
             and a target; `gradmod.methods.dgm.DGMScore`; `gradmod.methods.decoupling_free.ZetaGate`), or
             ``None`` to record the gradient norms only (then ``observe`` is not called).
-        history_size: ``None`` keeps every step; an int keeps the last ones (`gradmod.history`).
+        every: record every this many optimizer steps (steps ``0, every, 2·every, …``); between them
+            ``observe`` and ``step`` do nothing but count. ``1`` (default) records every step.
+        history_size: ``None`` keeps every recorded step; an int keeps the last ones (`gradmod.history`).
         validate: check the observed values (NaN logits, targets out of range) at every ``observe``, with
             one host synchronisation each. ``False`` (default) never synchronises: bad values show up as
             non-finite evidence, reported by a warning at ``end_epoch``.
@@ -94,6 +97,7 @@ class Monitor(Method):
         modalities: Mapping[str, Modality] | nn.ModuleDict,
         *,
         measure: Measure | None = SoftmaxScore(),  # noqa: B008 - stateless, never mutated
+        every: int = 1,
         history_size: int | None = None,
         validate: bool = False,
     ) -> None:
@@ -102,7 +106,10 @@ class Monitor(Method):
         self.names = check_units(tuple(modalities), "modalities")
         if measure is not None and not isinstance(measure, Measure):
             raise TypeError(f"measure must be a gradmod.measures.Measure or None, got {type(measure).__name__}")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be an int >= 1 (record every this many optimizer steps), got {every!r}")
         self.measure = measure
+        self.every = every
         self.validate = bool(validate)
         self._selection = ParameterSelection(modalities, None, require_some=True)
         self._history = History(self.names, history_size, fields=MONITOR_FIELDS)
@@ -151,8 +158,14 @@ class Monitor(Method):
         return dict(zip(self.names, self._selection.groups()))
 
     @property
+    def recording(self) -> bool:
+        """Whether the next optimizer step is recorded (``every``): a loop may skip computing the inputs of
+        `observe` when it is not."""
+        return self._step % self.every == 0
+
+    @property
     def step_count(self) -> int:
-        """How many optimizer steps were recorded."""
+        """How many optimizer steps the monitor has seen (recorded or not, see ``every``)."""
         return self._step
 
     # ------------------------------------------------------------------ per step
@@ -164,6 +177,8 @@ class Monitor(Method):
         unknown = set(inputs) - set(self.measure.inputs)
         if unknown:
             raise TypeError(f"observe() got unexpected inputs {sorted(unknown)}; {self.measure!r} reads {self.measure.inputs}")
+        if not self.recording:
+            return
         if self.validate:
             problems = self.measure.problems(self.names, **inputs)
             if problems:
@@ -183,6 +198,9 @@ class Monitor(Method):
     @torch.no_grad()
     def step(self) -> None:
         """Record the current step: the pending evidence and the gradient and weight norms (no host sync)."""
+        if not self.recording:
+            self._step += 1
+            return
         grad_norm, weight_norm = self._norms()
         if self._pending is None:
             if self.measure is not None:
@@ -244,7 +262,7 @@ class Monitor(Method):
         return key, chosen, assign, mixed
 
     def _grad_scale(self) -> Tensor | None:
-        optimizer = self._hook.attached_to or (self._optimizer() if self._optimizer is not None else None)
+        optimizer = None if self._optimizer is None else self._optimizer()  # set by check_optimizer (and attach)
         scale = getattr(optimizer, "grad_scale", None)
         return scale if isinstance(scale, Tensor) else None
 
@@ -258,21 +276,29 @@ class Monitor(Method):
         (non-finite values left out), appended to `epochs`. Reads the history once (a host synchronisation).
         Warns when no step was recorded, when no gradient reached a modality, or when evidence was not finite.
         """
-        summary = self._summary(epoch)
+        summary = self._summary(self._epoch_start, epoch)
         self._epoch_start = self._step
-        if summary is not None:
-            self._epochs.append(summary)
-
-    def _summary(self, epoch: int) -> dict[str, Any] | None:
-        state = self._history.state_dict()
-        chosen = [row for row, step in enumerate(state["steps"]) if step >= self._epoch_start]
-        if not chosen:
+        if summary is None:
             self._warn_once(
                 "no_step",
                 f"end_epoch({epoch}) but no optimizer step was recorded since the epoch started: attach the monitor "
-                "(monitor.attach(optimizer)) or call monitor.step() before each optimizer step",
+                "(monitor.attach(optimizer)) or call monitor.step() before each optimizer step"
+                + (f"; every={self.every} may exceed the epoch's steps" if self.every > 1 else ""),
             )
+        else:
+            self._epochs.append(summary)
+
+    def summary(self) -> dict[str, Any] | None:
+        """Means over every recorded step (as an `epochs` entry, with ``"epoch": None``), or ``None`` before
+        the first step. One host synchronisation."""
+        return self._summary(0, None)
+
+    def _summary(self, start: int, epoch: int | None) -> dict[str, Any] | None:
+        state = self._history.state_dict()
+        chosen = [row for row, step in enumerate(state["steps"]) if step >= start]
+        if not chosen:
             return None
+        where = "the recorded steps" if epoch is None else f"epoch {epoch}"
         rows = state["rows"][chosen].double()
         m = len(self.names)
         stored = {name: rows[:, k * m : (k + 1) * m] for k, name in enumerate(_STORED)}
@@ -287,17 +313,17 @@ class Monitor(Method):
             if bool((stored["grad_norm"][:, u] == 0).all()):
                 self._warn_once(
                     f"no_gradient_{name}",
-                    f"no gradient reached modality {name!r}'s parameters in epoch {epoch}: is its encoder in the loss, "
+                    f"no gradient reached modality {name!r}'s parameters in {where}: is its encoder in the loss, "
                     "and are its parameters the monitored ones?",
                 )
             bad = int((~torch.isfinite(stored["evidence"][observed][:, u])).sum())
             if bad:
                 self._warn_once(
                     f"bad_evidence_{name}",
-                    f"the evidence of modality {name!r} was not finite at {bad} observed step(s) of epoch {epoch} "
+                    f"the evidence of modality {name!r} was not finite at {bad} observed step(s) of {where} "
                     "(NaN or inf logits?); Monitor(validate=True) raises at the batch",
                 )
-        summary: dict[str, Any] = {"epoch": int(epoch), "steps": len(chosen), "observed": int(observed.sum())}
+        summary: dict[str, Any] = {"epoch": epoch, "steps": len(chosen), "observed": int(observed.sum())}
         for field, values in columns.items():
             finite = torch.where(torch.isfinite(values), values, math.nan)
             means = finite.nanmean(0) if finite.numel() else torch.full((m,), math.nan, dtype=torch.float64)
@@ -361,4 +387,5 @@ class Monitor(Method):
         self._warned = set()
 
     def __repr__(self) -> str:
-        return f"Monitor(modalities={list(self.names)}, measure={self.measure!r})"
+        every = "" if self.every == 1 else f", every={self.every}"
+        return f"Monitor(modalities={list(self.names)}, measure={self.measure!r}{every})"

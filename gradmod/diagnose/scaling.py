@@ -124,13 +124,12 @@ def scaling_effect(
     for name in optimizers:
         start, plain = _run(name, 1.0, steps, seed)
         _, scaled = _run(name, k, steps, seed)
-
-        def moved(after: torch.Tensor, unit: int) -> float:
-            return float((after - start[unit]).norm())
-
-        def ratio(index: int, unit: int) -> float:
-            base = moved(plain[index], unit)
-            return moved(scaled[index], unit) / base if base > 0 else math.nan
-
-        results.append(ScalingEffect(name, k, steps, first_step=ratio(0, 0), after=ratio(2, 0), other=ratio(3, 1)))
+        ratios = [_moved_ratio(start[index % 2], plain[index], scaled[index]) for index in (0, 2, 3)]
+        results.append(ScalingEffect(name, k, steps, first_step=ratios[0], after=ratios[1], other=ratios[2]))
     return tuple(results)
+
+
+def _moved_ratio(start: torch.Tensor, plain: torch.Tensor, scaled: torch.Tensor) -> float:
+    """``‖scaled − start‖ / ‖plain − start‖`` (NaN when the plain run did not move)."""
+    base = float((plain - start).norm())
+    return float((scaled - start).norm()) / base if base > 0 else math.nan

@@ -27,6 +27,16 @@ _MODULES = (
     "reconboost",
     "umt",
     "lfm",
+    "dgl",
+    "inforeg",
+    "opm",
+    "mbsd",
+    "valuation",
+    "relearning",
+    "amco",
+    "pmr",
+    "cml",
+    "mmcosine",
 )
 
 

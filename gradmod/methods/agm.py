@@ -45,7 +45,6 @@ the batch give exactly the scores of the whole batch.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -58,6 +57,7 @@ from gradmod._internal import (
     check_logits_target,
     check_names,
     checked_ignore_index,
+    eval_mode,
     per_modality,
     real_scalar,
     renamed_keyword,
@@ -128,18 +128,6 @@ class MonoResponses(Mapping[str, Tensor]):
         return f"MonoResponses({shapes}, remainder={'None' if self.remainder is None else 'f(∅)'})"
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """``model`` in eval mode inside the block; every submodule's own mode restored afterwards."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
-
-
 def mono_responses(
     model: nn.Module,
     inputs: Mapping[str, Tensor],
@@ -181,7 +169,7 @@ def mono_responses(
     full = _checked_output(call(dict(inputs)), names)
     outputs = {frozenset(names): full}
     wanted = [subset for subset in coalitions(names)[:-1] if subset or convention == "shapley"]
-    with _eval_mode(model) if masked_eval else contextlib.nullcontext():
+    with eval_mode(model) if masked_eval else contextlib.nullcontext():
         for subset in wanted:
             masked = {name: value if name in subset else mask(value) for name, value in inputs.items()}
             outputs[subset] = _checked_output(call(masked), sorted(subset), full.shape)

@@ -52,12 +52,18 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gradmod._internal import check_logits_target, distributed, per_modality, real_scalar, target_problems
+from gradmod._internal import (
+    check_logits_target,
+    distributed,
+    per_modality,
+    real_scalar,
+    target_problems,
+)
 from gradmod.history import History
 from gradmod.measures import IGNORE_INDEX
 from gradmod.method import Fit, Method, MethodInfo, Option, Strength, check_units
 
-__all__ = ["AMCo", "MASKS", "dependency_shares", "mask_ratio", "unit_mask"]
+__all__ = ["MASKS", "AMCo", "dependency_shares", "mask_ratio", "unit_mask"]
 
 #: ``mask=`` values: ``"features"`` (the paper's reading) or ``"logits"`` (BalanceBenchmark's port).
 MASKS = ("features", "logits")
@@ -144,6 +150,8 @@ class AMCo(Method):
     kind = "loss"
     state_version = 1
     loss_inputs: tuple[str, ...] = ("features", "head", "unimodal_logits", "target")
+    #: what `predict` reads: the test-time prediction goes through the extra layer it trains through
+    predict_inputs = ("logits",)
 
     def __init__(
         self,
@@ -177,6 +185,7 @@ class AMCo(Method):
         if mask == "logits":
             self.loss_inputs = ("unimodal_logits", "target")
         self.extra = nn.Linear(num_classes, num_classes)
+        self._initial_extra = {key: value.detach().clone() for key, value in self.extra.state_dict().items()}
         self._history = History(self.names, fields=_RECORDED, dtype=torch.float64)
         self._reset()
 
@@ -233,6 +242,7 @@ class AMCo(Method):
                 + (" and the port's schedule (Δl = epoch/10) stays at epoch 0, which never masks" if self.increment is None
                    and self.mask == "logits" else "")
                 + "; call amco.start_epoch(epoch) before every epoch",
+                stacklevel=3,
             )
         unimodal = self._checked_logits(unimodal_logits, target)
         ratio = mask_ratio(self._counter, self.epsilon)
@@ -347,12 +357,12 @@ class AMCo(Method):
         applied = torch.tensor([1.0 if name in self._masks else 0.0 for name in self.names], dtype=torch.float64)
         self._history.append(self._step, (masked, shares, applied), in_window=any(f > 0 for f in self._fractions.values()))
         full = [name for name, fraction in self._fractions.items() if fraction == 1.0]
-        if full:
+        if full and self.mask == "logits":
             self._warn_once(
                 "fully_masked",
-                f"every unit of {full} is masked (p = {ratio:.3g}) until the dependency test clears it or the next "
-                + ("start_epoch(): its decoupled logits are 0, so nothing trains it (the port's schedule)" if self.mask == "logits"
-                   else "start_epoch(): it is absent from the fused path, only its co-optimisation term trains it"),
+                f"every class of {full}'s decoupled logits is masked (p = {ratio:.3g}): they are 0, so nothing trains "
+                "that modality until the dependency test clears it or the next start_epoch() (the port's schedule masks "
+                "everything from step ⌈3/e⌉ of epoch e; mask='features' keeps training it through its own logits)",
             )
         self._dependent = [share > self.sigma for share in shares.tolist()]
         self._counter += self.step_increment
@@ -386,6 +396,7 @@ class AMCo(Method):
         self._warned = set(state["warned"])
 
     def _reset(self) -> None:
+        """Back to the constructed state: counters, flags, warnings, and ``W*`` as it was initialised."""
         self._epoch: int | None = None
         self._counter = 0.0
         self._dependent = [False] * len(self.names)
@@ -393,7 +404,7 @@ class AMCo(Method):
         self._masks: dict[str, Tensor] = {}
         self._fractions: dict[str, float] = {}
         self._warned: set[str] = set()
-        self.extra.reset_parameters()
+        self.extra.load_state_dict(self._initial_extra)  # W* as constructed
 
     def __repr__(self) -> str:
         return (

@@ -1,4 +1,4 @@
-"""CML: Zhang, Wu, Zhang, Hu, Zhang & Liu (recalled), *Calibrating Multimodal Learning*, ICML 2023.
+"""CML: Ma, Zhang, Zhang, Wu, Fu, Zhou & Hu, *Calibrating Multimodal Learning*, ICML 2023 (arXiv 2306.01265).
 
 A multimodal classifier should not become *more* confident when it loses a modality: the paper's calibration
 rule says confidence must not rise as modalities are removed. CML adds a rank penalty on every rise to the
@@ -43,7 +43,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gradmod._internal import check_logits_target, per_modality, real_scalar, target_problems
+from gradmod._internal import (
+    check_logits_target,
+    per_modality,
+    real_scalar,
+    target_problems,
+)
 from gradmod.history import History
 from gradmod.measures import IGNORE_INDEX
 from gradmod.method import Fit, Method, MethodInfo, Option, Strength, check_units
@@ -57,8 +62,8 @@ __all__ = [
     "batch_rank",
     "confidence_rank",
     "input_means",
-    "removal_orders",
     "kept_modalities",
+    "removal_orders",
 ]
 
 #: ``removal=``: zeroed features at the head, or imputed inputs through the model.
@@ -219,6 +224,11 @@ class CML(Method):
         """The rank loss ``R`` of the last step (before ``rank_weight``), or ``None``."""
         return self._last_rank
 
+    @property
+    def orders(self) -> Tensor | None:
+        """The last step's removal orders ``[B, M]`` (modality indices, first removed first), or ``None``."""
+        return self._orders_used
+
     # ------------------------------------------------------------------ the loss
     def loss(
         self,
@@ -270,7 +280,7 @@ class CML(Method):
                 "no_epoch",
                 "order='epoch' without start_epoch(epoch): every epoch removes the modalities in epoch 0's order; call "
                 "cml.start_epoch(epoch) before every epoch",
-                stacklevel=5,
+                stacklevel=4,
             )
         order = removal_orders(1, len(self.names), _generator(self.seed, self._epoch or 0))
         return order.expand(batch, -1)
@@ -334,11 +344,11 @@ class CML(Method):
             rises = torch.stack([confidence[k + 1] - confidence[k] for k in range(len(every) - 1)]).double()  # [M−1, B]
             violated = torch.stack([(rises[k] > 0) & (prediction[k] == target) for k in range(len(every) - 1)]).double()
             removed = F.one_hot(orders[:, : len(every) - 1].T, len(self.names)).double()  # [M−1, B, M]
-            count = removed.sum((0, 1))
-            per = lambda values: (values.unsqueeze(2) * removed).sum((0, 1)) / count  # noqa: E731 (NaN where never removed)
-            row = (per(rises).cpu(), per(violated).cpu())
+            count = removed.sum((0, 1))  # a modality never removed gets NaN (the field does not apply)
+            row = tuple(((values.unsqueeze(2) * removed).sum((0, 1)) / count).cpu() for values in (rises, violated))
         self._history.append(self._step, row)
         self._last_rank = float(rank.detach())
+        self._orders_used = orders
         self._step += 1
 
     # ------------------------------------------------------------------ state
@@ -363,13 +373,14 @@ class CML(Method):
                 raise ValueError(f"CML state_dict has {key}={state[key]!r}, this CML has {key}={getattr(self, key)!r}")
         self._epoch = state["epoch"]
         self._step = int(state["step"])
-        self._last_rank = None
+        self._last_rank, self._orders_used = None, None
         self._warned = set(state["warned"])
 
     def _reset(self) -> None:
         self._epoch: int | None = None
         self._step = 0
         self._last_rank: float | None = None
+        self._orders_used: Tensor | None = None
         self._warned: set[str] = set()
 
     def __repr__(self) -> str:
@@ -385,7 +396,7 @@ METHODS = (
         preset=CML,
         title="CML",
         kind="loss",
-        paper="Zhang et al., Calibrating Multimodal Learning, ICML 2023",
+        paper="Ma et al., Calibrating Multimodal Learning, ICML 2023",
         page="methods/cml.md",
         observes="per step: fused logits, targets, and the features with the head (or the inputs with the model)",
         cost="M − 1 more head passes (removal='features') or model passes (removal='inputs') per step",

@@ -29,6 +29,10 @@ for every modality with ``Δ_m > 0`` whose window is open,
 ``θ⁰`` the encoder at the start of the epoch (the gradient of ``β_m/2 · ‖θ − θ⁰‖²``). Other modalities, ties
 and closed windows get ``β = 0``. The pull is applied in the optimizer's step pre-hook, after backward.
 
+**The loss.** The official loop trains on ``CE(z) + Σ_m CE(z_m)``, the fused loss plus the decoupled logits'
+losses (`inforeg_loss`); InfoReg's regulation acts on whatever the loop backwards, so use that loss to train as
+the official code does.
+
 **M modalities.** Each modality has its own window (its own traces), its own ``γ_m`` and its own gap to the
 mean of the others. The official code has two modalities and differs (`InfoReg.official` reproduces it):
 
@@ -52,16 +56,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from fractions import Fraction
 from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from gradmod import filters
 from gradmod._hooks import StepHook, unwrapped_optimizer
 from gradmod._internal import (
+    check_logits_target,
     checked_ignore_index,
     collective_device,
     distributed,
@@ -82,6 +89,7 @@ __all__ = [
     "InfoReg",
     "acquisition_rate",
     "fisher_increment",
+    "inforeg_loss",
     "proximal_weights",
 ]
 
@@ -146,13 +154,25 @@ def proximal_weights(
     names = list(scores)
     if len(names) < 2:
         raise ValueError(f"proximal_weights needs two or more modalities, got {names}")
-    values = {name: real_scalar(scores[name], f"score of modality {name!r}", minimum=-math.inf) for name in names}
-    total = math.fsum(values.values())
+    exact = {name: Fraction(real_scalar(scores[name], f"score of modality {name!r}", minimum=-math.inf)) for name in names}
+    total = sum(exact.values())
     betas = {}
     for name in names:
-        gap = values[name] - (total - values[name]) / (len(names) - 1)
-        betas[name] = weights[name] * math.exp(math.tanh(gap)) if gap > 0 and open_windows[name] else 0.0
+        gap = exact[name] - (total - exact[name]) / (len(names) - 1)  # exact: equal scores lead by exactly 0
+        betas[name] = weights[name] * math.exp(math.tanh(float(gap))) if gap > 0 and open_windows[name] else 0.0
     return betas
+
+
+def inforeg_loss(logits: Tensor, unimodal_logits: Mapping[str, Tensor], target: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """The loss the official loop trains on: ``CE(z, y) + Σ_m CE(z_m, y)``, with ``z`` the fused logits and ``z_m``
+    the decoupled ones (the concat head split per modality, ``h_m W_mᵀ + b/M``)."""
+    check_logits_target(logits, target, name="logits")
+    if not isinstance(unimodal_logits, Mapping) or len(unimodal_logits) < 2:
+        raise TypeError("unimodal_logits must be a mapping of two or more modality names to [batch, classes] logits")
+    for name, value in unimodal_logits.items():
+        check_logits_target(value, target, name=f"unimodal_logits[{name!r}]")
+    losses = [F.cross_entropy(z, target, ignore_index=ignore_index) for z in (logits, *unimodal_logits.values())]
+    return sum(losses[1:], losses[0])
 
 
 def _weights(value: float | Mapping[str, float], names: Sequence[str]) -> dict[str, float]:
@@ -173,7 +193,8 @@ class InfoReg(Method):
     and moves the windows); per step ``observe(logits={name: decoupled logits}, target=y)`` and the optimizer
     step, whose pre-hook (`attach`) adds ``β_m (θ − θ⁰)`` to the gradients of each pulled encoder and
     accumulates the Fisher trace (module docstring). For trainers that call the step themselves:
-    `check_optimizer` once, then `step` before each ``optimizer.step()``.
+    `check_optimizer` once, then `step` before each ``optimizer.step()``. The official loop's training loss is
+    `inforeg_loss` (the fused and the decoupled logits' cross-entropies).
 
     Args:
         modalities: name → encoder (``nn.Module`` or parameters), two or more, no parameter shared.
@@ -190,6 +211,10 @@ class InfoReg(Method):
         ignore_index: targets equal to it add nothing to the scores.
         history_size: ``None`` keeps every step in `history`; an int keeps the last ones.
 
+    Under ``torch.distributed`` the scores are summed over the ranks before ``β`` is decided and the Fisher
+    traces averaged at `end_epoch` (collectives: every rank steps and ends its epochs), so every replica pulls
+    alike.
+
     The history records every step that had an ``observe``: ``score``, ``rate`` (the ``k`` that decides the
     modality's window) and ``pull`` (``β``) per modality; status ``"outside"`` when no window was open.
     `traces` and `rates` hold the per-epoch statistics. Costs per step: one host synchronisation (the scores)
@@ -198,6 +223,8 @@ class InfoReg(Method):
 
     kind = "modulator"
     state_version = 1
+    #: The loss InfoReg trains on (`loss`): a loop that can give these backwards ``loss(**inputs)``.
+    loss_inputs = ("logits", "unimodal_logits", "target")
 
     def __init__(
         self,
@@ -351,7 +378,11 @@ class InfoReg(Method):
         self._in_epoch = False
 
     # ------------------------------------------------------------------ observe
-    def observe(self, logits: Mapping[str, Tensor], target: Tensor, **_: Any) -> None:
+    def loss(self, logits: Tensor, unimodal_logits: Mapping[str, Tensor], target: Tensor) -> Tensor:
+        """The loss of the official loop (`inforeg_loss`): the fused and every decoupled cross-entropy."""
+        return inforeg_loss(logits, unimodal_logits, target, self.measure.ignore_index)
+
+    def observe(self, logits: Mapping[str, Tensor], target: Tensor) -> None:
         """The decoupled logits ``{name: [B, C]}`` and ``[B]`` targets of a batch (micro-batches add up)."""
         evidence = self.measure.evidence(self.names, logits=logits, target=target)
         ignore = self.measure.ignore_index
@@ -406,7 +437,11 @@ class InfoReg(Method):
         """The step's scores (one host synchronisation), or ``None`` for a step without a counted target."""
         messages = list(self._problems)
         flags = [self._problems[m].to(self._pending.device).double().reshape(1) for m in messages]
-        values = torch.cat([self._pending, *flags]).tolist()
+        values = torch.cat([self._pending, *flags])
+        if distributed():  # every rank pulls with the scores of the global batch
+            values = values.to(collective_device(values.device))
+            dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        values = values.tolist()
         found = [message for message, flag in zip(messages, values[len(self.names) + 1 :]) if flag]
         if found:
             raise ValueError(f"gradmod InfoReg: {'; '.join(found)}")

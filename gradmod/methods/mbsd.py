@@ -9,22 +9,25 @@ runs is BalanceBenchmark's port (GeWu-Lab/BalanceBenchmark @4c1482f, ``balancemm
 b/M``, `gradmod.functional.decouple_linear`), ``q_m = softmax(z_m)[y]`` the true-class confidence of
 modality ``m``, and for a pair of modalities ``(a, b)``:
 
-* (1) the gate ``c = 1`` when either modality's argmax is the label, else 0;
-* (2) the weight ``w = c·(s − u)``, ``s = max(q_a, q_b)``, ``u = min(q_a, q_b)``: the confidence gap;
-* (3) the logit regression ``RS = (1/C)·Σ_k (z_a,k − z_b,k)²``;
-* (4) a distillation term ``D`` from the confident modality (the *teacher*, ``q = s``) to the other
+* the gate ``c = 1`` when either modality's argmax is the label, else 0;
+* the weight ``w = c·(s − u)``, ``s = max(q_a, q_b)``, ``u = min(q_a, q_b)``: the confidence gap;
+* the logit regression ``RS = (1/C)·Σ_k (z_a,k − z_b,k)²``;
+* a distillation term ``D`` from the confident modality (the *teacher*, ``q = s``) to the other
   (the *student*, ``q = u``);
-* (5) ``L = CE(z) + Σ_m CE(z_m) + λ·mean_pairs[mean_i(w·RS) + mean_i(w·D)]`` inside the epoch window,
+* the loss ``L = CE(z) + Σ_m CE(z_m) + λ·mean_pairs[mean_i(w·RS) + mean_i(w·D)]`` inside the epoch window,
   ``L = CE(z)`` outside it (the unimodal terms vanish too). ``λ = distillation_weight`` (1 in the port).
+
+(The paper's own equations could not be read; these names are gradmod's.)
 
 **gradmod's reading** (the defaults), and the port's behaviour as flags (`BALANCEBENCHMARK` sets all four):
 
 * ``divergence="kl"``: ``D = KL(p_teacher ‖ p_student) = Σ_k p_t,k (log p_t,k − log p_s,k)``, a true
   divergence between the two modalities' class distributions, ≥ 0 and 0 only when they agree.
   ``"port"``: the port's ``D = u·(log u − s)`` — ``F.kl_div(s, u)`` given a probability where a
-  log-probability is expected — a function of the two true-class confidences that is not a divergence
-  (negative whenever ``u < e^s``, e.g. −0.50 for ``u = 0.2``, ``s = 0.9``), so minimising it pushes the
-  student's confidence *down* (`port_divergence`).
+  log-probability is expected — a function of the two true-class confidences that is not a divergence:
+  negative for every ``0 < u < 1`` (−0.50 for ``u = 0.2``, ``s = 0.9``), not 0 where the modalities agree,
+  and decreasing in both ``u`` and ``s`` (``∂/∂u = log u + 1 − s ≤ 0`` for ``u ≤ s``), so it raises both
+  confidences rather than matching the two distributions (`port_divergence`).
 * ``symmetric=False``: strong → weak only — the teacher's logits are detached in ``RS`` and ``D``, so only
   the student moves, as "transfer the knowledge in dominated modality to weaker modality" says.
   ``True``: no stop-gradient, both modalities are pulled towards each other (the port).
@@ -84,21 +87,23 @@ def true_class_confidence(logits: Tensor, target: Tensor) -> Tensor:
 
 
 def logit_regression(student: Tensor, teacher: Tensor) -> Tensor:
-    """Eq. (3): ``RS_i = (1/C)·Σ_k (z_s,ik − z_t,ik)²``, ``[B]`` (symmetric in its arguments)."""
+    """The logit regression ``RS_i = (1/C)·Σ_k (z_s,ik − z_t,ik)²``, ``[B]`` (symmetric in its arguments)."""
     return (student - teacher).pow(2).mean(dim=1)
 
 
 def distillation_divergence(student: Tensor, teacher: Tensor) -> Tensor:
-    """Eq. (4), gradmod's reading: ``KL(p_t ‖ p_s) = Σ_k p_t,k (log p_t,k − log p_s,k)`` per sample, ``[B]``,
-    from the logits of the student and of the teacher (``p = softmax(z)``). Non-negative, 0 iff ``p_s = p_t``."""
+    """The distillation term, gradmod's reading: ``KL(p_t ‖ p_s) = Σ_k p_t,k (log p_t,k − log p_s,k)`` per
+    sample, ``[B]``, from the logits of the student and of the teacher (``p = softmax(z)``). Non-negative, 0 iff
+    ``p_s = p_t``."""
     log_student, log_teacher = F.log_softmax(student, dim=1), F.log_softmax(teacher, dim=1)
     return F.kl_div(log_student, log_teacher, reduction="none", log_target=True).sum(dim=1)
 
 
 def port_divergence(student_confidence: Tensor, teacher_confidence: Tensor) -> Tensor:
-    """Eq. (4) as BalanceBenchmark's port computes it: ``u·(log u − s)`` with ``u`` the student's and ``s`` the
-    teacher's true-class confidence (``F.kl_div(s, u)``, the confidence passed where a log-probability belongs).
-    Not a divergence: −0.50 for ``u = 0.2``, ``s = 0.9``; 0 only at ``u = 0``."""
+    """The distillation term as BalanceBenchmark's port computes it: ``u·(log u − s)`` with ``u`` the student's
+    and ``s`` the teacher's true-class confidence (``F.kl_div(s, u)``, the confidence passed where a
+    log-probability belongs). Not a divergence: −0.50 for ``u = 0.2``, ``s = 0.9``, negative for every
+    ``0 < u < 1``."""
     return F.kl_div(teacher_confidence, student_confidence, reduction="none")
 
 
@@ -115,8 +120,8 @@ def pair_distillation(
 
     ``first``, ``second``: the two modalities' ``[B, C]`` logits; ``target``: ``[B]`` class indices. The teacher
     of sample ``i`` is the modality with the larger true-class confidence (``first`` on a tie, where ``w = 0``);
-    ``w = c·(s − u)`` (eqs. (1)–(2)). ``symmetric=False`` detaches the teacher's logits, ``detach_weight=True``
-    detaches ``w``; ``divergence`` is one of `DIVERGENCES` (module docstring).
+    ``w = c·(s − u)`` (the gate and the weight). ``symmetric=False`` detaches the teacher's logits,
+    ``detach_weight=True`` detaches ``w``; ``divergence`` is one of `DIVERGENCES` (module docstring).
     """
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
@@ -139,17 +144,17 @@ def pair_distillation(
 
 
 class MBSD(Method):
-    """MBSD's loss (module docstring, eqs. (1)–(5)): cross-entropies of the fused and unimodal logits plus the
+    """MBSD's loss (module docstring): cross-entropies of the fused and unimodal logits plus the
     confidence-gated distillation of every pair of modalities.
 
     Args:
         modalities: the modality names (two or more), the keys of ``unimodal_logits``.
-        distillation_weight: ``λ ≥ 0`` of eq. (5), the weight of the pair terms (1 in the port); 0 leaves the
+        distillation_weight: ``λ ≥ 0`` of the loss, the weight of the pair terms (1 in the port); 0 leaves the
             unimodal-ensemble loss ``CE(z) + Σ_m CE(z_m)``.
         divergence: ``"kl"`` (default) or ``"port"`` (`DIVERGENCES`).
         symmetric: ``False`` (default): only the weaker modality of a pair is distilled; ``True``: both (the port).
         detach_weight: ``True`` (default): ``w`` carries no gradient; ``False``: it does (the port).
-        first_epoch, last_epoch: the epochs (inclusive; ``None``: no end) in which eq. (5) applies; outside them
+        first_epoch, last_epoch: the epochs (inclusive; ``None``: no end) in which the loss above applies; outside them
             the loss is ``CE(z)`` alone. The epoch is the last one given to `start_epoch`.
         history_size: ``None`` keeps every step in `history`; an int keeps the last ones.
 
@@ -193,7 +198,7 @@ class MBSD(Method):
 
     # ------------------------------------------------------------------ epochs
     def start_epoch(self, epoch: int) -> None:
-        """Tell the method the epoch that starts (0-based): it decides whether eq. (5) or ``CE(z)`` applies."""
+        """Tell the method the epoch that starts (0-based): it decides whether the full loss or ``CE(z)`` applies."""
         self._epoch = _epoch_number(epoch, "epoch")
 
     @property
@@ -202,13 +207,13 @@ class MBSD(Method):
         return self.first_epoch > 0 or self.last_epoch is not None
 
     def in_window(self, epoch: int | None = None) -> bool:
-        """Whether eq. (5) applies in ``epoch`` (default: the current one; epoch 0 before any `start_epoch`)."""
+        """Whether the full loss applies in ``epoch`` (default: the current one; epoch 0 before any `start_epoch`)."""
         epoch = (self._epoch or 0) if epoch is None else epoch
         return self.first_epoch <= epoch and (self.last_epoch is None or epoch <= self.last_epoch)
 
     # ------------------------------------------------------------------ the loss
     def loss(self, logits: Tensor, unimodal_logits: Mapping[str, Tensor], target: Tensor) -> Tensor:
-        """Eq. (5) of one batch: the 0-d loss to backward.
+        """The loss of one batch (module docstring), 0-d, to backward.
 
         ``logits``: the fused ``[B, C]`` logits; ``unimodal_logits``: ``{modality: [B, C]}`` of the split head,
         with grad; ``target``: ``[B]`` class indices. Raises on missing or unknown modalities, mismatched
@@ -231,7 +236,11 @@ class MBSD(Method):
         per_pair, weights, teaches = [], {m: [] for m in self.names}, {m: [] for m in self.names}
         for a, b in self.pairs:
             regression, distill, weight, a_teaches = pair_distillation(
-                unimodal[a], unimodal[b], target, divergence=self.divergence, symmetric=self.symmetric,
+                unimodal[a],
+                unimodal[b],
+                target,
+                divergence=self.divergence,
+                symmetric=self.symmetric,
                 detach_weight=self.detach_weight,
             )
             per_pair.append(regression.mean() + distill.mean())
@@ -253,12 +262,16 @@ class MBSD(Method):
             check_logits_target(unimodal[m], target, name=f"unimodal_logits[{m!r}]")
             if unimodal[m].shape != logits.shape:
                 raise ValueError(
-                    f"unimodal_logits[{m!r}] has shape {tuple(unimodal[m].shape)}, the fused logits {tuple(logits.shape)}"
+                    f"unimodal_logits[{m!r}] has shape {tuple(unimodal[m].shape)}, "
+                    f"the fused logits {tuple(logits.shape)}"
                 )
         classes = logits.shape[1]
         problems = {
             "the fused logits contain NaN or inf": ~torch.isfinite(logits.detach()).all(),
-            **{f"unimodal_logits[{m!r}] contain NaN or inf": ~torch.isfinite(unimodal[m].detach()).all() for m in self.names},
+            **{
+                f"unimodal_logits[{m!r}] contain NaN or inf": ~torch.isfinite(unimodal[m].detach()).all()
+                for m in self.names
+            },
             f"target holds class indices outside [0, {classes})": ((target < 0) | (target >= classes)).any(),
         }
         flags = list(problems.values())
@@ -296,7 +309,9 @@ class MBSD(Method):
         self._steps += 1
 
     def _record_outside(self, unimodal: Mapping[str, Tensor], target: Tensor) -> None:
-        confidence = torch.stack([true_class_confidence(unimodal[m].detach(), target).mean() for m in self.names]).float()
+        confidence = torch.stack(
+            [true_class_confidence(unimodal[m].detach(), target).mean() for m in self.names]
+        ).float()
         nan = torch.full_like(confidence, float("nan"))
         self._history.append(self._steps, [confidence, nan, nan, nan], in_window=False)
         self._steps += 1
@@ -351,7 +366,9 @@ METHODS = (
         fit=Fit(head="decoupled", acts_on="loss"),
         strength=Strength("distillation_weight", 1.0, "λ, the weight of the confidence-gated distillation terms"),
         options=(
-            Option("divergence", "kl", "the distillation term: a true KL, or BalanceBenchmark's port", str, DIVERGENCES),
+            Option(
+                "divergence", "kl", "the distillation term: a true KL, or BalanceBenchmark's port", str, DIVERGENCES
+            ),
             Option("last_epoch", None, "last epoch (inclusive) of the distillation; BalanceBenchmark: 80", int),
         ),
     ),

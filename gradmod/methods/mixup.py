@@ -73,10 +73,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gradmod._internal import NOT_GIVEN, check_names, real_scalar, renamed_keyword
+from gradmod._internal import (
+    NOT_GIVEN,
+    SEED_HIGH,
+    check_names,
+    real_scalar,
+    renamed_keyword,
+    seeded_generator,
+)
+from gradmod.functional import discrepancy_ratios
 from gradmod.history import History
 from gradmod.method import Fit, Method, MethodInfo, Option, Strength, check_units
-from gradmod.functional import discrepancy_ratios
 
 __all__ = [
     "BalancedMixup",
@@ -87,7 +94,6 @@ __all__ = [
     "soft_cross_entropy",
 ]
 
-_SEED_HIGH = 2**62
 _REDUCTIONS = ("mean", "sum", "none")
 _SUM_TOLERANCE = 1e-3
 
@@ -125,13 +131,6 @@ def _check_int(value: object, name: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
-
-
-def _seeded_generator(seed: int | None) -> torch.Generator:
-    """A CPU generator seeded with ``seed``, or with a seed drawn from torch's global RNG when None."""
-    if seed is None:
-        seed = int(torch.randint(0, _SEED_HIGH, ()))
-    return torch.Generator().manual_seed(_check_int(seed, "seed", 0))
 
 
 def _one_hot_target(target: Tensor, batch_size: int, num_classes: int) -> Tensor:
@@ -263,7 +262,7 @@ class MultimodalMixup(Method):
             raise ValueError(f"generator must be a CPU torch.Generator, got {generator!r}")
         self.concentration = float(concentration)
         self.names = ("features",)
-        self._generator = _seeded_generator(None) if generator is None else generator
+        self._generator = seeded_generator(None) if generator is None else generator
         self._initial = self._generator.get_state()
         self._calls = 0
         self._history = History(self.names, history_size, fields=("weight",))
@@ -275,7 +274,7 @@ class MultimodalMixup(Method):
         if self.concentration == 0.0:
             self._record(0.0)
             return features, one_hot
-        seed = int(torch.randint(0, _SEED_HIGH, (), generator=self._generator))
+        seed = int(torch.randint(0, SEED_HIGH, (), generator=self._generator))
         partner_weight = float(np.random.default_rng(seed).beta(self.concentration, self.concentration))
         permutation = torch.randperm(batch_size, generator=self._generator)
         self._record(partner_weight)
@@ -367,7 +366,7 @@ class BalancedMixup(Method):
         self.warmup_epochs = _check_int(warmup_epochs, "warmup_epochs", 0)
         smoothed_accuracy(None, {name: 0.0 for name in names}, smoothing)  # checks the smoothing
         self.smoothing = float(smoothing)
-        self._generator = _seeded_generator(seed)
+        self._generator = seeded_generator(seed)
         self._initial = self._generator.get_state()
         self._epochs_seen = 0
         self._accuracy: dict[str, float] = {}

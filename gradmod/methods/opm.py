@@ -26,9 +26,11 @@ the other modalities more, at a rate that grows with the imbalance.
   ``0.57·f`` and ``1.43·f``).
 
 The factor is a constant in the backward pass: the gradient to ``f_m`` is ``mask_m/(1 − ·)`` times the
-gradient to ``x̃_m``. Samples that lost every modality are removed (the ``keep`` mask; with two modalities
-only the dominant one has ``q > 0``, so that happens for ``M > 2`` only). The loss is the cross-entropy of
-the fused head on the kept samples.
+gradient to ``x̃_m``. Samples that lost every modality are removed (the ``keep`` mask), and the loss is the
+cross-entropy of the fused head on the kept samples. With these rates no sample loses every modality, for any
+``M``: the modality with the lowest score has ``ρ ≤ 1`` (it is at most the mean of the others), so ``q = 0``
+and it is always kept. (The official code's removal is dead code for the same reason; ``keep`` is all true,
+and returned so that a loop is written once for every ``forward`` method.)
 
 **Warm-up.** No drop during the first ``warmup_epochs`` epochs (the official ``epoch <= 5``: six epochs);
 `OPM.start_epoch` tells OPM the epoch.
@@ -36,7 +38,8 @@ the fused head on the kept samples.
 **Randomness.** Counter-based: the draws of call ``n`` depend only on ``(seed, n)`` (a generator of the
 features' device re-seeded per call, as gradmod's GE noise), so a run is reproducible from its seed and a
 resumed run draws what the uninterrupted one would have (the state holds the call counter). CPU and CUDA
-draw different numbers for one seed.
+draw different numbers for one seed. Under ``torch.distributed`` every rank draws from its own stream and
+computes the rates from its own batch (as each replica of the official ``DataParallel`` run does).
 
 **Where the official code differs.** It does not run as published: ``models/Classifier.py`` line 53 ends
 with an unmatched ``]`` (a ``SyntaxError`` at every commit) and ``main.py`` imports ``utils.log_file``,
@@ -51,11 +54,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from gradmod._internal import (
     check_logits_target,
     checked_ignore_index,
+    distributed,
     per_modality,
     real_scalar,
 )
@@ -156,8 +161,8 @@ class OPM(Method):
         history_size: ``None`` keeps every call in `history`; an int keeps the last ones.
 
     Returned features are full ``[B, …]`` tensors (a dropped sample's features are zeros); ``keep`` is a
-    ``[B]`` bool tensor, all true when nothing was dropped. When no sample kept any modality (possible for
-    ``M > 2``), ``keep`` is all false: skip the batch, as the official loop does (warned once). The history
+    ``[B]`` bool tensor: the samples that kept at least one modality (module docstring: with OPM's rates that is
+    every sample). The history
     records per call ``score``, ``ratio``, ``rate`` (``q``) and ``kept`` (the share of samples keeping the
     modality) per modality; status ``"outside"`` during the warm-up and on the calls the ``p_exe`` draw skipped.
     """
@@ -242,7 +247,8 @@ class OPM(Method):
             kept = {name: torch.ones(batch, dtype=torch.bool, device=device) for name in self.names}
             executed: bool | Tensor = False
         else:
-            draws = torch.rand(1 + len(self.names) * batch, generator=noise_generator(device, NoiseKey(self.seed, call), 0, 1), device=device)
+            key = NoiseKey(self.seed, call, dist.get_rank() if distributed() else 0)  # a stream per rank
+            draws = torch.rand(1 + len(self.names) * batch, generator=noise_generator(device, key, 0, 1), device=device)
             executed = draws[0] < self.apply_probability
             uniform = draws[1:].reshape(len(self.names), batch)
             masks = (uniform >= stacked.unsqueeze(1)) | ~executed
@@ -253,12 +259,6 @@ class OPM(Method):
             return dict(features), keep
         applied = torch.where(executed, stacked, 0.0)
         output = drop_features(features, kept, dict(zip(self.names, applied.unbind(0))), self.rescale)
-        if len(self.names) > 2 and not bool(keep.any()):
-            self._warn_once(
-                "nothing_kept",
-                f"call {call}: every sample lost every modality, so keep is all false: skip this batch (no loss), as "
-                "the official loop does",
-            )
         return output, keep
 
     def _warming_up(self) -> bool:

@@ -46,7 +46,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gradmod._internal import check_logits_target, collective_device, distributed, per_modality, real_scalar, target_problems
+from gradmod._internal import (
+    check_logits_target,
+    collective_device,
+    distributed,
+    per_modality,
+    real_scalar,
+    target_problems,
+)
 from gradmod.functional import ratios_of
 from gradmod.history import History
 from gradmod.measures import IGNORE_INDEX
@@ -327,8 +334,10 @@ class PMR(Method):
         features, valid, learnable = self._checked(logits, features, target)
         present = self._present.to(logits.device)
         blocked = torch.where(present, 0.0, float("inf")).to(logits.dtype)
-        distances = {name: prototype_distances(features[name], self._prototypes[name].to(features[name].device)) + blocked
-                     for name in self.names}
+        for name in self.names:  # once, after a state loaded on the CPU
+            if self._prototypes[name].device != features[name].device:
+                self._prototypes[name] = self._prototypes[name].to(features[name].device)
+        distances = {name: prototype_distances(features[name], self._prototypes[name]) + blocked for name in self.names}
         scores = torch.stack([prototype_scores(distances[name], target, valid) for name in self.names]).double()
         if distributed():
             scores = scores.to(collective_device(scores.device))
@@ -355,6 +364,7 @@ class PMR(Method):
                 "no_score",
                 "every modality's prototype score is 0 on this batch (its samples have no prototype, or their "
                 "prototypes are infinitely far): no prototype loss this step",
+                stacklevel=3,
             )
         self._step += 1
         return total

@@ -422,7 +422,7 @@ METHODS = (
             Option("correct_epochs", 4, "epochs of the ensemble correction per stage (BalanceBenchmark: 1)", int),
             Option("boost_rate", 1.0, "initial boost rate of the ensemble (BalanceBenchmark: 0.01)", float),
             Option("ga", "prediction", "the alignment term; none is the official code's (zero gradient)", str, ("prediction", "none")),
-            Option("pretrain_epochs", None, "epochs each unimodal model trains alone first (default: the run's epochs)", int, loop=True),
+            Option("pretrain_epochs", None, "epochs each unimodal model trains alone first (default: the dataset's epochs)", int, loop=True),
         ),
     ),
 )

@@ -40,11 +40,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gradmod._internal import check_names, per_modality, real_scalar
+from gradmod._internal import check_names, eval_mode, per_modality, real_scalar
 from gradmod.appliers import Modality, ParameterSelection
 from gradmod.history import History
 from gradmod.method import Fit, Method, MethodInfo, Option, Strength
-from gradmod.methods.agm import _eval_mode
 
 __all__ = [
     "DEFAULT_N_INIT",
@@ -80,7 +79,10 @@ def purity(labels: Tensor, clusters: Tensor) -> float:
     """
     labels, clusters = torch.as_tensor(labels).reshape(-1), torch.as_tensor(clusters).reshape(-1)
     if labels.shape != clusters.shape or labels.numel() == 0:
-        raise ValueError(f"labels and clusters must be two [N] tensors of one length N > 0, got {tuple(labels.shape)}, {tuple(clusters.shape)}")
+        raise ValueError(
+            "labels and clusters must be two [N] tensors of one length N > 0, "
+            f"got {tuple(labels.shape)}, {tuple(clusters.shape)}"
+        )
     _, label_ids = torch.unique(labels, return_inverse=True)
     _, cluster_ids = torch.unique(clusters, return_inverse=True)
     classes = int(label_ids.max()) + 1
@@ -111,7 +113,9 @@ def cluster_purity(
         shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
         raise ValueError(f"features must be a [N, D] tensor (pool them first), got {shape}")
     if features.shape[0] < num_classes:
-        raise ValueError(f"k-means into {num_classes} clusters needs at least {num_classes} samples, got {features.shape[0]}")
+        raise ValueError(
+            f"k-means into {num_classes} clusters needs at least {num_classes} samples, got {features.shape[0]}"
+        )
     values = features.detach().cpu()
     if values.dtype not in (torch.float32, torch.float64):
         values = values.float()
@@ -155,7 +159,7 @@ def pooled_features(model: nn.Module, forward: Forward, loader: Iterable) -> tup
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     parts: dict[str, list[Tensor]] = {}
     labels: list[Tensor] = []
-    with _eval_mode(model):
+    with eval_mode(model):
         for batch in loader:
             features, target = forward(model, batch)
             if not parts:
@@ -211,12 +215,16 @@ class Relearning(Method):
         random_state: int = 0,
     ) -> None:
         if not isinstance(encoders, (Mapping, nn.ModuleDict)) or len(encoders) < 2:
-            raise ValueError("encoders must be a mapping of two or more modality names to encoders (modules or parameter lists)")
+            raise ValueError(
+                "encoders must be a mapping of two or more modality names to encoders (modules or parameter lists)"
+            )
         self._selection = ParameterSelection(encoders, None, require_some=True)
         self.names: tuple[str, ...] = self._selection.names
         self.num_classes = _count(num_classes, "num_classes", 2)
         if features is not None and not callable(features):
-            raise TypeError(f"features must be a callable (split) -> ({{modality: [N, D]}}, labels), got {type(features).__name__}")
+            raise TypeError(
+                f"features must be a callable (split) -> ({{modality: [N, D]}}, labels), got {type(features).__name__}"
+            )
         self.features = features
         self.reinit_strength = real_scalar(reinit_strength, "reinit_strength")
         self.reinit_every = _count(reinit_every, "reinit_every", 1)
@@ -284,7 +292,12 @@ class Relearning(Method):
         return self._relearn(train, train_labels, held_out, held_out_labels, self._last_epoch or 0)
 
     def _relearn(
-        self, train: Mapping[str, Tensor], train_labels: Tensor, held_out: Mapping[str, Tensor], held_out_labels: Tensor, epoch: int
+        self,
+        train: Mapping[str, Tensor],
+        train_labels: Tensor,
+        held_out: Mapping[str, Tensor],
+        held_out_labels: Tensor,
+        epoch: int,
     ) -> dict[str, float]:
         train = per_modality(train, self.names, "the training features")
         held_out = per_modality(held_out, self.names, "the held-out features")
@@ -292,7 +305,9 @@ class Relearning(Method):
             for m in self.names:
                 if not isinstance(values[m], Tensor) or values[m].dim() != 2 or values[m].shape[0] != len(labels):
                     shape = tuple(values[m].shape) if isinstance(values[m], Tensor) else type(values[m]).__name__
-                    raise ValueError(f"the {split} features of {m!r} must be [N, D] with N = {len(labels)} labels, got {shape}")
+                    raise ValueError(
+                        f"the {split} features of {m!r} must be [N, D] with N = {len(labels)} labels, got {shape}"
+                    )
         same = [m for m in self.names if train[m].shape == held_out[m].shape and torch.equal(train[m], held_out[m])]
         if same:
             self._warn_once(
@@ -375,11 +390,19 @@ METHODS = (
         observes="every reinit_every epochs: each encoder's pooled features on the training and a held-out split",
         cost="no per-step cost; per re-initialisation one encoder pass over both splits and 2M k-means fits",
         fit=Fit(head="any", acts_on="parameters"),
-        strength=Strength("reinit_strength", 3.0, "λ of α = tanh(λ·Δ): how far a purity gap pulls an encoder back to its start"),
+        strength=Strength(
+            "reinit_strength", 3.0, "λ of α = tanh(λ·Δ): how far a purity gap pulls an encoder back to its start"
+        ),
         options=(
             Option("reinit_every", 20, "diagnose and re-initialise after every this many epochs", int),
             Option("max_reinits", 3, "re-initialise at most this many times", int),
-            Option("holdout", 0.1, "share of the training split held out for the diagnosis (never the test split)", float, loop=True),
+            Option(
+                "holdout",
+                0.1,
+                "share of the training split held out for the diagnosis (never the test split)",
+                float,
+                loop=True,
+            ),
         ),
     ),
 )

@@ -301,7 +301,7 @@ METHODS = (
         strength=Strength("distillation_weight", 10.0, "λ of CE + λ·Σ_m MSE(h_m^teacher, h_m)"),
         options=(
             Option("teacher_mode", "eval", "the teachers' mode; train is BalanceBenchmark's (drifting BN)", str, TEACHER_MODES),
-            Option("pretrain_epochs", None, "epochs each unimodal model trains alone first (default: the run's epochs)", int, loop=True),
+            Option("pretrain_epochs", None, "epochs each unimodal model trains alone first (default: the dataset's epochs)", int, loop=True),
         ),
     ),
     MethodInfo(

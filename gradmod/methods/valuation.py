@@ -27,13 +27,13 @@ at exactly 0.4 or −0.1; no two-, three- or four-modality value lies there, so 
 ``M ≤ 4``. Net, for two modalities: a sample the fused head gets wrong gets 4 copies; one it gets right
 gets 1 copy (of the modality that was wrong alone) when exactly one modality alone is right, else none.
 
-**Modality level** (``level="modality"``, `subset_contributions`, `modality_level_count`): ``con_m`` = mean ``φ_m`` over a subset of
-``int(N·part_ratio)`` samples drawn with replacement; ``gap_m = 1 − con_m``; the strongest modality ``s``
-has the smallest gap; ``n = int((|gap_s − ḡ| / 3·2)·α·N)`` with ``ḡ`` the mean gap of the others (the
-other's, for two modalities) and ``α`` = ``resample_strength``, computed in the official order of
-floating-point operations (``N = 1000``, ``con = (0.9, 0.3)``: 399, not 400); the epoch's data are the
-originals and ``n`` samples drawn with replacement with ``s`` zeroed. The draws come from a CPU
-``torch.Generator`` the method owns and saves (the official code uses numpy's global generator).
+**Modality level** (``level="modality"``, `subset_contributions`, `modality_level_count`): ``con_m`` =
+mean ``φ_m`` over a subset of ``int(N·part_ratio)`` samples drawn with replacement; ``gap_m = 1 − con_m``;
+the strongest modality ``s`` has the smallest gap; ``n = int((|gap_s − ḡ| / 3·2)·α·N)`` with ``ḡ`` the
+mean gap of the others (the other's, for two modalities) and ``α`` = ``resample_strength``, computed in
+the official order of floating-point operations (``N = 1000``, ``con = (0.9, 0.3)``: 399, not 400); the
+epoch's data are the originals and ``n`` samples drawn with replacement with ``s`` zeroed. The draws come
+from a CPU ``torch.Generator`` the method owns and saves (the official code uses numpy's global generator).
 
 **More than two modalities**: the value function and the Shapley value are defined for any ``M``; a
 sample-level copy keeps modality ``m`` alone (for two: "the other zeroed"), a modality-level copy zeroes
@@ -60,12 +60,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, SequentialSampler
 
-from gradmod._internal import per_modality, real_scalar
+from gradmod._internal import eval_mode, per_modality, real_scalar, seeded_generator
 from gradmod.functional import coalitions, shapley_values
 from gradmod.history import History
 from gradmod.method import Fit, Method, MethodInfo, Option, check_units
-from gradmod.methods.agm import _eval_mode
-from gradmod.methods.mixup import _seeded_generator
 
 __all__ = [
     "LEVELS",
@@ -191,7 +189,9 @@ def zero_absent(features: Mapping[str, Tensor], present: Tensor, names: Sequence
     features = per_modality(features, names, "features")
     if not isinstance(present, Tensor) or present.dim() != 2 or present.shape[1] != len(names):
         shape = tuple(present.shape) if isinstance(present, Tensor) else type(present).__name__
-        raise ValueError(f"present must be a [batch, {len(names)}] tensor (one column per modality {names}), got {shape}")
+        raise ValueError(
+            f"present must be a [batch, {len(names)}] tensor (one column per modality {names}), got {shape}"
+        )
     out = {}
     for k, m in enumerate(names):
         f = features[m]
@@ -220,7 +220,7 @@ def coalition_correct(model: nn.Module, forward: Forward, head: Head, loader: It
         raise ValueError("the valuation loader must visit the training set in its order: build it with shuffle=False")
     results: dict[frozenset[str], list[Tensor]] = {}
     names: list[str] | None = None
-    with _eval_mode(model):
+    with eval_mode(model):
         for batch in loader:
             features, target = forward(model, batch)
             if names is None:
@@ -259,11 +259,6 @@ class ResampledDataset(Dataset):
     def __getitem__(self, k: int) -> tuple[Any, Tensor]:
         return self.base[int(self.indices[k])], self._rows[k]
 
-    @property
-    def added(self) -> int:
-        """How many items are copies (beyond the originals)."""
-        return len(self) - len(self.base)  # type: ignore[arg-type]
-
 
 class ModalityValuation(Method):
     """Modality valuation and re-sampling (module docstring): `start_epoch` values the training set and builds the
@@ -274,7 +269,8 @@ class ModalityValuation(Method):
         dataset: the training set (a map-style dataset); the epoch's data wrap it.
         measure: ``() -> {coalition: [N] bool}``, the valuation pass over ``dataset`` in its order (e.g.
             ``functools.partial(coalition_correct, model, forward, head, unshuffled_loader)``), called by
-            `start_epoch` from epoch ``warmup_epochs`` on. ``None``: call `update` yourself before each epoch.
+            `start_epoch` from epoch ``warmup_epochs`` on. ``None``: call `update` yourself after `start_epoch` of
+            every epoch past the warm-up.
         level: ``"sample"`` (default) or ``"modality"`` (`LEVELS`).
         warmup_epochs: epochs ``0 … warmup_epochs − 1`` train on the plain training set (official: 5).
         resample_strength: ``α ≥ 0`` of the modality level (official ``--alpha``, 1).
@@ -304,7 +300,9 @@ class ModalityValuation(Method):
     ) -> None:
         self.names: tuple[str, ...] = check_units(modalities, "modalities")
         if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
-            raise TypeError(f"dataset must be a map-style dataset (with __getitem__ and __len__), got {type(dataset).__name__}")
+            raise TypeError(
+                f"dataset must be a map-style dataset (with __getitem__ and __len__), got {type(dataset).__name__}"
+            )
         if measure is not None and not callable(measure):
             raise TypeError(f"measure must be a callable () -> {{coalition: [N] bool}}, got {type(measure).__name__}")
         if level not in LEVELS:
@@ -319,12 +317,13 @@ class ModalityValuation(Method):
         self.part_ratio = real_scalar(part_ratio, "part_ratio", strict=True)
         if self.part_ratio > 1.0:
             raise ValueError(f"part_ratio must lie in (0, 1], got {part_ratio!r}")
-        self._generator = _seeded_generator(seed)
+        self._generator = seeded_generator(seed)
         self._initial = self._generator.get_state()
         self._history = History(self.names, fields=_RECORDED, dtype=torch.float64)
         self._epoch: int | None = None  # the epoch the current data are for
         self._plan: tuple[Tensor, Tensor] | None = None  # (indices, present) of the current data; None: plain
         self._contributions: dict[str, Tensor] | None = None
+        self._pending = False  # an epoch past the warm-up started without a valuation (no measure)
 
     @property
     def total(self) -> int:
@@ -341,10 +340,13 @@ class ModalityValuation(Method):
         if epoch == self._epoch:
             return
         self._epoch = epoch
+        self._pending = False
         if epoch < self.warmup_epochs:
             self._plan = None
         elif self.measure is not None:
             self._update(self.measure(), epoch)
+        else:
+            self._pending = True  # `update` is due before the epoch's data are read
 
     def update(self, correct: Mapping[frozenset[str], Tensor]) -> ResampledDataset:
         """Value the training set from the valuation pass ``correct`` (`coalition_correct`) and make the epoch's
@@ -354,18 +356,22 @@ class ModalityValuation(Method):
 
     def _update(self, correct: Mapping[frozenset[str], Tensor], epoch: int) -> None:
         if not isinstance(correct, Mapping):
-            raise TypeError(f"the valuation must be a mapping coalition -> [N] bool tensor, got {type(correct).__name__}")
+            raise TypeError(
+                f"the valuation must be a mapping coalition -> [N] bool tensor, got {type(correct).__name__}"
+            )
         correct = {frozenset(s): torch.as_tensor(c).cpu() for s, c in correct.items()}
         unknown = [sorted(s) for s in correct if not s or not s <= set(self.names)]
         if unknown:
-            raise ValueError(f"the valuation names coalitions {unknown} outside the non-empty subsets of {list(self.names)}")
-        length = len(correct.get(frozenset(self.names), ()))
+            raise ValueError(
+                f"the valuation names coalitions {unknown} outside the non-empty subsets of {list(self.names)}"
+            )
+        contributions = sample_contributions(correct, self.names)  # checks the coalitions and their lengths
+        length = len(correct[frozenset(self.names)])
         if length != self.total:
             raise ValueError(
                 f"the valuation covers {length} samples, the training set has {self.total}: value every training "
                 "sample once, in the dataset's order"
             )
-        contributions = sample_contributions(correct, self.names)
         if not bool(correct[frozenset(self.names)].any()):
             self._warn_once(
                 "all-wrong",
@@ -389,6 +395,7 @@ class ModalityValuation(Method):
             estimate = [con[m] for m in self.names]
         self._plan = (indices, present)
         self._contributions = contributions
+        self._pending = False
         zeroed = (~present[self.total :]).sum(dim=0).double()
         mean = torch.stack([contributions[m].mean() for m in self.names])
         self._history.append(epoch, [mean, torch.tensor(estimate, dtype=torch.float64), zeroed])
@@ -402,6 +409,13 @@ class ModalityValuation(Method):
                 "no-start",
                 "dataset was read before start_epoch(epoch) was ever called, so it is the plain training set: call "
                 "method.start_epoch(epoch) before each epoch and build that epoch's loader from method.dataset",
+                stacklevel=3,
+            )
+        if self._pending:
+            self._warn_once(
+                "no-update",
+                f"epoch {self._epoch} is past the warm-up but was not valued: build ModalityValuation with measure= "
+                "or call update(correct) after start_epoch(epoch); until then the data are the last epoch's",
                 stacklevel=3,
             )
         if self._plan is None:
@@ -434,13 +448,19 @@ class ModalityValuation(Method):
 
     def _load_extra_state(self, state: Mapping[str, Any]) -> None:
         if state["level"] != self.level:
-            raise ValueError(f"state was saved at level={state['level']!r}, this ModalityValuation has level={self.level!r}")
+            raise ValueError(
+                f"state was saved at level={state['level']!r}, this ModalityValuation has level={self.level!r}"
+            )
         if int(state["total"]) != self.total:
-            raise ValueError(f"state was saved for a training set of {state['total']} samples, this one has {self.total}")
+            raise ValueError(
+                f"state was saved for a training set of {state['total']} samples, this one has {self.total}"
+            )
         plan = state["plan"]
         if plan is not None:
             indices, present = torch.as_tensor(plan["indices"]).long(), torch.as_tensor(plan["present"]).bool()
-            if present.shape != (indices.shape[0], len(self.names)) or (indices.numel() and int(indices.max()) >= self.total):
+            if present.shape != (indices.shape[0], len(self.names)) or (
+                indices.numel() and int(indices.max()) >= self.total
+            ):
                 raise ValueError("the saved epoch data do not fit this training set and these modalities")
             plan = (indices, present)
         self._epoch = None if state["epoch"] is None else int(state["epoch"])
@@ -451,12 +471,17 @@ class ModalityValuation(Method):
     def _reset(self) -> None:
         self._epoch = None
         self._plan = None
+        self._pending = False
         self._contributions = None
         self._generator.set_state(self._initial)
         self._warned = set()
 
     def __repr__(self) -> str:
-        level = "" if self.level == "sample" else f", resample_strength={self.resample_strength:g}, part_ratio={self.part_ratio:g}"
+        level = (
+            ""
+            if self.level == "sample"
+            else f", resample_strength={self.resample_strength:g}, part_ratio={self.part_ratio:g}"
+        )
         return (
             f"ModalityValuation(modalities={list(self.names)}, level={self.level!r}, warmup_epochs={self.warmup_epochs}"
             f"{level}, samples={self.total})"
@@ -477,8 +502,12 @@ METHODS = (
         options=(
             Option("level", "sample", "re-sample per sample or per modality", str, LEVELS),
             Option("warmup_epochs", 5, "epochs trained on the plain training set first", int),
-            Option("resample_strength", 1.0, "α of the modality level: how many extra samples per contribution gap", float),
-            Option("part_ratio", 0.2, "share of the training set that estimates the modality level's contributions", float),
+            Option(
+                "resample_strength", 1.0, "α of the modality level: how many extra samples per contribution gap", float
+            ),
+            Option(
+                "part_ratio", 0.2, "share of the training set that estimates the modality level's contributions", float
+            ),
         ),
     ),
 )

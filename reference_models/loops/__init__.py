@@ -12,9 +12,17 @@ from reference_models.config import TrainConfig
 from reference_models.loops.backward import BackwardLoop
 from reference_models.loops.base import MethodLoop, make_optimizer, provide
 from reference_models.loops.data import DATA_LOOPS
+from reference_models.loops.epoch import EpochLoop
+from reference_models.loops.forward import ForwardLoop
 from reference_models.loops.loss import LossLoop
-from reference_models.loops.modulator import ModulatorLoop, ResponsesLoop, make_modulator, observe_inputs, unimodal_metrics
-from reference_models.loops.plain import ControlLoop, PlainLoop
+from reference_models.loops.modulator import (
+    ModulatorLoop,
+    ResponsesLoop,
+    make_modulator,
+    observe_inputs,
+    unimodal_metrics,
+)
+from reference_models.loops.plain import ControlLoop, HeadLoop, PlainLoop
 from reference_models.loops.turns import TurnsLoop
 from reference_models.tasks import Task
 
@@ -32,7 +40,8 @@ __all__ = [
 
 #: The loop of each kind of gradmod method.
 LOOPS: dict[str, type[MethodLoop]] = {
-    loop.kind: loop for loop in (ModulatorLoop, ResponsesLoop, BackwardLoop, TurnsLoop, LossLoop)
+    loop.kind: loop
+    for loop in (ModulatorLoop, ResponsesLoop, BackwardLoop, TurnsLoop, LossLoop, ForwardLoop, EpochLoop, HeadLoop)
 }
 #: The CLI's own methods (`reference_models.config.CLI_METHODS`).
 CLI_LOOPS: dict[str, type[MethodLoop]] = {"baseline": PlainLoop, "unimodal_losses": ControlLoop}

@@ -5,7 +5,6 @@ Unimodal Assistance*, ICML 2024): a linear head per modality adds its cross-entr
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -19,7 +18,7 @@ __all__ = ["BackwardLoop"]
 
 class BackwardLoop(MethodLoop):
     """Kind ``"backward"``: the method is attached to the optimizer and its ``backward(multimodal_loss,
-    unimodal_losses)`` replaces ``loss.backward()``; the epoch's record holds the mean of each recorded field."""
+    unimodal_losses)`` replaces ``loss.backward()``."""
 
     kind = "backward"
 
@@ -29,15 +28,10 @@ class BackwardLoop(MethodLoop):
         self.needs_class_targets("trains unimodal heads")
         self.add_unimodal_heads("trains unimodal heads")
         self.method = self.info.preset(self.model.modality_modules(), **self.preset_options)
-        self._epoch_start = 0
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         super().attach(optimizer)
         self.method.attach(optimizer)
-
-    def start_epoch(self, epoch: int) -> None:
-        super().start_epoch(epoch)
-        self._epoch_start = self.method.step_count
 
     def step(self, inputs: Mapping[str, Tensor], target: Tensor) -> Tensor:
         self.optimizer.zero_grad(set_to_none=True)
@@ -47,17 +41,3 @@ class BackwardLoop(MethodLoop):
         self.method.backward(fused, unimodal)
         self.optimizer.step()
         return (fused + sum(unimodal.values())).detach()
-
-    def end_epoch(self, epoch: int) -> dict[str, Any]:
-        super().end_epoch(epoch)
-        records = [r for r in self.method.history if r["step"] >= self._epoch_start]
-        fields = [key for key, value in records[0].items() if isinstance(value, Mapping)] if records else []
-        summary = {key: {n: sum(r[key][n] for r in records) / len(records) for n in self.method.names} for key in fields}
-        return {"coefficients": {}, self.config.method: summary}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "epoch_start": self._epoch_start}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
-        self._epoch_start = state["epoch_start"]

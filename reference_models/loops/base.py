@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, random_split
 
 import gradmod
 from reference_models.config import TrainConfig, method_options, preset_keywords
@@ -29,8 +29,9 @@ from reference_models.tasks import Task
 
 __all__ = ["FUSED_HEAD", "HEAD_SEED_OFFSET", "MethodLoop", "make_optimizer", "provide", "rows"]
 
-#: Offset of the seed that initialises the unimodal heads from the run's seed.
+#: Offsets of the seeds that initialise the unimodal heads and draw a held-out split from the run's seed.
 HEAD_SEED_OFFSET = 10_007
+HOLDOUT_SEED_OFFSET = 20_011
 #: The name of the fused head beside one head per modality (G-Blending's heads, the ``losses`` input).
 FUSED_HEAD = "fused"
 
@@ -156,7 +157,36 @@ class MethodLoop:
         return _HeadLogits(self.model)
 
     def _training_split(self) -> Dataset:
-        return self.task.train_set
+        """The training split, less a held-out part where the method has a ``holdout`` loop option (G-Blending's
+        estimates, Diagnosing & Re-learning's diagnosis): ``self.held_out``, never the test split."""
+        self.held_out: Dataset | None = None
+        data = self.task.train_set
+        fraction = self.method_options.get("holdout")
+        if fraction is None:
+            return data
+        if not 0.0 < fraction < 1.0:
+            raise ValueError(f"--{self.config.method}-holdout must lie in (0, 1), got {fraction}")
+        held = max(1, round(fraction * len(data)))
+        if held >= len(data):
+            raise ValueError(f"{self.config.method}: a held-out split of {held} leaves nothing of {len(data)} training items to train on")
+        generator = torch.Generator().manual_seed(self.config.seed + HOLDOUT_SEED_OFFSET)
+        fit, self.held_out = random_split(data, [len(data) - held, held], generator)
+        return fit
+
+    @property
+    def epoch_data(self) -> Dataset:
+        """What the coming epoch trains on (after `start_epoch`): the training split, or the method's own data."""
+        return self.train_set
+
+    def encoded(self, model: nn.Module, batch: Any) -> tuple[dict[str, Tensor], Tensor]:
+        """The ``forward(model, batch) -> ({modality: features}, target)`` of the methods' per-epoch passes."""
+        inputs, target = batch
+        inputs = {n: x.to(self.device) for n, x in inputs.items()}
+        return model.encode(inputs), model.measure_target(target.to(self.device))
+
+    def loader(self, dataset: Dataset) -> DataLoader:
+        """An unshuffled loader over ``dataset`` with the run's batch size (the methods' per-epoch passes)."""
+        return DataLoader(dataset, batch_size=self.config.batch_size, num_workers=self.config.workers)
 
     @property
     def predictor(self) -> Any:
@@ -183,8 +213,9 @@ class MethodLoop:
         self.optimizer = optimizer
 
     def start_epoch(self, epoch: int) -> None:
-        """Called before the epoch's first step (model in training mode)."""
+        """Called before the epoch's first step (model in training mode): the method's ``start_epoch``."""
         if self.method is not None:
+            self._recorded = len(self.method.history)
             self.method.start_epoch(epoch)
 
     def step(self, inputs: Mapping[str, Tensor], target: Tensor) -> Tensor:
@@ -200,10 +231,20 @@ class MethodLoop:
         return self.model.loss(self.model(inputs), target)
 
     def end_epoch(self, epoch: int) -> dict[str, Any]:
-        """Entries for the epoch's record, after its last step: ``coefficients`` and the method's own."""
-        if self.method is not None:
-            self.method.end_epoch(epoch)
-        return {"coefficients": {}}
+        """Entries for the epoch's record, after its last step and the method's ``end_epoch``: under the method's
+        key, the mean of each of its history's fields per unit over the epoch's records (values that are not
+        finite, such as MLA's ``kept`` of the modality a turn did not train, left out), and ``coefficients``, a
+        modulator's mean coefficients (empty for the other methods)."""
+        if self.method is None:
+            return {"coefficients": {}}
+        self.method.end_epoch(epoch)
+        records = self.method.history[getattr(self, "_recorded", 0):]
+        fields = [key for key, value in records[0].items() if isinstance(value, Mapping)] if records else []
+        summary = {}
+        for key in fields:
+            values = {unit: [r[key][unit] for r in records if math.isfinite(r[key][unit])] for unit in records[0][key]}
+            summary[key] = {unit: sum(v) / len(v) for unit, v in values.items() if v}
+        return {"coefficients": summary.get("coefficients", {}), self.config.method: summary}
 
     def coefficients_per_step(self) -> list[dict[str, Any]]:
         """The modulator's history (one record per step), or ``[]``."""

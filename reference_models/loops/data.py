@@ -9,14 +9,14 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from gradmod.methods.mixup import soft_cross_entropy
 from reference_models.config import TrainConfig
 from reference_models.loops.base import APPLIER_FIELDS, WINDOW_FIELDS, MethodLoop
 from reference_models.tasks import IndexedDataset, Task
 
-__all__ = ["DATA_LOOPS", "BalancedMixupLoop", "MixupLoop"]
+__all__ = ["DATA_LOOPS", "BalancedMixupLoop", "MixupLoop", "ValuationLoop"]
 
 
 class _DataLoop(MethodLoop):
@@ -87,5 +87,52 @@ class BalancedMixupLoop(_DataLoop):
         }
 
 
+#: The key of a sample's presence mask among its inputs (`ValuationLoop`: which modalities it keeps).
+PRESENT = "__present__"
+
+
+class _WithPresence(Dataset):
+    """`ModalityValuation`'s epoch data as ``({**inputs, PRESENT: presence}, target)`` items."""
+
+    def __init__(self, items: Dataset) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[dict[str, Tensor], Tensor]:
+        (inputs, target), present = self.items[index]
+        return {**inputs, PRESENT: present}, target
+
+
+class ValuationLoop(_DataLoop):
+    """``valuation``: modality valuation (Wei et al., *Enhancing Multimodal Cooperation via Sample-level Modality
+    Valuation*, CVPR 2024). Before every epoch past the warm-up the method values each training item's modalities
+    (one unshuffled eval pass, features zeroed at the head) and re-samples the epoch's data: copies of items with a
+    modality zeroed, which the step applies to the features before the fused head."""
+
+    def __init__(self, config: TrainConfig, task: Task, device: torch.device) -> None:
+        super().__init__(config, task, device)
+        from gradmod.methods.valuation import coalition_correct
+
+        base = self.task.train_set if self.held_out is None else self.train_set
+        head = self.head_module
+        self.method = self.info.preset(
+            task.modalities, base, lambda: coalition_correct(self.model, self.encoded, head, self.loader(base)),
+            seed=config.seed, **self.preset_options,
+        )
+
+    @property
+    def epoch_data(self) -> Dataset:
+        """The epoch's training items (after `start_epoch`), with each item's presence mask among its inputs."""
+        return _WithPresence(self.method.dataset)
+
+    def loss(self, inputs: Mapping[str, Tensor], target: Tensor) -> Tensor:
+        inputs = dict(inputs)
+        present = inputs.pop(PRESENT)
+        features = self.method.mask(self.model.encode(inputs), present)
+        return self.model.loss(self.model.head(features), target)
+
+
 #: The loop of each data method, by key.
-DATA_LOOPS: dict[str, type[_DataLoop]] = {"mm": MixupLoop, "bmm": BalancedMixupLoop}
+DATA_LOOPS: dict[str, type[_DataLoop]] = {"mm": MixupLoop, "bmm": BalancedMixupLoop, "valuation": ValuationLoop}

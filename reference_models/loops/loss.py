@@ -6,7 +6,7 @@ loop knows, bound by parameter name: ``modalities`` (the encoders), ``heads`` (`
 ``names``, ``num_classes``, ``seed``, ``epochs``, and a per-epoch ``measure`` where the method needs data once per
 epoch (`MEASURES`: G-Blending's checkpoint of every head's train and held-out loss). Unimodal heads are added to the
 model when the method reads them. Methods that start from unimodal models trained alone get them
-(`train_unimodal`, ``--<method>-pretrain-epochs``, default the run's epochs): UMT's frozen ``teachers`` (the
+(`train_unimodal`, ``--<method>-pretrain-epochs``, default the dataset's epochs): UMT's frozen ``teachers`` (the
 encoders of a copy of the model, each trained alone), ReconBoost's ``pretrained`` members (the model's own encoders
 and unimodal heads, each trained alone). A method with parameters of its own (``method.extra``) has them stepped by
 the run's optimizer, and one that predicts otherwise at test time (``predict``) is evaluated with its prediction.
@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, random_split
+from torch.utils.data import DataLoader
 
 import gradmod
-from reference_models.config import TrainConfig
+from reference_models.config import DATASET_DEFAULTS, TrainConfig
 from reference_models.loops.base import (
     APPLIER_FIELDS,
     FUSED_HEAD,
@@ -37,10 +37,7 @@ from reference_models.loops.base import (
 )
 from reference_models.tasks import Task
 
-__all__ = ["HOLDOUT_SEED_OFFSET", "LossLoop", "MEASURES", "train_unimodal"]
-
-#: Offset of the seed that draws a held-out split of the training set (G-Blending's) from the run's seed.
-HOLDOUT_SEED_OFFSET = 20_011
+__all__ = ["LossLoop", "MEASURES", "train_unimodal"]
 
 
 def _gblending_measure(loop: LossLoop) -> Callable[[], Any]:
@@ -83,8 +80,16 @@ def train_unimodal(loop: LossLoop, model: nn.Module, epochs: int) -> None:
 
 #: Offset of the seed that shuffles the unimodal pretraining from the run's seed.
 PRETRAIN_SEED_OFFSET = 40_009
+def _pmr_measure(loop: LossLoop) -> Callable[[], Any]:
+    """PMR's prototype pass: class means of each modality's features over the first tenth of the training split's
+    batches, in its order (so every epoch, and a resumed run, reads the same items)."""
+    from gradmod.methods.pmr import prototype_pass
+
+    return lambda: prototype_pass(loop.model, loop.encoded, loop.loader(loop.train_set), loop.task.num_classes)
+
+
 #: The per-epoch data a method's ``measure`` needs, by method key: ``loop -> measure``.
-MEASURES: dict[str, Callable[[LossLoop], Callable[[], Any]]] = {"gblending": _gblending_measure}
+MEASURES: dict[str, Callable[[LossLoop], Callable[[], Any]]] = {"gblending": _gblending_measure, "pmr": _pmr_measure}
 
 
 class LossLoop(MethodLoop):
@@ -93,7 +98,6 @@ class LossLoop(MethodLoop):
     kind = "loss"
 
     def __init__(self, config: TrainConfig, task: Task, device: torch.device) -> None:
-        self.held_out: Dataset | None = None
         super().__init__(config, task, device)
         self.refuse({**APPLIER_FIELDS, **WINDOW_FIELDS}, "modulation window or params applier")
         self.reads = tuple(self.info.preset.loss_inputs)
@@ -105,21 +109,6 @@ class LossLoop(MethodLoop):
             self.add_unimodal_heads("trains unimodal heads")
         arguments, keywords = self._arguments()
         self.method = self.info.preset(*arguments, **keywords)
-
-    def _training_split(self) -> Dataset:
-        """The training split, less a held-out part where the method has a ``holdout`` option (G-Blending)."""
-        data = self.task.train_set
-        fraction = self.method_options.get("holdout")
-        if fraction is None:
-            return data
-        if not 0.0 < fraction < 1.0:
-            raise ValueError(f"--{self.config.method}-holdout must lie in (0, 1), got {fraction}")
-        held = max(1, round(fraction * len(data)))
-        if held >= len(data):
-            raise ValueError(f"{self.config.method}: a held-out split of {held} leaves nothing of {len(data)} training items to train on")
-        generator = torch.Generator().manual_seed(self.config.seed + HOLDOUT_SEED_OFFSET)
-        fit, self.held_out = random_split(data, [len(data) - held, held], generator)
-        return fit
 
     def _arguments(self) -> tuple[list[Any], dict[str, Any]]:
         known: dict[str, Any] = {
@@ -133,7 +122,8 @@ class LossLoop(MethodLoop):
             known["measure"] = MEASURES[self.config.method](self)
         parameters = inspect.signature(self.info.preset).parameters
         known["epochs"] = self.config.epochs
-        pretrain = self.method_options.get("pretrain_epochs") or self.config.epochs
+        # the dataset's own epochs, not the run's: a run resumed with another --epochs trains the same teachers
+        pretrain = self.method_options.get("pretrain_epochs") or DATASET_DEFAULTS[self.config.dataset]["epochs"]
         if "teachers" in parameters:  # UMT: frozen encoders of a copy of the model, each trained alone
             trained = copy.deepcopy(self.model)
             if getattr(trained, "unimodal_heads", None) is None:
@@ -150,10 +140,18 @@ class LossLoop(MethodLoop):
     def loss(self, inputs: Mapping[str, Tensor], target: Tensor) -> Tensor:
         return self.method.loss(**provide(self.reads, self, inputs, target))
 
+    def step(self, inputs: Mapping[str, Tensor], target: Tensor) -> Tensor:
+        """One backward of the method's loss; with a ``clip_norm`` option (DGL's official loop) every gradient is
+        clipped jointly to that norm before the optimizer step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss(inputs, target)
+        loss.backward()
+        clip = self.method_options.get("clip_norm")
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.parameters(), clip)
+        self.optimizer.step()
+        return loss.detach()
+
     def options(self) -> dict[str, Any]:
         extra = {} if self.held_out is None else {"held_out_items": len(self.held_out)}
         return {**super().options(), **extra}
-
-    def end_epoch(self, epoch: int) -> dict[str, Any]:
-        super().end_epoch(epoch)
-        return {"coefficients": {}, self.config.method: self.method.scalars()}

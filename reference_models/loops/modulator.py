@@ -21,7 +21,12 @@ from tqdm import tqdm
 
 import gradmod
 from reference_models.config import TrainConfig
-from reference_models.loops.base import MethodLoop, make_optimizer, rows
+from reference_models.loops.base import (
+    MethodLoop,
+    make_optimizer,
+    provide_from_features,
+    rows,
+)
 from reference_models.models.common import ModelOutput
 from reference_models.tasks import IndexedDataset, Task
 
@@ -34,10 +39,15 @@ def make_modulator(loop: MethodLoop, ranking: Sequence[str] | None = None) -> gr
     """The modulator of the loop's method over the task model's modalities: its preset with the run's strength
     and options, the modulation window, the seed, the params applier's options where the preset has them."""
     config, info = loop.config, loop.info
-    end = config.epochs - 1 if config.modulation_end is None else config.modulation_end
-    start_step, stop_step = gradmod.epoch_window(config.modulation_start, end, loop.steps_per_epoch)
-    options: dict[str, Any] = {"start_step": start_step, "stop_step": stop_step, "seed": config.seed, **loop.preset_options}
     parameters = inspect.signature(info.preset).parameters
+    takes_options = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())  # Modulator's window
+    options: dict[str, Any] = dict(loop.preset_options)
+    if takes_options:
+        end = config.epochs - 1 if config.modulation_end is None else config.modulation_end
+        start_step, stop_step = gradmod.epoch_window(config.modulation_start, end, loop.steps_per_epoch)
+        options.update(start_step=start_step, stop_step=stop_step, seed=config.seed)
+    else:  # a modulator with a window of its own (InfoReg's Fisher window)
+        loop.refuse({"modulation_start": 0, "modulation_end": None}, "modulation window")
     if "apply" in parameters:
         options.update(apply=config.apply, backend=config.backend, param_filter=PARAM_FILTERS[config.param_filter])
         if config.noise != "default":
@@ -119,22 +129,21 @@ class ModulatorLoop(MethodLoop):
         self.modulator.attach(optimizer)
 
     def loss(self, inputs: Mapping[str, Tensor], target: Tensor) -> Tensor:
+        """Observe what the measure reads; the loss is the model's, or the method's where it prescribes one
+        (``loss_inputs``: InfoReg's fused and decoupled cross-entropies)."""
         output = self.model(inputs)
         extra = {"features": output.features} if self.config.apply == "features" else {}
         self.modulator.observe(**observe_inputs(self.modulator, self.task, output, target), **extra)
+        if hasattr(self.modulator, "loss_inputs"):
+            given = provide_from_features(self.modulator.loss_inputs, self, output.features, target, inputs)
+            return self.modulator.loss(**given)
         return self.model.loss(output, target)
 
-    def end_epoch(self, epoch: int) -> dict[str, Any]:
-        super().end_epoch(epoch)
-        first = epoch * self.steps_per_epoch
-        records = [r for r in self.modulator.history if r["step"] >= first]
-        if not records:
-            return {"coefficients": {}}
-        names = records[0]["coefficients"]
-        return {"coefficients": {n: sum(r["coefficients"][n] for r in records) / len(records) for n in names}}
-
     def coefficients_per_step(self) -> list[dict[str, Any]]:
-        return self.modulator.history
+        """The modulator's records of the steps it applied coefficients at (``[]`` for a modulator that records
+        none, such as InfoReg's pulls: its fields are in the epochs' records)."""
+        history = self.modulator.history
+        return history if history and "coefficients" in history[0] else []
 
 
 class ResponsesLoop(ModulatorLoop):

@@ -13,7 +13,7 @@ from reference_models.loops.base import MethodLoop
 from reference_models.models.common import mask_features
 from reference_models.tasks import Task
 
-__all__ = ["ControlLoop", "PlainLoop"]
+__all__ = ["ControlLoop", "HeadLoop", "PlainLoop"]
 
 
 class PlainLoop(MethodLoop):
@@ -48,3 +48,15 @@ class ControlLoop(MethodLoop):
         features = self.model.encode(inputs)
         fused = self.model.loss(self.model.head(features), target)
         return fused + sum(self.unimodal_losses(features, target).values())
+
+
+class HeadLoop(MethodLoop):
+    """Kind ``"head"`` (MMCosine): the method is the fusion head itself, trained on the plain fused loss
+    (``--fusion <method>``)."""
+
+    kind = "head"
+
+    def __init__(self, config: TrainConfig, task: Task, device: torch.device) -> None:
+        super().__init__(config, task, device)
+        if config.fusion != config.method:
+            raise ValueError(f"{config.method} is a fusion head: train it with --fusion {config.method}")

@@ -5,7 +5,6 @@ through the shared head (``--fusion shared``). Evaluation uses the head's entrop
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +20,7 @@ __all__ = ["TurnsLoop"]
 
 class TurnsLoop(MethodLoop):
     """Kind ``"turns"``: one optimizer step per modality and batch through the shared head, each announced by
-    ``observe(name, features)``; the epoch's record holds the mean share of the head's gradient each kept."""
+    ``observe(name, features)``."""
 
     kind = "turns"
 
@@ -36,15 +35,10 @@ class TurnsLoop(MethodLoop):
             )
         self.head = self.model.fusion.linear
         self.method = self.info.preset(self.model.modality_modules(), self.head, **self.preset_options)
-        self._kept: dict[str, list[float]] = {}
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         super().attach(optimizer)
         self.method.attach(optimizer)
-
-    def start_epoch(self, epoch: int) -> None:
-        super().start_epoch(epoch)
-        self._kept = {name: [] for name in self.method.names}
 
     def step(self, inputs: Mapping[str, Tensor], target: Tensor) -> Tensor:
         features = self.model.encode(inputs)
@@ -58,12 +52,4 @@ class TurnsLoop(MethodLoop):
             loss.backward()
             self.optimizer.step()
             total = total + loss.detach().cpu()
-            kept = self.method.last["kept"][name]
-            if kept == kept:  # NaN without projection
-                self._kept[name].append(kept)
         return total / len(self.method.names)
-
-    def end_epoch(self, epoch: int) -> dict[str, Any]:
-        super().end_epoch(epoch)
-        kept = {name: sum(values) / len(values) for name, values in self._kept.items() if values}
-        return {"coefficients": {}, "mla": {"kept": kept}}

@@ -25,7 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reference_models.models.common import FusedClassifier, ModelOutput, check_inputs, check_shape, make_fusion
+from reference_models.models.common import (
+    FusedClassifier,
+    ModelOutput,
+    check_inputs,
+    check_shape,
+    make_fusion,
+)
 
 __all__ = ["AVEModel", "AudioGuidedAttention", "TemporalEncoder", "GuidedVisualEncoder", "NUM_AVE_CLASSES"]
 

@@ -45,8 +45,9 @@ __all__ = [
 
 #: Fusion heads `make_fusion` builds: concat / sum (decouplable, OGM-GE), ζ-gated sum with or
 #: without SimAM² (Sun et al., ICASSP 2024, eqs. (4), (8)), FiLM plain (eq. (9)) or ζ-weighted (eq. (10)), and
-#: one linear head shared by every modality (MLA, Zhang et al., CVPR 2024: `SharedHead`).
-FUSION_KINDS = ("concat", "sum", "gated", "gated_simam", "film", "film_zeta", "shared")
+#: one linear head shared by every modality (MLA, Zhang et al., CVPR 2024: `SharedHead`), and MMCosine's head of scaled
+#: per-modality cosines (Xu et al., ICASSP 2023: `gradmod.fusion.MMCosineFusion`).
+FUSION_KINDS = ("concat", "sum", "gated", "gated_simam", "film", "film_zeta", "shared", "mmcosine")
 
 
 @dataclass
@@ -212,7 +213,7 @@ class FusedClassifier(MultimodalModel):
         modality's prediction has it whole).
         """
         check_inputs(features, self.modalities, "features")
-        if isinstance(self.fusion, (ConcatFusion, SharedHead)):
+        if self.fusion.decouplable and not isinstance(self.fusion, SumFusion):  # concat, shared, MMCosine
             return self.fusion.unimodal_logits(features)
         if isinstance(self.fusion, SumFusion):
             share = len(self.modalities)
@@ -257,6 +258,10 @@ def make_fusion(kind: str, dims: Mapping[str, int] | int, num_classes: int, moda
     if kind in ("concat", "sum"):
         head_class = ConcatFusion if kind == "concat" else SumFusion
         return head_class(widths, num_classes)
+    if kind == "mmcosine":
+        from gradmod.fusion import MMCosineFusion
+
+        return MMCosineFusion(widths, num_classes)
     if kind not in FUSION_KINDS:
         raise ValueError(f"unknown fusion kind {kind!r}; expected one of {FUSION_KINDS}")
     if len(set(widths.values())) != 1:

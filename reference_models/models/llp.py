@@ -34,7 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reference_models.models.common import ModelOutput, MultimodalModel, check_inputs, check_shape
+from reference_models.models.common import (
+    ModelOutput,
+    MultimodalModel,
+    check_inputs,
+    check_shape,
+)
 
 __all__ = ["LLPModel", "SnippetEncoder", "DecisionUnit", "HybridAttention", "NUM_LLP_CLASSES"]
 

@@ -253,6 +253,56 @@ def _umt(net: Net) -> Method:
     return gradmod.UMT(dict(teachers))
 
 
+def _encoded(model: Net, batch: Batch) -> tuple[dict[str, Tensor], Tensor]:
+    """The ``forward(model, batch) -> (features, target)`` of the methods' per-epoch passes."""
+    inputs, target = batch
+    return model.encode(inputs), target
+
+
+def _pmr(net: Net) -> Method:
+    from gradmod.methods.pmr import prototype_pass
+
+    return gradmod.PMR(net.names, CLASSES, measure=lambda: prototype_pass(net, _encoded, MEASURED, CLASSES))
+
+
+def _relearning(net: Net) -> Method:
+    from gradmod.methods.relearning import pooled_features
+
+    def features(split: str):
+        return pooled_features(net, _encoded, MEASURED if split == "train" else batches(2, seed=8))
+
+    return gradmod.Relearning(modalities(net), CLASSES, features, reinit_every=1)
+
+
+class _Items(torch.utils.data.Dataset):
+    """Samples of `MEASURED` one by one, the training set valuation re-samples."""
+
+    def __init__(self) -> None:
+        self.items = [({n: x[i] for n, x in inputs.items()}, target[i]) for inputs, target in MEASURED for i in range(len(target))]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        return self.items[index]
+
+
+def _valuation(net: Net) -> Method:
+    from gradmod.methods.valuation import coalition_correct
+
+    dataset = _Items()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=8)
+    return gradmod.ModalityValuation(
+        net.names, dataset, lambda: coalition_correct(net, _encoded, net.fusion, loader), warmup_epochs=0, seed=0
+    )
+
+
+def _valuation_step(net: Net, method: Any, batch: Batch, scale: float = 1.0) -> Tensor:
+    """A plain step on the batch (the re-sampled data change which batches an epoch holds, not the step)."""
+    inputs, target = batch
+    return scale * F.cross_entropy(net(inputs), target)
+
+
 def _pdmp(net: Net) -> Method:
     return gradmod.PDMP(modalities(net), ("audio", "visual"), 1.0, 0.5)
 
@@ -297,6 +347,16 @@ CASES: dict[str, Case] = {
     )),
     "mmpareto": derived_case("mmpareto"),
     "umt": Case("umt", _umt, loss_step),
+    "pmr": Case("pmr", _pmr, loss_step, accumulates="the slower modality is decided per micro-batch"),
+    "amco": derived_case("amco", accumulates="its counter advances and its mask is drawn per call"),
+    "cml": derived_case("cml", accumulates="its removal orders are drawn per call"),
+    "relearning": Case("relearning", _relearning, plain_step),
+    "mmcosine": Case("mmcosine", lambda net: gradmod.fusion.MMCosineFusion({n: DIM for n in net.names}, CLASSES), plain_step),
+    "valuation": Case("valuation", _valuation, _valuation_step),
+    "opm": Case(
+        "opm", lambda net: gradmod.methods.opm.OPM(net.names, warmup_epochs=0, seed=0), forward_step,
+        accumulates="its masks are drawn per call",
+    ),
 }
 
 

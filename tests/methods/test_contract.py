@@ -144,6 +144,7 @@ def test_a_step_the_scaler_skips_changes_nothing_and_drops_the_step(key):
     plain_net, plain, plain_optimizer, the_case = _fresh(key)
     _train(key, [data[0], data[2]], plain_net, plain, plain_optimizer)
     net, method, optimizer, _ = _fresh(key)
+    method.start_epoch(0)
     run_step(net, method, optimizer, data[0], the_case)
     counted = _count(method)
     optimizer.zero_grad(set_to_none=True)
@@ -219,6 +220,16 @@ def test_history_last_scalars_and_repr_agree(key):
     assert values["active"] in (0.0, 1.0)
     assert all(isinstance(v, float) and math.isfinite(v) for v in values.values())
     assert type(method).__name__ in repr(method)
+
+
+@pytest.mark.parametrize("key", [k for k in KEYS if k not in STATEFUL])
+def test_a_head_is_a_fusion_head_whose_per_modality_logits_add_up_to_its_output(key):
+    torch.manual_seed(0)
+    net = Net()
+    head = case(key).build(net)
+    assert isinstance(head, gradmod.fusion.Fusion) and head.decouplable
+    features = net.encode(batches(1)[0][0])
+    torch.testing.assert_close(sum(head.unimodal_logits(features).values()), head(features))
 
 
 @pytest.mark.parametrize("key", STATEFUL)

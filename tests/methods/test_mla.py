@@ -86,7 +86,7 @@ def test_a_single_direction_is_damped_by_alpha_over_alpha_plus_its_squared_norm(
         (torch.eye(3), torch.ones(2), 0.1, ValueError, r"direction must be \[d\] = \[3\]"),
         (torch.ones(3, 2), torch.ones(3), 0.1, ValueError, "square floating-point"),
         (torch.eye(3, dtype=torch.int64), torch.ones(3), 0.1, ValueError, "square floating-point"),
-        (torch.eye(3), torch.ones(3), -0.1, ValueError, "alpha must be a finite number >= 0"),
+        (torch.eye(3), torch.ones(3), -0.1, ValueError, "regularization must be a finite number >= 0"),
         (torch.eye(3), torch.ones(3), True, TypeError, "bool"),
     ],
 )

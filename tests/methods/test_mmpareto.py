@@ -20,6 +20,9 @@ import gradmod
 from gradmod.methods import mmpareto
 
 NAMES = ("audio", "visual")
+#: These unit tests call backward() without an optimizer to read the gradients; the contract tests check the warning
+#: an unattached MMPareto gives in a training loop.
+pytestmark = pytest.mark.filterwarnings("ignore:gradmod MMPareto. the gradients MMPareto wrote:RuntimeWarning")
 
 
 class Net(nn.Module):

@@ -400,4 +400,4 @@ def test_the_registry_entry():
     (info,) = reconboost.METHODS
     assert info.key == "reconboost" and info.preset is ReconBoost and info.kind == "loss"
     assert info.strength.keyword == "reconcilement" and ReconBoost.loss_inputs == ("unimodal_head_logits", "target")
-    assert {o.keyword for o in info.options} == {"boost_epochs", "correct_epochs", "boost_rate", "ga"}
+    assert {o.keyword for o in info.options} == {"boost_epochs", "correct_epochs", "boost_rate", "ga", "pretrain_epochs"}

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from benchmarks import accuracy
-from reference_models.train import METHODS
+from reference_models.train import METHODS, TrainConfig
 
 FAST = settings(max_examples=50, deadline=None)
 LEVEL = st.floats(0.0, 1.0)
@@ -158,6 +158,7 @@ def test_the_plan_reads_heads_and_strengths_from_the_registry_and_each_dataset_h
     for key, info in gradmod.METHODS.items():
         expected = {"gate": "gated", "shared": "shared"}.get(info.fit.head, "concat")
         assert accuracy.fusion_for(key) == (key if info.kind == "head" else expected), key
+        assert TrainConfig(method=key).resolved().fusion == accuracy.fusion_for(key)
         assert (key in accuracy.SWEPT) == (info.strength is not None)
     assert accuracy.fusion_for("unimodal_losses") == "concat"
     try:

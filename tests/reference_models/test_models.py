@@ -196,7 +196,7 @@ def test_decoupled_logits_follow_the_official_valid_with_half_the_bias(name: str
         assert torch.allclose(decoupled[modality].flatten(0, -2), expected[modality], atol=1e-5)
 
 
-@pytest.mark.parametrize(("name", "kind"), [(n, k) for n, k in ALL_CASES if k not in ("concat", "sum", "shared")])
+@pytest.mark.parametrize(("name", "kind"), [(n, k) for n, k in ALL_CASES if k not in ("concat", "sum", "shared", "mmcosine")])
 def test_heads_that_mix_modalities_have_no_decoupled_logits(name: str, kind: str | None) -> None:
     model, inputs, _ = build(name, kind)
     assert model.decoupled_logits(model.encode(inputs)) is None
@@ -369,7 +369,7 @@ def test_make_fusion_builds_every_kind(kind: str) -> None:
     head = make_fusion(kind, {"audio": 4, "visual": 4}, 3, ("audio", "visual"))
     logits = head({"audio": torch.randn(2, 4), "visual": torch.randn(2, 4)})
     assert logits.shape == (2, 3)
-    assert head.decouplable == (kind in ("concat", "sum", "shared"))
+    assert head.decouplable == (kind in ("concat", "sum", "shared", "mmcosine"))
 
 
 @pytest.mark.parametrize("name", list(FUSED))

@@ -120,6 +120,22 @@ DEFAULT_HEAD = "concat"
 SWEPT = {key: info.strength.keyword for key, info in gradmod.METHODS.items() if info.strength is not None}
 
 
+#: Options whose defaults assume the papers' long schedules (50–100 epochs), scaled to the few epochs of these
+#: budgets so that the methods act at all, in every run of the method (documented on the accuracy page): OPM's and
+#: valuation's warm-ups (6 and 5 epochs, longer than or as long as AV-digits' whole run), Diagnosing &
+#: Re-learning's diagnosis every 20 epochs (never within 9), ReconBoost's 4 + 4 epochs per stage (one member only
+#: within 9; BalanceBenchmark's 1 + 1).
+SCALED: dict[str, dict[str, Any]] = {
+    "opm": {"warmup_epochs": 1},
+    "valuation": {"warmup_epochs": 1},
+    "relearning": {"reinit_every": 2},
+    "reconboost": {"boost_epochs": 1, "correct_epochs": 1},
+}
+#: Strength keywords renamed since runs were stored (``--resume`` reads them under the new names).
+RENAMED_OPTIONS = {("dgm", "gamma"): "alpha", ("agm", "alpha"): "sharpness", ("mla", "alpha"): "regularization",
+                   ("mm", "mixup_alpha"): "concentration", ("bmm", "bmm_degree"): "degree"}
+
+
 def unswept() -> dict[str, str]:
     """The methods run at their defaults, and why."""
     reasons = {"baseline": "no method", CONTROL: "the control: no strength"}
@@ -288,7 +304,7 @@ def config_for(run: Mapping[str, Any], epochs: int, dataset: Mapping[str, Any], 
     return TrainConfig(
         dataset=PROFILE.dataset, method=run["method"], fusion=run["fusion"], epochs=epochs, seed=run["seed"],
         solo=run["solo"], val_size=val_size, dataset_options=options, max_items=max_items, device=device,
-        progress=False, strength=None if run["option"] is None else run["value"],
+        progress=False, strength=None if run["option"] is None else run["value"], options=dict(SCALED.get(run["method"], {})),
     )
 
 
@@ -789,6 +805,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _renamed(run: dict[str, Any]) -> dict[str, Any]:
+    """A stored run with its strength under its current keyword (`RENAMED_OPTIONS`)."""
+    option = RENAMED_OPTIONS.get((run["method"], run["option"]), run["option"])
+    return {**run, "option": option}
+
+
 class Benchmark:
     """The runs of one invocation: trains what is missing (in ``jobs`` processes), writes after every run."""
 
@@ -817,7 +839,7 @@ class Benchmark:
         if same:
             self.meta["command"] = stored["command"]
             self.meta["rewritten_by"] = list(dict.fromkeys([*stored.get("rewritten_by", []), self.command]))
-            self.runs = stored["runs"]
+            self.runs = [_renamed(run) for run in stored["runs"]]
             self.earlier_s = stored.get("elapsed_s", 0.0)
             self.meta["budget"] = {**budget, "seeds": list(self.args.seeds)}  # jobs and threads: those of the training
             print(f"[accuracy] resuming: {len(self.runs)} runs kept from {path}", flush=True)

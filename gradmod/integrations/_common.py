@@ -6,7 +6,8 @@ A trainer owns the loop, so a callback cannot use a method's ``attach``: it driv
 (`MethodDriver.start`): one optimizer step per modality and batch (``"turns"``) needs a loop that steps several
 times per batch. Before each optimizer step it steps the methods that act there (`STEPPED_KINDS`), or tells them
 the step was skipped; before and after every epoch it calls ``start_epoch`` / ``end_epoch``; after each step it
-reads ``scalars()`` for the trainer's logger (`MethodDriver.scalars`).
+reads ``scalars()`` for the trainer's logger (`MethodDriver.scalars`; after each epoch for the kinds of
+`EPOCH_KINDS`, `MethodDriver.epoch_scalars`).
 """
 
 from __future__ import annotations
@@ -21,13 +22,15 @@ from torch import nn
 
 from gradmod.method import Method
 
-__all__ = ["STEPPED_KINDS", "MethodDriver", "MethodFactory", "require"]
+__all__ = ["EPOCH_KINDS", "STEPPED_KINDS", "MethodDriver", "MethodFactory", "require"]
 
 #: Builds the method from the model when training starts (after the trainer moved the model).
 MethodFactory = Callable[[nn.Module], Method]
 #: The kinds that act in the optimizer step (a trainer steps them before ``optimizer.step()``); the others act
 #: through the loss, the batch or the epoch hooks. A passive monitor (`gradmod.diagnose`) steps too.
-STEPPED_KINDS = ("modulator", "responses", "backward", "turns", "monitor")
+STEPPED_KINDS = ("modulator", "responses", "backward", "turns")
+#: The kinds whose decisions are made between epochs: logged after each epoch, not after each step.
+EPOCH_KINDS = ("epoch",)
 
 
 def require(module: str, *, extra: str, integration: str) -> ModuleType:
@@ -106,6 +109,22 @@ class MethodDriver:
             self.method.skip_step()
         else:
             self.method.step()
+
+    @property
+    def logs_per_step(self) -> bool:
+        """Whether the method's scalars are logged after each step (else after each epoch)."""
+        return self.method.kind not in EPOCH_KINDS
+
+    def epoch_scalars(self, prefix: str = "gradmod") -> dict[str, float]:
+        """What to log after an epoch: the scalars of a method that acts between epochs, and a monitor's epoch means
+        (``epoch_scalars()``, under ``<prefix>/<method>/epoch/``)."""
+        values = {} if self.logs_per_step else self.scalars(prefix)
+        epoch_means = getattr(self.method, "epoch_scalars", None)
+        if callable(epoch_means):
+            from gradmod.methods import key_of
+
+            values.update({f"{prefix}/{key_of(self.method)}/epoch/{k}": v for k, v in epoch_means().items()})
+        return values
 
     def scalars(self, prefix: str = "gradmod") -> dict[str, float]:
         """What the method decided at its last recorded step, as ``{"<prefix>/<method>/<field>/<unit>": value}``."""

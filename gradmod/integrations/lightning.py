@@ -25,7 +25,8 @@ observe(self, logits={"audio": la, "visual": lv}, target=y)
 Before and after every training epoch the callback calls ``start_epoch`` / ``end_epoch``; after every optimizer
 step it logs the method's ``scalars()`` through ``LightningModule.log_dict`` as ``gradmod/<method>/<field>/<unit>``
 (coefficients, ratios, loss weights, and ``active``: 1 on a step that applied the method) to whatever loggers the
-trainer has (TensorBoard, W&B, CSV). The method's ``state_dict`` is saved in Lightning checkpoints and restored by
+trainer has (TensorBoard, W&B, CSV); a method that acts between epochs (Diagnosing & Re-learning) is logged after
+each epoch instead, and a `gradmod.diagnose.Monitor`'s epoch means too (``gradmod/monitor/epoch/…``). The method's ``state_dict`` is saved in Lightning checkpoints and restored by
 ``Trainer.fit(ckpt_path=...)``.
 
 Needs the ``lightning`` package: ``pip install 'gradmod[lightning]'``.
@@ -97,6 +98,10 @@ class GradModCallback(_pl.Callback):
 
     def on_train_epoch_end(self, trainer: _pl.Trainer, pl_module: _pl.LightningModule) -> None:
         self.method.end_epoch(trainer.current_epoch)
+        if self.log_scalars and trainer.loggers:
+            values = self._driver.epoch_scalars()
+            if values:
+                pl_module.log_dict(values, on_step=False, on_epoch=True, prog_bar=False, logger=True)
 
     def on_before_optimizer_step(
         self, trainer: _pl.Trainer, pl_module: _pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -109,7 +114,7 @@ class GradModCallback(_pl.Callback):
         self._to_log = not skipped
 
     def on_train_batch_end(self, trainer: _pl.Trainer, pl_module: _pl.LightningModule, *args: Any, **kwargs: Any) -> None:
-        if self.log_scalars and trainer.loggers and (self._to_log or not self._driver.stepped):
+        if self.log_scalars and trainer.loggers and self._driver.logs_per_step and (self._to_log or not self._driver.stepped):
             values = self._driver.scalars()
             if values:
                 pl_module.log_dict(values, on_step=True, on_epoch=False, prog_bar=False, logger=True)

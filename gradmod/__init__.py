@@ -9,7 +9,7 @@ Three lines in an existing loop::
 Every method lives in its own module of `gradmod.methods` and is listed in `METHODS`.
 """
 
-from gradmod import appliers, filters, functional, fusion, history, kernels, measures, method, methods, policies
+from gradmod import appliers, diagnose, filters, functional, fusion, history, kernels, measures, method, methods, policies
 from gradmod.appliers import FeaturesApplier, ParamsApplier, scale_grad
 from gradmod.method import Method, MethodInfo
 from gradmod.methods import METHODS
@@ -37,6 +37,7 @@ __all__ = [
     "rank_modalities",
     "epoch_window",
     "appliers",
+    "diagnose",
     "filters",
     "functional",
     "fusion",

@@ -39,6 +39,28 @@ def epoch_window(start_epoch: int, end_epoch: int, steps_per_epoch: int) -> tupl
     return start_epoch * steps_per_epoch, (end_epoch + 1) * steps_per_epoch
 
 
+def _compiled_nodes(value: Any) -> set[int]:
+    """The ids of the ``torch.compile`` graph nodes (AOTAutograd's ``CompiledFunctionBackward``) that produced the
+    tensors in ``value`` (a tensor or a nested mapping of them)."""
+    if isinstance(value, Mapping):
+        return set().union(*(_compiled_nodes(v) for v in value.values())) if value else set()
+    node = getattr(value, "grad_fn", None)
+    return {id(node)} if node is not None and "CompiledFunction" in type(node).__name__ else set()
+
+
+def _check_not_inside_one_compiled_graph(features: Mapping[str, Tensor], inputs: Mapping[str, Any]) -> None:
+    """Features mode with hooks: refuse features that one compiled graph returned together with the measure's
+    inputs. The graph's own use of them (the head inside it) never passes the hooks, so only a gradient from
+    outside the graph (an auxiliary loss) would be scaled — and the routing check would pass on it."""
+    shared = _compiled_nodes(features) & _compiled_nodes(dict(inputs))
+    if shared:
+        raise ValueError(
+            "observe(features=...) got features that one torch.compile'd graph returned together with the logits it "
+            "computed from them: hooks on the returned features see only the gradient from outside the graph, not "
+            "the head's inside it. Route the features with mod.scale_grad(feature, name) inside the compiled forward"
+        )
+
+
 def _default_seed() -> int:
     """A noise seed derived from ``torch.initial_seed()``: fixed by ``torch.manual_seed``, drawing nothing."""
     return (torch.initial_seed() * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) % (2**63 - 1)
@@ -227,6 +249,8 @@ class Modulator(Method):
             raise TypeError(f"observe() got unexpected inputs {sorted(unknown)}; {self.measure!r} reads {self.measure.inputs}")
         if features is not None and not self.applier.before_backward:
             self.applier.hook(features)  # raises: only appliers that act during backward take features
+        if features is not None:
+            _check_not_inside_one_compiled_graph(features, inputs)
         stacked = self._evidence(**inputs)
         if self.capture_safe:
             self._evidence_buffer(stacked.device).add_(stacked.to(self._pending.device, self._pending.dtype))

@@ -325,13 +325,31 @@ def test_features_hooked_on_a_compiled_graphs_output_fail_by_name_at_the_first_s
     mod.attach(opt)
     xa, xv, y = tower_data()
     logits, decoupled, features = compiled(xa, xv)
-    mod.observe(logits=decoupled, target=y, features=features)
+    with pytest.raises(ValueError, match="one torch.compile'd graph returned together with the logits.*scale_grad"):
+        mod.observe(logits=decoupled, target=y, features=features)
+    logits, _, features = compiled(xa, xv)  # measured outside the graph: the routing check at the step catches it
+    mod.observe(logits=gradmod.functional.decouple_linear(model.head.weight, model.head.bias, features), target=y,
+                features=features)
     nn.functional.cross_entropy(logits, y).backward()
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(RuntimeError, match="modality 'audio'.*without passing through its scaled feature tensor"):
         opt.step()
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert mod.step_count == 0
+
+
+def test_features_hooked_on_a_compiled_graphs_output_that_an_auxiliary_loss_also_uses_fail_by_name():
+    """The head inside the graph consumes the features and an auxiliary loss outside uses them too: the hooks would
+    scale the auxiliary gradient only, and the routing check would pass on it — so observe() refuses them."""
+    torch.manual_seed(0)
+    model = TwoTower()
+    mod = gradmod.OGM({"audio": model.audio, "visual": model.visual}, alpha=0.8, apply="features")
+    compiled = torch.compile(model, backend="aot_eager")
+    mod.attach(torch.optim.SGD(model.parameters(), lr=0.1))
+    xa, xv, y = tower_data()
+    logits, decoupled, features = compiled(xa, xv)
+    with pytest.raises(ValueError, match="hooks on the returned features see only the gradient from outside the graph"):
+        mod.observe(logits=decoupled, target=y, features=features)
 
 
 def test_features_mode_observe_after_backward_raises_instead_of_recording():

@@ -67,6 +67,8 @@ __all__ = [
 #: ``"paper"``: exact min-norm weights, whole-encoder rescaling to ``γ·‖g + u‖``, ``γ = 1`` by default;
 #: ``"official"``: the official code's weights (0.999/0.001 at the ends), per-tensor upward rescaling, ``γ = 1.5``.
 RULES = ("paper", "official")
+#: Relative tolerance of the trainer's encoder gradient against ``s·(g + u)`` in a step that `observe` deferred.
+BACKWARD_MATCH = 1e-3
 #: The magnitude γ of each rule when none is given: 1 for the paper's, 1.5 (hard-coded there) for the official code's.
 DEFAULT_GAMMA = {"paper": 1.0, "official": 1.5}
 #: What `MMPareto.history` records per modality and step.
@@ -309,7 +311,8 @@ class MMPareto(Method):
     def observe(self, multimodal_loss: Tensor, unimodal_losses: Mapping[str, Tensor]) -> None:
         """For trainers that run the backward pass themselves: take this batch's per-loss encoder gradients now
         (the losses' graphs are kept for the trainer's ``backward()`` of ``multimodal_loss + Σ unimodal_losses``);
-        `step`, before the optimizer step, writes their combination into the encoders' gradients."""
+        `step`, before the optimizer step, replaces the encoders' gradients by their combination, at the scale of
+        the trainer's backward passes (a loss divided by the accumulation count, clipping)."""
         self._accumulate_losses(self._checked_losses(multimodal_loss, unimodal_losses))
         self._deferred = True
 
@@ -354,12 +357,13 @@ class MMPareto(Method):
         return [entry[0] for entry in self._accumulated.values()]
 
     @torch.no_grad()
-    def _write(self, groups: list[list[Tensor]], record: bool) -> None:
-        """Write the round's combination into the encoders' ``.grad`` and record (or amend) the round."""
+    def _write(self, groups: list[list[Tensor]], record: bool, *, replace: bool = False) -> None:
+        """Write the round's combination into the encoders' ``.grad`` (added to the gradient they held before the
+        round, or ``replace``-ing what a trainer's backward left) and record (or amend) the round."""
         combined, stats = self._combined(groups)
         self._written = []
         for p, value in combined.items():
-            base = self._accumulated[id(p)][3]
+            base = None if replace else self._accumulated[id(p)][3]
             p.grad = value if base is None else base + value
             self._written.append((p, weakref.ref(p.grad), p.grad._version))
         self._monitor.forget()
@@ -433,7 +437,8 @@ class MMPareto(Method):
         self._driven = True
         if self._deferred:
             groups = [[p for p in params if p.requires_grad] for params in self._selection.groups()]
-            self._write(groups, record=True)
+            self._match_backward_scale()
+            self._write(groups, record=True, replace=True)
             self._deferred = False
         elif not self._round_open:
             self._warn_once(
@@ -444,6 +449,43 @@ class MMPareto(Method):
         self._round_open = False
         self._foreign = False
         self._monitor.forget()
+
+    @torch.no_grad()
+    def _match_backward_scale(self) -> None:
+        """Scale the observed gradients to the trainer's: ``s = ⟨G, g + u⟩ / ‖g + u‖²`` over the encoders, with
+        ``G`` their gradient at the step: a trainer resets the gradients before its first backward of a step — after
+        the forward that calls `observe` (Lightning) or before it — so ``G`` is that of its backward passes alone,
+        and the combination replaces it.
+
+        A trainer backwards ``(L_mm + Σ L_m) / k`` for ``k`` accumulated micro-batches (and may clip), while
+        `observe` took the gradients of the losses as given; the combination is homogeneous of degree 1, so scaling
+        ``g`` and ``u`` by ``s`` gives it the trainer's scale. ``G`` must be ``s·(g + u)``: a trainer whose loss is
+        not ``L_mm + Σ L_m`` (times one factor) raises ``RuntimeError``.
+        """
+        dot = total = actual = torch.zeros((), dtype=torch.float64)
+        pairs = []
+        for p, g, u, _ in self._accumulated.values():
+            if p.grad is None:
+                raise RuntimeError(
+                    "gradmod MMPareto: observe() took this step's losses, but no backward pass reached the encoders "
+                    "before the optimizer step: backward multimodal_loss + Σ unimodal_losses (return it as the loss)"
+                )
+            own = p.grad.double()
+            both = (g + u).double()
+            dot, total, actual = dot + (own * both).sum(), total + both.square().sum(), actual + own.square().sum()
+            pairs.append((own, both))
+        if total.item() == 0.0:
+            return
+        scale = dot / total
+        residual = sum(((own - scale * both).square().sum() for own, both in pairs), torch.zeros((), dtype=torch.float64))
+        if residual.item() > BACKWARD_MATCH**2 * actual.item():
+            raise RuntimeError(
+                "gradmod MMPareto: the encoders' gradient from the trainer's backward pass is not a multiple of the "
+                "gradient of multimodal_loss + Σ unimodal_losses that observe() took: return exactly that sum as the "
+                "loss (a loss term outside it would be overwritten)"
+            )
+        factor = scale.item()
+        self._accumulated = {key: (p, g * factor, u * factor, base) for key, (p, g, u, base) in self._accumulated.items()}
 
     def skip_step(self) -> None:
         """The optimizer skips this step (``GradScaler`` found ``inf``): the round's gradients and its record are

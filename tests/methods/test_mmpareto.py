@@ -237,6 +237,44 @@ def test_accumulated_micro_batches_equal_one_batch(rule):
     assert mod.step_count == 2 and [r["step"] for r in mod.history] == [0, 1]
 
 
+@pytest.mark.parametrize("rule", mmpareto.RULES)
+def test_observed_micro_batches_take_the_scale_of_the_trainers_accumulated_backward(rule):
+    """A trainer backwards (L_mm + Σ L_m) / k per micro-batch after ``observe``: the combination written at the
+    step is that of the whole batch, as with ``backward``, whatever k the trainer divided by."""
+    torch.manual_seed(0)
+    model = Net()
+    whole = copy.deepcopy(model)
+    inputs, y, y_uni = batches(2)[1]
+    mod = make(model, rule=rule)
+    model.zero_grad()
+    for part in (slice(0, 6), slice(6, 12)):
+        loss_mm, unimodal = losses(model, {n: x[part] for n, x in inputs.items()}, y[part], y_uni[part])
+        mod.observe(loss_mm, unimodal)  # the losses as the model returns them
+        ((loss_mm + sum(unimodal.values())) / 2).backward()  # the trainer's backward, divided by k = 2
+    mod.step()
+    make(whole, rule=rule).backward(*losses(whole, inputs, y, y_uni))
+    for (name, p), q in zip(model.named_parameters(), whole.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert mod.step_count == 1
+
+
+def test_a_trainer_loss_that_is_not_the_observed_sum_is_an_error():
+    torch.manual_seed(0)
+    model = Net()
+    inputs, y, y_uni = batches(2)[1]
+    mod = make(model)
+    loss_mm, unimodal = losses(model, inputs, y, y_uni)
+    mod.observe(loss_mm, unimodal)
+    (loss_mm + 3 * sum(unimodal.values())).backward()  # not a multiple of L_mm + Σ L_m
+    with pytest.raises(RuntimeError, match="not a multiple of the gradient"):
+        mod.step()
+    model.zero_grad(set_to_none=True)
+    loss_mm, unimodal = losses(model, inputs, y, y_uni)
+    mod.observe(loss_mm, unimodal)  # and no backward at all before the step
+    with pytest.raises(RuntimeError, match="no backward pass reached the encoders"):
+        mod.step()
+
+
 def test_gradients_already_in_grad_are_kept_and_added_to():
     torch.manual_seed(0)
     model = Net()

@@ -13,6 +13,7 @@ reads ``scalars()`` for the trainer's logger (`MethodDriver.scalars`; after each
 from __future__ import annotations
 
 import importlib
+import warnings
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
@@ -22,7 +23,7 @@ from torch import nn
 
 from gradmod.method import Method
 
-__all__ = ["EPOCH_KINDS", "STEPPED_KINDS", "MethodDriver", "MethodFactory", "require"]
+__all__ = ["EPOCH_KINDS", "STEPPED_KINDS", "MethodDriver", "MethodFactory", "RenamedModulator", "method_argument", "require"]
 
 #: Builds the method from the model when training starts (after the trainer moved the model).
 MethodFactory = Callable[[nn.Module], Method]
@@ -44,6 +45,39 @@ def require(module: str, *, extra: str, integration: str) -> ModuleType:
         ) from error
 
 
+def method_argument(method: Any, renamed: dict[str, Any], owner: str) -> Any:
+    """The callbacks' ``method`` argument, also accepted under its old name ``modulator=`` (with a warning)."""
+    if "modulator" in renamed:
+        warnings.warn(
+            f"{owner}(modulator=...) is renamed {owner}(method=...); modulator= will be removed in the next release",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        if method is not None:
+            raise TypeError(f"{owner} got both method= and its old name modulator=")
+        method = renamed.pop("modulator")
+    if renamed:
+        raise TypeError(f"{owner} got unexpected keyword arguments {sorted(renamed)}")
+    if method is None:
+        raise TypeError(f"{owner} needs a method: a gradmod method or a factory model -> method")
+    return method
+
+
+class RenamedModulator:
+    """The callbacks' old attribute ``modulator``, now ``method``: kept for one release, with a warning."""
+
+    method: Any
+
+    @property
+    def modulator(self) -> Any:
+        warnings.warn(
+            f"{type(self).__name__}.modulator is renamed .method; .modulator will be removed in the next release",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.method
+
+
 def _is_method(value: Any) -> bool:
     return isinstance(value, Method) or hasattr(value, "kind") and hasattr(value, "state_dict") and hasattr(value, "scalars")
 
@@ -55,17 +89,23 @@ class MethodDriver:
         method: a gradmod method (not attached to an optimizer: the trainer steps it), or a factory
             ``model -> method`` called when training starts, after the trainer placed the model on its device.
         trainer: the trainer's name, for messages (``"Lightning"``, ``"the Hugging Face Trainer"``).
+        trainer_key: the trainer as `gradmod.method.Fit.trainers` names it (``"lightning"``, ``"transformers"``).
     """
 
-    def __init__(self, method: Method | MethodFactory, trainer: str) -> None:
+    def __init__(self, method: Method | MethodFactory, trainer: str, trainer_key: str) -> None:
         if _is_method(method):
             self._given: Any = method
             self._factory: MethodFactory | None = None
+        elif isinstance(method, nn.Module):
+            raise TypeError(
+                f"expected a gradmod method or a factory model -> method, got the module {type(method).__name__}: a "
+                "fusion head (MMCosineFusion) is part of the model and trains with it, no callback drives it"
+            )
         elif callable(method):
             self._given, self._factory = None, method
         else:
             raise TypeError(f"expected a gradmod method or a factory model -> method, got {type(method).__name__}")
-        self.trainer = trainer
+        self.trainer, self.trainer_key = trainer, trainer_key
         self.method: Any = self._given
 
     def start(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, *, steps_per_batch: bool) -> Any:
@@ -83,6 +123,14 @@ class MethodDriver:
                 f"{type(method).__name__} takes one optimizer step per modality and batch, which {self.trainer} does "
                 "not do here; under Lightning set automatic_optimization = False and step the optimizer once per "
                 "modality in training_step (the Hugging Face Trainer steps once per batch: use Lightning or your own loop)"
+            )
+        from gradmod.methods import METHODS, key_of
+
+        info = METHODS.get(key_of(method))
+        if info is not None and self.trainer_key not in info.fit.trainers:
+            raise ValueError(
+                f"{info.title} does not run under {self.trainer} (gradmod.METHODS[{info.key!r}].fit.trainers = "
+                f"{info.fit.trainers}): docs/{info.page} says why and how to train it"
             )
         if kind in STEPPED_KINDS:
             if getattr(method, "attached_to", None) is not None:
@@ -117,13 +165,13 @@ class MethodDriver:
 
     def epoch_scalars(self, prefix: str = "gradmod") -> dict[str, float]:
         """What to log after an epoch: the scalars of a method that acts between epochs, and a monitor's epoch means
-        (``epoch_scalars()``, under ``<prefix>/<method>/epoch/``)."""
+        (``epoch_scalars()``: ``<prefix>/monitor/epoch_<field>/<modality>``)."""
         values = {} if self.logs_per_step else self.scalars(prefix)
         epoch_means = getattr(self.method, "epoch_scalars", None)
         if callable(epoch_means):
             from gradmod.methods import key_of
 
-            values.update({f"{prefix}/{key_of(self.method)}/epoch/{k}": v for k, v in epoch_means().items()})
+            values.update({f"{prefix}/{key_of(self.method)}/{k}": v for k, v in epoch_means().items()})
         return values
 
     def scalars(self, prefix: str = "gradmod") -> dict[str, float]:

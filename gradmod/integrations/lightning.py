@@ -26,7 +26,7 @@ Before and after every training epoch the callback calls ``start_epoch`` / ``end
 step it logs the method's ``scalars()`` through ``LightningModule.log_dict`` as ``gradmod/<method>/<field>/<unit>``
 (coefficients, ratios, loss weights, and ``active``: 1 on a step that applied the method) to whatever loggers the
 trainer has (TensorBoard, W&B, CSV); a method that acts between epochs (Diagnosing & Re-learning) is logged after
-each epoch instead, and a `gradmod.diagnose.Monitor`'s epoch means too (``gradmod/monitor/epoch/…``). The method's ``state_dict`` is saved in Lightning checkpoints and restored by
+each epoch instead, and a `gradmod.diagnose.Monitor`'s epoch means too (``gradmod/monitor/epoch_<field>/…``). The method's ``state_dict`` is saved in Lightning checkpoints and restored by
 ``Trainer.fit(ckpt_path=...)``.
 
 Needs the ``lightning`` package: ``pip install 'gradmod[lightning]'``.
@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from gradmod.integrations._common import MethodDriver, MethodFactory, require
+from gradmod.integrations._common import MethodDriver, MethodFactory, RenamedModulator, method_argument, require
 from gradmod.method import Method
 
 _pl = require("lightning.pytorch", extra="lightning", integration="lightning")
@@ -46,7 +46,7 @@ _pl = require("lightning.pytorch", extra="lightning", integration="lightning")
 __all__ = ["GradModCallback", "method_of", "observe"]
 
 
-class GradModCallback(_pl.Callback):
+class GradModCallback(RenamedModulator, _pl.Callback):
     """Run a gradmod method of any kind in Lightning's ``Trainer`` (module docstring), with one of its optimizers.
 
     Args:
@@ -58,10 +58,13 @@ class GradModCallback(_pl.Callback):
         log: log the method's ``scalars()`` after each optimizer step (``log_dict``, ``on_step=True``).
     """
 
-    def __init__(self, method: Method | MethodFactory, *, optimizer_index: int = 0, log: bool = True) -> None:
+    def __init__(
+        self, method: Method | MethodFactory | None = None, *, optimizer_index: int = 0, log: bool = True, **renamed: Any
+    ) -> None:
+        method = method_argument(method, renamed, "GradModCallback")
         if isinstance(optimizer_index, bool) or not isinstance(optimizer_index, int) or optimizer_index < 0:
             raise ValueError(f"optimizer_index must be an int >= 0, got {optimizer_index!r}")
-        self._driver = MethodDriver(method, "Lightning's automatic optimization")
+        self._driver = MethodDriver(method, "Lightning's automatic optimization", "lightning")
         self.optimizer_index = optimizer_index
         self.log_scalars = bool(log)
         self._optimizer: torch.optim.Optimizer | None = None

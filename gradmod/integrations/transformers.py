@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradmod.integrations._common import MethodDriver, MethodFactory, require
+from gradmod.integrations._common import MethodDriver, MethodFactory, RenamedModulator, method_argument, require
 from gradmod.method import Method
 
 _transformers = require("transformers", extra="transformers", integration="transformers")
@@ -55,7 +55,7 @@ __all__ = ["GradModCallback", "method_of", "observe"]
 _TRAINING: weakref.WeakKeyDictionary[nn.Module, GradModCallback] = weakref.WeakKeyDictionary()
 
 
-class GradModCallback(_transformers.TrainerCallback):
+class GradModCallback(RenamedModulator, _transformers.TrainerCallback):
     """Run a gradmod method in the Hugging Face ``Trainer`` (module docstring).
 
     Args:
@@ -68,8 +68,9 @@ class GradModCallback(_transformers.TrainerCallback):
     #: The file, in each checkpoint folder, that holds the method's state.
     STATE_FILE = "gradmod_state.pt"
 
-    def __init__(self, method: Method | MethodFactory, *, log: bool = True) -> None:
-        self._driver = MethodDriver(method, "the Hugging Face Trainer")
+    def __init__(self, method: Method | MethodFactory | None = None, *, log: bool = True, **renamed: Any) -> None:
+        method = method_argument(method, renamed, "GradModCallback")
+        self._driver = MethodDriver(method, "the Hugging Face Trainer", "transformers")
         self.log_scalars = bool(log)
         self._attached = False
         self._installed = False
@@ -129,7 +130,7 @@ class GradModCallback(_transformers.TrainerCallback):
 
     def on_log(self, args: Any, state: _transformers.TrainerState, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
         if not self.log_scalars or logs is None or "loss" not in logs and "train_loss" not in logs:
-            return  # evaluation logs and the closing summary
+            return  # evaluation logs (the training logs and the closing summary, with train_loss, get the scalars)
         values = self._driver.scalars()
         logs.update(values)
         if state.log_history:

@@ -498,7 +498,8 @@ METHODS = (
         page="methods/valuation.md",
         observes="per epoch: each training sample's coalition predictions (features zeroed at the head)",
         cost="one evaluation pass over the training set per epoch; a longer epoch (≈ 2.2 N at 80 % accuracy)",
-        fit=Fit(head="coalitions", acts_on="data"),
+        # the Hugging Face Trainer builds its dataloader once per train(): the epoch's re-sampled data never reach it
+        fit=Fit(head="coalitions", acts_on="data", trainers=("lightning",)),
         options=(
             Option("level", "sample", "re-sample per sample or per modality", str, LEVELS),
             Option("warmup_epochs", 5, "epochs trained on the plain training set first", int),

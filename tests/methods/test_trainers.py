@@ -82,14 +82,14 @@ class CaseModule(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
 
 
-def lightning_fit(key: str, folder: Path, automatic: bool | None = None) -> tuple[CaseModule, gradmod_lightning.GradModCallback]:
+def lightning_fit(key: str, folder: Path, automatic: bool | None = None, **options) -> tuple[CaseModule, gradmod_lightning.GradModCallback]:
     module = CaseModule(key)
     if automatic is not None:
         module.automatic_optimization = automatic
     callback = gradmod_lightning.GradModCallback(module.method)
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_epochs=2, callbacks=[callback], logger=L.pytorch.loggers.TensorBoardLogger(str(folder)),
-        log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **options,
     )
     trainer.fit(module, torch.utils.data.DataLoader(batches(BATCHES), batch_size=None))
     return module, callback
@@ -104,6 +104,27 @@ def test_every_method_runs_under_lightning_and_logs_what_it_decided(key, tmp_pat
     expected = {f"gradmod/{key}/{tag}" for tag in method.scalars()}
     assert expected and expected <= set(logged), (key, sorted(expected - set(logged)))
     assert all(math.isfinite(v) for tag in expected for v in logged[tag])
+
+
+def test_mmpareto_under_accumulation_takes_the_scale_of_lightnings_divided_loss(tmp_path):
+    """Lightning backwards the loss / accumulate_grad_batches; the combination written at the step is the plain
+    loop's with each micro-batch's losses halved (``backward``), not twice it."""
+    module, callback = lightning_fit("mmpareto", tmp_path, accumulate_grad_batches=2)
+    torch.manual_seed(0)
+    net = Net()
+    method = case("mmpareto").build(net)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    method.attach(optimizer)
+    for _ in range(2):  # the two epochs
+        data = batches(BATCHES)
+        for first, second in zip(data[::2], data[1::2]):
+            optimizer.zero_grad()
+            backward_step(net, method, first, scale=0.5)
+            backward_step(net, method, second, scale=0.5)
+            optimizer.step()
+    assert callback.method.step_count == method.step_count == 4
+    for (name, p), q in zip(module.net.named_parameters(), net.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_a_method_of_turns_under_automatic_optimization_is_refused_by_name(tmp_path):
@@ -159,7 +180,7 @@ def hf_train(key: str, folder: Path, install: bool = True) -> tuple[CaseModel, T
     return model, trainer
 
 
-@pytest.mark.parametrize("key", [k for k in KEYS if gradmod.METHODS[k].kind != "turns"])
+@pytest.mark.parametrize("key", [k for k in KEYS if "transformers" in gradmod.METHODS[k].fit.trainers])
 def test_every_method_runs_under_the_hugging_face_trainer_and_logs_to_its_reporting(key, tmp_path):
     model, trainer = hf_train(key, tmp_path)
     assert model.method.history, key
@@ -172,6 +193,20 @@ def test_every_method_runs_under_the_hugging_face_trainer_and_logs_to_its_report
 def test_the_hugging_face_trainer_refuses_a_method_of_turns_by_name(tmp_path):
     with pytest.raises(ValueError, match="MLA takes one optimizer step per modality and batch"):
         hf_train("mla", tmp_path)
+
+
+@pytest.mark.parametrize("key", [k for k in KEYS if "transformers" not in gradmod.METHODS[k].fit.trainers
+                                 and gradmod.METHODS[k].kind != "turns"])
+def test_a_method_the_hugging_face_trainer_cannot_run_is_refused_with_its_reason(key, tmp_path):
+    with pytest.raises(ValueError, match=f"does not run under the Hugging Face Trainer.*{gradmod.METHODS[key].page}"):
+        hf_train(key, tmp_path)
+
+
+def test_a_fusion_head_given_as_the_method_is_named_as_a_module_not_called_as_a_factory():
+    head = gradmod.MMCosineFusion({"audio": 4, "visual": 4}, 3)
+    for integration in (gradmod_transformers, gradmod_lightning):
+        with pytest.raises(TypeError, match="got the module MMCosineFusion: a fusion head"):
+            integration.GradModCallback(head)
 
 
 def test_a_callback_added_after_the_reporting_integrations_says_its_scalars_miss_them(tmp_path):

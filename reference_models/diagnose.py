@@ -12,49 +12,60 @@ from __future__ import annotations
 
 import argparse
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 import gradmod
 from gradmod.diagnose import Loop, Monitor, diagnose
 from reference_models.config import DATASETS, TrainConfig
-from reference_models.loops import make_optimizer
-from reference_models.tasks import build_task
+from reference_models.loops.plain import PlainLoop
+from reference_models.tasks import Task
+from reference_models.train import fit
 
-__all__ = ["main", "train_monitored"]
+__all__ = ["MonitoredLoop", "main", "train_monitored"]
 
 
-def train_monitored(config: TrainConfig) -> tuple:
-    """Joint training of the reference model on ``config`` with a monitor attached; ``(task, monitor, steps, initial
-    encoders)``: the encoders as initialised, for the solo runs."""
-    config = config.resolved()
-    task = build_task(config.dataset, data_root=config.data_root, fusion=config.fusion, seed=config.seed,
-                      max_items=config.max_items, dataset_options=config.dataset_options)
-    model = task.model
-    initial = copy.deepcopy(model.encoders)
-    optimizer = make_optimizer(config, model.parameters())
-    monitor = Monitor(model.modality_modules())
-    monitor.attach(optimizer)
-    steps = 0
-    for epoch in range(config.epochs):
-        model.train()
-        monitor.start_epoch(epoch)
-        generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
-        loader = DataLoader(task.train_set, config.batch_size, shuffle=True, generator=generator)
-        for inputs, target in tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, disable=None if config.progress else True):
-            optimizer.zero_grad(set_to_none=True)
-            output = model(inputs)
-            if output.unimodal_logits is not None:
-                monitor.observe(logits=output.unimodal_logits, target=model.measure_target(target))
-            model.loss(output, target).backward()
-            optimizer.step()
-            steps += 1
-        monitor.end_epoch(epoch)
-    return task, monitor, steps, initial
+class MonitoredLoop(PlainLoop):
+    """The baseline's loop (`reference_models.loops.PlainLoop`) with a `gradmod.diagnose.Monitor` attached to its
+    optimizer, fed each step's decoupled logits. The monitor changes no gradient, so the run is the CLI's baseline
+    run with the same config, bit for bit. ``initial``: the encoders as initialised, for the solo runs."""
+
+    def __init__(self, config: TrainConfig, task: Task, device: torch.device) -> None:
+        super().__init__(config, task, device)
+        self.initial = copy.deepcopy(task.model.encoders)
+        self.monitor = Monitor(task.model.modality_modules())
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        super().attach(optimizer)
+        self.monitor.attach(optimizer)
+
+    def start_epoch(self, epoch: int) -> None:
+        super().start_epoch(epoch)
+        self.monitor.start_epoch(epoch)
+
+    def end_epoch(self, epoch: int) -> dict[str, Any]:
+        record = super().end_epoch(epoch)
+        self.monitor.end_epoch(epoch)
+        return record
+
+    def loss(self, inputs: Mapping[str, Tensor], target: Tensor) -> Tensor:
+        output = self.model.head(self.model.encode(inputs))
+        if output.unimodal_logits is not None:
+            self.monitor.observe(logits=output.unimodal_logits, target=self.model.measure_target(target))
+        return self.model.loss(output, target)
+
+
+def train_monitored(config: TrainConfig) -> tuple[Task, MonitoredLoop, dict[str, Any]]:
+    """The CLI's baseline run of ``config`` (`reference_models.train.fit`: the dataset's recipe, its LR schedule,
+    ``val_size``) with a monitor attached: ``(task, loop, results)``; ``loop.monitor`` holds the measurements."""
+    if config.method != "baseline" or config.solo is not None:
+        raise ValueError(f"the diagnosis trains the joint baseline, not --method {config.method} / --solo {config.solo}")
+    return fit(config, make=MonitoredLoop)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -70,8 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     config = TrainConfig(dataset=args.dataset, data_root=args.data_root, epochs=args.epochs, seed=args.seed,
                          max_items=args.max_items, progress=args.progress, fusion="concat")
-    task, monitor, steps, initial = train_monitored(config)
-    model = task.model
+    task, loop, _ = train_monitored(config)
+    monitor, initial, model = loop.monitor, loop.initial, task.model
     model.eval()
     resolved = config.resolved()
     test_loader = DataLoader(task.test_set, resolved.batch_size)
@@ -81,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         encode=model.encode, head=lambda features: model.head(features).logits,
         unimodal_logits=lambda inputs: model.decoupled_logits(model.encode(inputs)),
         train_loader=train_loader, solo=(lambda name: copy.deepcopy(initial[name])) if args.solo else None,
-        solo_steps=steps, classes=task.num_classes, monitor=monitor,
+        solo_steps=monitor.step_count, classes=task.num_classes, monitor=monitor,
         loop=Loop(head="split", unimodal_heads=True, optimizer=resolved.optimizer), seed=args.seed, modules=(model,),
     )
     print(report.summary())

@@ -17,7 +17,7 @@ import dataclasses
 import json
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +34,12 @@ from reference_models.config import (
     TrainConfig,
     strength_keywords,
 )
-from reference_models.loops import make_loop, make_optimizer
+from reference_models.loops import MethodLoop, make_loop, make_optimizer
 from reference_models.loops.modulator import PARAM_FILTERS
 from reference_models.models.common import FUSION_KINDS
 from reference_models.tasks import IndexedDataset, Task, build_task
 
-__all__ = ["METHODS", "TrainConfig", "main", "parse_args", "select_epochs", "summary_lines", "train"]
+__all__ = ["METHODS", "TrainConfig", "fit", "main", "parse_args", "select_epochs", "summary_lines", "train"]
 
 #: Offset of the seed that draws the ``--val-size`` split from the run's seed.
 VAL_SEED_OFFSET = 30_011
@@ -73,6 +73,14 @@ def _device(name: str) -> torch.device:
 
 def train(config: TrainConfig) -> dict[str, Any]:
     """Run one training job; returns the results (also written to ``out/results.json`` when ``out`` is set)."""
+    return fit(config)[2]
+
+
+def fit(
+    config: TrainConfig, make: Callable[[TrainConfig, Task, torch.device], MethodLoop] = make_loop
+) -> tuple[Task, MethodLoop, dict[str, Any]]:
+    """`train`, returning the task (with its trained model) and the loop too; ``make`` builds the loop (by
+    default the method's, `reference_models.loops.make_loop`)."""
     config = config.resolved()
     device = _device(config.device)
     task = build_task(
@@ -82,7 +90,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if config.val_size is not None:
         _hold_out_val(task, config)
     model = task.model.to(device)
-    loop = make_loop(config, task, device)
+    loop = make(config, task, device)
     loader_args = {"batch_size": config.batch_size, "num_workers": config.workers}
     evaluation_loaders = {
         split: DataLoader(IndexedDataset(dataset), **loader_args)
@@ -155,7 +163,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         from reference_models.plots import plot_run
 
         plot_run(results, out / "curves.png")
-    return results
+    return task, loop, results
 
 
 #: What each report of `select_epochs` is, and which papers report that way.
@@ -240,6 +248,28 @@ def _method_help() -> str:
     return f"{own}; and every gradmod method by its gradmod.METHODS key ({', '.join(gradmod.METHODS)})"
 
 
+#: Flags of the previous release → their names now (accepted for one release, with a warning on stderr).
+RENAMED_FLAGS = {
+    "--mixup-alpha": "--concentration",
+    "--bmm-degree": "--degree",
+    "--bmm-warmup": "--bmm-warmup-epochs",
+    "--gamma-p": "--pdmp-gamma-p",
+}
+
+
+def _renamed_flags(argv: Sequence[str]) -> list[str]:
+    """``argv`` with the flags of `RENAMED_FLAGS` under their new names, each rename reported on stderr."""
+    renamed = []
+    for word in argv:
+        flag, sep, value = word.partition("=")
+        if flag in RENAMED_FLAGS:
+            print(f"warning: {flag} is renamed {RENAMED_FLAGS[flag]}; {flag} will be removed in the next release",
+                  file=sys.stderr)
+            word = RENAMED_FLAGS[flag] + sep + value
+        renamed.append(word)
+    return renamed
+
+
 def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     """The CLI's arguments as a `TrainConfig`; each method's strength and options come from its registry entry."""
     parser = argparse.ArgumentParser(prog="python -m reference_models.train", description=__doc__.split("\n\n")[0])
@@ -287,7 +317,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
         "val-selected epochs) and curves.png")
     add("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     add("--no-progress", dest="progress", action="store_false")
-    args = vars(parser.parse_args(argv))
+    args = vars(parser.parse_args(_renamed_flags(sys.argv[1:] if argv is None else argv)))
     if args["noise"] == "none":
         args["noise"] = None
     method = args["method"]

@@ -178,7 +178,7 @@ def similar_benchmarks(
     for name, entry in chosen[:limit]:
         profile = entry["profile"]
         head = (
-            f"On {name} ({entry['seeds']} seeds, {entry.get('budget') or 'budget not stated'}) the batch ratio called "
+            f"On {name} ({entry['seeds']} seed{'s' if entry['seeds'] != 1 else ''}, {entry.get('budget') or 'budget not stated'}) the batch ratio called "
             f"{profile['batch_dominant']} dominant (ρ = {profile['batch_ratio']:.2f})"
         )
         if profile["under_trained"] is not None:

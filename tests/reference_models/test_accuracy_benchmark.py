@@ -170,3 +170,31 @@ def test_the_plan_reads_heads_and_strengths_from_the_registry_and_each_dataset_h
     assert accuracy.WEAK == "visual"
     with pytest.raises(ValueError, match="unknown dataset"):
         accuracy.select("cremad")
+
+
+def test_the_profiles_of_the_quick_run_replay_its_baseline_and_pass_the_diagnose_schema(tmp_path):
+    from benchmarks import profiles
+    from gradmod.diagnose import load_benchmarks, similar_benchmarks
+
+    assert accuracy.main(["--quick", "--methods", "ogm", "unimodal_losses", "--out", str(tmp_path),
+                          "--plots", str(tmp_path)]) == 0
+    target = tmp_path / "benchmarks.json"
+    assert profiles.main(["--dataset", "avdigits", "--results", str(tmp_path), "--out", str(target)]) == 0
+    data = load_benchmarks(target)
+    entry = data["datasets"]["avdigits"]
+    stored = json.loads((tmp_path / "accuracy.json").read_text())
+    runs = {run["key"]: run for run in stored["runs"]}
+    assert entry["profile"]["joint"] == runs["baseline (concat)"]["unimodal"]["visual"]
+    assert entry["profile"]["solo"] == runs["solo (visual)"]["unimodal"]["visual"]
+    assert entry["profile"]["gap"] == pytest.approx(entry["profile"]["solo"] - entry["profile"]["joint"])
+    assert entry["profile"]["batch_dominant"] in {"audio", "visual"} and entry["profile"]["batch_ratio"] > 0
+    assert set(entry["methods"]) == {"ogm"}  # gradmod methods only: not the baseline or the control
+    lift = runs["ogm"]["unimodal"]["visual"] - runs["baseline (concat)"]["unimodal"]["visual"]
+    assert entry["methods"]["ogm"]["lift"] == {"mean": pytest.approx(lift), "std": None}
+    assert "On avdigits (1 seed, 1 epoch, sgd lr 0.01, batch 64)" in similar_benchmarks(agrees=None, gap=None, data=data)[0]
+
+    stored["runs"] = [dict(run, accuracy=run["accuracy"] / 2) if run["key"] == "baseline (concat)" else run
+                      for run in stored["runs"]]
+    (tmp_path / "accuracy.json").write_text(json.dumps(stored))
+    with pytest.raises(RuntimeError, match="not the same run"):
+        profiles.main(["--dataset", "avdigits", "--results", str(tmp_path), "--out", str(target)])

@@ -166,7 +166,7 @@ def test_cli_reports_a_wrong_data_root(tmp_path, capsys):
     assert "--data-root" in capsys.readouterr().err
 
 
-def test_cli_parses_every_option():
+def test_cli_parses_every_option(capsys):
     config = train_module.parse_args(
         ["--method", "pdmp", "--pdmp-metrics", "audio=0.6,visual=0.4", "--noise", "none", "--epochs", "3", "--gamma-r", "0.2"]
     )
@@ -182,12 +182,24 @@ def test_cli_parses_every_option():
     ):
         with pytest.raises(SystemExit):
             train_module.parse_args(argv)
+        assert message in capsys.readouterr().err
     with pytest.raises(ValueError, match="gblending has no strength"):
         TrainConfig(method="gblending", strength=2.0).resolved()
     with pytest.raises(ValueError, match="baseline has no strength or options"):
         TrainConfig(options={"rule": "paper"}).resolved()
     with pytest.raises(ValueError, match="--resume needs --out"):
         TrainConfig(resume=True).resolved()
+
+
+def test_the_previous_releases_flags_work_under_their_new_names_with_a_warning(capsys):
+    old = train_module.parse_args(["--method", "mm", "--mixup-alpha", "0.3"])
+    assert old == train_module.parse_args(["--method", "mm", "--concentration", "0.3"]) and old.strength == 0.3
+    assert "--mixup-alpha is renamed --concentration" in capsys.readouterr().err
+    config = train_module.parse_args(["--method", "bmm", "--bmm-degree=0.7", "--bmm-warmup", "2"])
+    assert config.strength == 0.7 and config.options == {"warmup_epochs": 2}
+    config = train_module.parse_args(["--method", "pdmp", "--gamma-p", "2", "--gamma-r", "0.1"])
+    assert config.options == {"gamma_p": 2.0} and config.strength == 0.1
+    assert "--gamma-p is renamed --pdmp-gamma-p" in capsys.readouterr().err
 
 
 def test_pdmp_with_given_metrics_and_dgm_single_label():

@@ -17,11 +17,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from gradmod import functional as F
-from gradmod._internal import check_logits_target, check_names, checked_ignore_index, per_modality, real_scalar, target_problems
+from gradmod._internal import check_logits_target, checked_ignore_index, per_modality, target_problems
 
 #: How far scores may stray outside [0, 1] through floating-point rounding before they count as bad input.
 SCORE_TOLERANCE = 1e-5

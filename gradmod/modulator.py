@@ -16,7 +16,7 @@ from torch.utils.hooks import RemovableHandle
 from gradmod._backward import BackwardMonitor
 from gradmod._hooks import StepHook, unwrapped_optimizer
 from gradmod._internal import collective_device, constants, distributed
-from gradmod.appliers import APPLY_MODES, Applier, FeaturesApplier, Modality, ParamFilter, make_applier
+from gradmod.appliers import Applier, FeaturesApplier, Modality, ParamFilter, make_applier
 from gradmod.history import MODULATOR_FIELDS, History
 from gradmod.measures import Measure
 from gradmod.method import Method

@@ -59,3 +59,28 @@ def test_the_cli_and_the_benchmarks_list_every_method():
 def test_the_diagnose_fit_table_covers_every_method():
     table = gradmod.diagnose.fit_table(gradmod.diagnose.Loop())
     assert [row.key for row in table.rows] == KEYS
+
+
+#: BalanceBenchmark's seventeen trainers (``balancemm/trainer/<Name>_trainer.py``) by the names of its table.
+BALANCEBENCHMARK = (
+    "OGM", "AGM", "PMR", "AMCo", "CML", "G-Blending", "Greedy", "LFM", "MBSD", "MLA", "MMCosine", "MMPareto",
+    "OPM", "ReLearning", "ReconBoost", "Sample", "UMT / UME",
+)
+
+
+def test_the_coverage_table_names_every_balancebenchmark_method_with_its_gradmod_preset_or_why_not():
+    page = (ROOT / "docs" / "methods" / "index.md").read_text(encoding="utf-8")
+    section = page.split("## BalanceBenchmark's methods", 1)[1]
+    rows = {line.split("|")[1].strip(): line for line in section.splitlines() if line.startswith("| ") and "---" not in line}
+    rows.pop("BalanceBenchmark")  # the header
+    assert set(rows) == set(BALANCEBENCHMARK)
+    presets = {f"`{catalogue.preset_name(info)}`" for info in gradmod.METHODS.values()}
+    for name, row in rows.items():
+        cells = [cell.strip() for cell in row.split("|")[1:-1]]
+        assert len(cells) == 5 and all(cells), f"{name}: every column filled"
+        if name == "Greedy":
+            assert "gradmod.diagnose" in cells[2]
+        else:
+            named = {f"`{p.strip(' `')}`" for p in cells[2].split(",")}
+            assert named <= presets, f"{name}: {cells[2]} is not a preset of gradmod.METHODS"
+            assert cells[3] in {info.kind for info in gradmod.METHODS.values() if f"`{catalogue.preset_name(info)}`" in named}

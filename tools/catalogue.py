@@ -92,7 +92,7 @@ def kinds_table() -> list[str]:
     lines = ["| kind | method | paper | gradmod |", "| --- | --- | --- | --- |"]
     for kind in gradmod.method.KINDS:
         for info in (i for i in gradmod.METHODS.values() if i.kind == kind):
-            lines.append(f"| {kind} | {_link(info, '')} | {info.paper} | `{preset_name(info)}` |")
+            lines.append(f"| {kind} | {_link(info, '../')} | {info.paper} | `{preset_name(info)}` |")
     return lines
 
 

@@ -50,8 +50,8 @@ def _collect() -> dict[str, MethodInfo]:
     return registry
 
 
-#: Every method by its one name (the training CLI's ``--method``), in catalogue order.
 METHODS: dict[str, MethodInfo] = _collect()
+"""Every method by its one name (the training CLI's ``--method``), in catalogue order."""
 
 
 def key_of(method: object) -> str:

@@ -11,7 +11,7 @@ multi-label data, or on decoupled logits (softmax scores) for single-label data.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch

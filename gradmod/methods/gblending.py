@@ -49,7 +49,6 @@ Under ``torch.distributed`` every rank must hold the same weights: `checkpoint` 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any

@@ -9,14 +9,14 @@ optimizers carry the scaler's ``found_inf`` into the step — is passed to the o
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["StepHook", "unwrapped_optimizer"]
+__all__ = ["StepHook", "StepHooked", "unheld_modality", "unwrapped_optimizer"]
 
 
 def unwrapped_optimizer(optimizer: Any) -> torch.optim.Optimizer:
@@ -88,3 +88,39 @@ class StepHook:
             self._skip(found_inf)
         else:
             self._step()
+
+
+def unheld_modality(optimizer: Any, groups: Mapping[str, Sequence[Tensor]]) -> str | None:
+    """The first modality of ``groups`` (name → its parameters) that has trainable parameters of which
+    ``optimizer`` holds none, or ``None``: what ``check_optimizer`` refuses."""
+    held = {id(p) for group in unwrapped_optimizer(optimizer).param_groups for p in group["params"]}
+    for name, params in groups.items():
+        trainable = [p for p in params if p.requires_grad]
+        if trainable and not any(id(p) in held for p in trainable):
+            return name
+    return None
+
+
+class StepHooked:
+    """``attach`` / ``attached_to`` / ``detach`` for an object that acts in the optimizer step through
+    ``self._hook`` (a `StepHook`) and checks the optimizer with its own ``check_optimizer``."""
+
+    _hook: StepHook
+    check_optimizer: Callable[[torch.optim.Optimizer], None]  # each owner says what its optimizer must hold
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
+        """Run ``step()`` before every ``optimizer.step()``, after the checks of ``check_optimizer``; returns the
+        hook's handle. A wrapper holding the optimizer in ``.optimizer`` (Accelerate's) is attached through it."""
+        optimizer = unwrapped_optimizer(optimizer)
+        if self._hook.attached_to is None:
+            self.check_optimizer(optimizer)
+        return self._hook.attach(optimizer)
+
+    @property
+    def attached_to(self) -> torch.optim.Optimizer | None:
+        """The optimizer this is attached to (``None`` when detached or its handle was removed)."""
+        return self._hook.attached_to
+
+    def detach(self) -> None:
+        """Remove the optimizer hook installed by `attach` (no-op when not attached)."""
+        self._hook.detach()

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from gradmod._backward import BackwardMonitor
-from gradmod._hooks import StepHook, unwrapped_optimizer
+from gradmod._hooks import StepHook, StepHooked, unwrapped_optimizer
 from gradmod._internal import collective_device, constants, distributed
 from gradmod.appliers import Applier, FeaturesApplier, Modality, ParamFilter, make_applier
 from gradmod.history import MODULATOR_FIELDS, History
@@ -96,7 +96,7 @@ class _Decision:
         history.append(step, (self.evidence, self.coefficients), self.usable, self.valid, self.in_window)
 
 
-class Modulator(Method):
+class Modulator(StepHooked, Method):
     """Imbalance-aware gradient modulation for named modalities.
 
     Each optimizer step (through `attach`, or a manual `step`): the evidence gathered by `observe` since
@@ -400,19 +400,10 @@ class Modulator(Method):
         dropped. Optimizers whose ``step()`` takes a closure (LBFGS) compute gradients inside ``step()``,
         after the hook: they raise a ``RuntimeError`` at the first step.
         """
-        optimizer = unwrapped_optimizer(optimizer)
+        optimizer = unwrapped_optimizer(optimizer)  # not super().attach(): check_optimizer warns at the caller's line
         if self.attached_to is None:
             self.check_optimizer(optimizer)
         return self._hook.attach(optimizer)
-
-    @property
-    def attached_to(self) -> torch.optim.Optimizer | None:
-        """The optimizer this modulator is attached to (``None`` when detached or its handle was removed)."""
-        return self._hook.attached_to
-
-    def detach(self) -> None:
-        """Remove the optimizer hook installed by `attach` (no-op when not attached)."""
-        self._hook.detach()
 
     def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """What `attach` checks, for loops that call `step` themselves (trainer callbacks).

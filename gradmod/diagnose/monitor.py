@@ -30,9 +30,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
-from gradmod._hooks import StepHook, unwrapped_optimizer
+from gradmod._hooks import StepHook, StepHooked, unheld_modality, unwrapped_optimizer
 from gradmod.appliers import Modality, ParameterSelection
 from gradmod.functional import ratios_of
 from gradmod.history import Derived, History
@@ -64,7 +63,7 @@ MONITOR_FIELDS = (
 )
 
 
-class Monitor(Method):
+class Monitor(StepHooked, Method):
     """Per-step imbalance measurements of a training loop that change nothing (module docstring).
 
     Driven as a modulator (``kind = "modulator"``): ``attach(optimizer)`` once, ``observe(...)`` after each
@@ -123,34 +122,16 @@ class Monitor(Method):
         self._warned: set[str] = set()
 
     # ------------------------------------------------------------------ attaching
-    def attach(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
-        """Record every step of ``optimizer`` (a step pre-hook, `gradmod._hooks.StepHook`); returns the handle."""
-        optimizer = unwrapped_optimizer(optimizer)
-        if self._hook.attached_to is None:
-            self.check_optimizer(optimizer)
-        return self._hook.attach(optimizer)
-
-    @property
-    def attached_to(self) -> torch.optim.Optimizer | None:
-        """The optimizer this monitor is attached to, or ``None``."""
-        return self._hook.attached_to
-
-    def detach(self) -> None:
-        """Remove the hook installed by `attach` (no-op when not attached)."""
-        self._hook.detach()
-
     def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """What `attach` checks, for trainer callbacks that call `step` themselves: the optimizer steps every
-        monitored encoder (a modality it holds no parameter of raises ``ValueError``)."""
-        optimizer = unwrapped_optimizer(optimizer)
-        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        for name, params in zip(self.names, self._selection.groups()):
-            if not any(id(p) in held for p in params):
-                raise ValueError(
-                    f"the optimizer holds none of modality {name!r}'s parameters: attach the monitor to the "
-                    "optimizer that steps the encoders"
-                )
-        self._optimizer = weakref.ref(optimizer)
+        monitored encoder (a modality it holds no trainable parameter of raises ``ValueError``)."""
+        name = unheld_modality(optimizer, self.params)
+        if name is not None:
+            raise ValueError(
+                f"the optimizer holds none of modality {name!r}'s parameters: attach the monitor to the "
+                "optimizer that steps the encoders"
+            )
+        self._optimizer = weakref.ref(unwrapped_optimizer(optimizer))
 
     @property
     def params(self) -> dict[str, list[Tensor]]:

@@ -63,10 +63,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from gradmod import filters
-from gradmod._hooks import StepHook, unwrapped_optimizer
+from gradmod._hooks import StepHook, StepHooked, unheld_modality
 from gradmod._internal import (
     check_logits_target,
     checked_ignore_index,
@@ -186,7 +185,7 @@ def _weights(value: float | Mapping[str, float], names: Sequence[str]) -> dict[s
     return dict.fromkeys(names, weight)
 
 
-class InfoReg(Method):
+class InfoReg(StepHooked, Method):
     """Information-acquisition regulation: a proximal pull on the dominant encoder while its window is open.
 
     Per epoch ``start_epoch(epoch)`` (takes ``θ⁰``) and ``end_epoch(epoch)`` (closes the epoch's Fisher trace
@@ -318,30 +317,13 @@ class InfoReg(Method):
         return self._rates[self.window or name]
 
     # ------------------------------------------------------------------ attach
-    def attach(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
-        """Pull and accumulate before every ``optimizer.step()``; returns the hook's handle (`check_optimizer` first)."""
-        optimizer = unwrapped_optimizer(optimizer)
-        if self._hook.attached_to is None:
-            self.check_optimizer(optimizer)
-        return self._hook.attach(optimizer)
-
     def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        """What `attach` checks, for trainers that call `step` themselves: the optimizer steps every encoder."""
-        held = {id(p) for group in unwrapped_optimizer(optimizer).param_groups for p in group["params"]}
-        for name, params in zip(self.names, self._selection.groups()):
-            trainable = [p for p in params if p.requires_grad]
-            if trainable and not any(id(p) in held for p in trainable):
-                raise ValueError(f"the optimizer holds none of modality {name!r}'s parameters: attach InfoReg to the optimizer that steps the encoders")
+        """What `attach` checks, for trainers that call `step` themselves: the optimizer steps every encoder. Once
+        attached, each ``optimizer.step()`` pulls and accumulates first."""
+        name = unheld_modality(optimizer, self.params)
+        if name is not None:
+            raise ValueError(f"the optimizer holds none of modality {name!r}'s parameters: attach InfoReg to the optimizer that steps the encoders")
         self._driven = True
-
-    @property
-    def attached_to(self) -> torch.optim.Optimizer | None:
-        """The optimizer this method is attached to, or ``None``."""
-        return self._hook.attached_to
-
-    def detach(self) -> None:
-        """Remove the optimizer hook installed by `attach` (no-op when not attached)."""
-        self._hook.detach()
 
     # ------------------------------------------------------------------ epochs
     def start_epoch(self, epoch: int) -> None:

@@ -63,10 +63,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from gradmod._backward import BackwardMonitor
-from gradmod._hooks import StepHook, unwrapped_optimizer
+from gradmod._hooks import StepHook, StepHooked, unheld_modality
 from gradmod._internal import NOT_GIVEN, distributed, per_modality, real_scalar, renamed_keyword
 from gradmod.appliers import Modality, ParameterSelection
 from gradmod.history import History
@@ -173,7 +172,7 @@ def _from_version_1(state: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
-class MLA(Method):
+class MLA(StepHooked, Method):
     """Alternating unimodal steps through a shared head, with its weight gradient projected (MLA).
 
     Call `attach` once, then for every optimizer step `observe` which modality it trains and that
@@ -261,37 +260,16 @@ class MLA(Method):
                 )
 
     # ------------------------------------------------------------------ attach
-    def attach(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
-        """Check and project before every ``optimizer.step()``; returns the hook's handle.
-
-        The optimizer must hold the head's weight (when projecting) and parameters of every modality. A
-        wrapper holding a torch optimizer (Accelerate's) is attached through it; one optimizer, once; a
-        ``step(closure)`` raises, and a step ``GradScaler`` skips drops its turn.
-        """
-        optimizer = unwrapped_optimizer(optimizer)
-        if self._hook.attached_to is None:
-            self.check_optimizer(optimizer)
-        return self._hook.attach(optimizer)
-
     def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        """What `attach` checks, for trainers that call `step` themselves (Lightning's manual optimization)."""
-        held = {id(p) for group in unwrapped_optimizer(optimizer).param_groups for p in group["params"]}
-        if self.projection is not None and id(self.head.weight) not in held:
+        """What `attach` checks, for trainers that call `step` themselves (Lightning's manual optimization): the
+        optimizer holds the head's weight (when projecting) and parameters of every modality. Once attached, each
+        ``optimizer.step()`` checks and projects its turn first; a step ``GradScaler`` skips drops its turn."""
+        if self.projection is not None and unheld_modality(optimizer, {"head": [self.head.weight]}) is not None:
             raise ValueError("the optimizer does not hold the shared head's weight: attach MLA to the optimizer that steps the head")
-        for name, params in zip(self.names, self._selection.groups()):
-            trainable = [p for p in params if p.requires_grad]
-            if trainable and not any(id(p) in held for p in trainable):
-                raise ValueError(f"the optimizer holds none of modality {name!r}'s parameters")
+        name = unheld_modality(optimizer, dict(zip(self.names, self._selection.groups())))
+        if name is not None:
+            raise ValueError(f"the optimizer holds none of modality {name!r}'s parameters: attach MLA to the optimizer that steps the encoders")
         self._driven = True
-
-    @property
-    def attached_to(self) -> torch.optim.Optimizer | None:
-        """The optimizer this method is attached to, or ``None``."""
-        return self._hook.attached_to
-
-    def detach(self) -> None:
-        """Remove the optimizer hook installed by `attach` (no-op when not attached)."""
-        self._hook.detach()
 
     # ------------------------------------------------------------------ observe
     @property

@@ -52,10 +52,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from gradmod._backward import BackwardMonitor
-from gradmod._hooks import StepHook, unwrapped_optimizer
+from gradmod._hooks import StepHook, StepHooked, unheld_modality
 from gradmod._internal import check_names, distributed, real_scalar
 from gradmod.appliers import Modality, ParameterSelection
 from gradmod.history import History
@@ -195,7 +194,7 @@ def _from_version_1(state: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
-class MMPareto(Method):
+class MMPareto(StepHooked, Method):
     """MMPareto as a drop-in: ``mod.backward(loss_mm, {name: unimodal loss})`` instead of ``loss.backward()``.
 
     Each call computes, for every modality's encoder, the gradient of the multimodal loss and of that
@@ -256,28 +255,15 @@ class MMPareto(Method):
         return self._step + 1
 
     # --------------------------------------------------------------------------- attach
-    def attach(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
-        """Run `step` before every ``optimizer.step()`` (a step without `backward` warns); returns the handle."""
-        optimizer = unwrapped_optimizer(optimizer)
-        if self._hook.attached_to is None:
-            self.check_optimizer(optimizer)
-        return self._hook.attach(optimizer)
-
-    @property
-    def attached_to(self) -> torch.optim.Optimizer | None:
-        """The optimizer this method is attached to, or ``None``."""
-        return self._hook.attached_to
-
-    def detach(self) -> None:
-        """Remove the optimizer hook installed by `attach` (no-op when not attached)."""
-        self._hook.detach()
-
     def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        """What `attach` checks, for trainers that call `step` themselves: the optimizer holds the encoders."""
-        held = {id(p) for group in unwrapped_optimizer(optimizer).param_groups for p in group["params"]}
-        for name, params in self.params.items():
-            if not any(id(p) in held for p in params):
-                raise ValueError(f"the optimizer holds none of modality {name!r}'s encoder parameters: attach MMPareto to the optimizer that steps the encoders")
+        """What `attach` checks, for trainers that call `step` themselves: the optimizer holds the encoders. Once
+        attached, `step` runs before every ``optimizer.step()`` (a step without `backward` or `observe` warns)."""
+        name = unheld_modality(optimizer, self.params)
+        if name is not None:
+            raise ValueError(
+                f"the optimizer holds none of modality {name!r}'s parameters: attach MMPareto to the optimizer that "
+                "steps the encoders"
+            )
         self._driven = True
 
     # --------------------------------------------------------------------------- backward

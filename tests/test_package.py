@@ -31,7 +31,10 @@ from test_docs import code_blocks
 import gradmod
 
 ROOT = Path(__file__).resolve().parents[1]
-EXTRAS = {"lightning", "transformers"}
+#: The integrations (each a gradmod.integrations module) and the extras of single features, with what they import.
+INTEGRATIONS = {"lightning", "transformers"}
+FEATURES = {"relearning": "sklearn", "plot": "matplotlib"}
+EXTRAS = INTEGRATIONS | set(FEATURES)
 
 
 def run(*command, **options) -> subprocess.CompletedProcess:
@@ -89,7 +92,7 @@ def test_the_metadata_describes_the_package(metadata):
 def test_the_requirements_are_torch_numpy_and_the_extras_that_ship(metadata):
     requirements = [Requirement(r) for r in metadata.get_all("Requires-Dist")]
     assert {str(r) for r in requirements if r.marker is None} == {"torch>=2.14.1", "numpy>=2.4.6"}
-    assert set(metadata.get_all("Provides-Extra")) == EXTRAS  # each a gradmod.integrations module (below)
+    assert set(metadata.get_all("Provides-Extra")) == EXTRAS  # the integrations' (below) and FEATURES
     optional = [r for r in requirements if r.marker is not None]
     assert all(any(r.marker.evaluate({"extra": extra}) for extra in EXTRAS) for r in optional)
 
@@ -99,7 +102,8 @@ def test_the_wheel_ships_gradmod_only_and_the_sdist_what_builds_it(dist):
         tops = {name.split("/")[0] for name in wheel.namelist()}
         names = set(wheel.namelist())
     assert tops == {"gradmod", f"gradmod-{gradmod.__version__}.dist-info"}
-    assert {"gradmod/py.typed", "gradmod/integrations/lightning.py", "gradmod/integrations/transformers.py"} <= names
+    assert {"gradmod/py.typed", "gradmod/integrations/lightning.py", "gradmod/integrations/transformers.py",
+            "gradmod/diagnose/benchmarks.json"} <= names
     with tarfile.open(dist["sdist"]) as sdist:
         files = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
     assert {"LICENSE", "README.pypi.md", "CHANGELOG.md", "pyproject.toml", "gradmod/__init__.py"} <= files
@@ -117,6 +121,7 @@ assert importlib.util.find_spec("reference_models") is None, "the wheel must not
 optional = sorted({m.split(".")[0] for m in sys.modules} & {"lightning", "transformers", "accelerate"})
 assert not optional, f"import gradmod imported {optional}: the core needs torch and numpy only"
 import gradmod.integrations.lightning, gradmod.integrations.transformers
+assert gradmod.diagnose.load_benchmarks()["schema"] == 1  # the package data shipped
 pages = json.loads(sys.argv[1])
 for page, blocks in pages.items():
     namespace = {"__name__": "__main__"}
@@ -135,7 +140,7 @@ def test_the_wheel_installed_alone_runs_the_readme_examples(dist, tmp_path):
 
     # no index and no configuration: the wheel's requirements must be met by what this environment holds
     pip_env = {**os.environ, "PIP_CONFIG_FILE": os.devnull, "PIP_FIND_LINKS": "", "PIP_NO_INPUT": "1"}
-    requirement = f"gradmod[{','.join(sorted(EXTRAS))}] @ {dist['wheel'].as_uri()}"
+    requirement = f"gradmod[{','.join(sorted(INTEGRATIONS))}] @ {dist['wheel'].as_uri()}"
     run(sys.executable, "-m", "pip", "--python", python, "install", "--no-index", "--no-cache-dir", requirement,
         env=pip_env)  # fmt: skip
 
@@ -148,7 +153,7 @@ def test_the_wheel_installed_alone_runs_the_readme_examples(dist, tmp_path):
     assert out.strip().endswith(f"{gradmod.__version__} {site / 'gradmod' / '__init__.py'}")
 
 
-@pytest.mark.parametrize("extra", sorted(EXTRAS))
+@pytest.mark.parametrize("extra", sorted(INTEGRATIONS))
 def test_an_integration_without_its_library_names_the_extra(extra, monkeypatch):
     module = f"gradmod.integrations.{extra}"
     monkeypatch.delitem(sys.modules, module, raising=False)

@@ -239,7 +239,7 @@ class Diagnosis:
             from matplotlib.figure import Figure
             from matplotlib.ticker import MaxNLocator
         except ImportError as error:
-            raise ImportError("Diagnosis.figure needs matplotlib: pip install matplotlib") from error
+            raise ImportError("Diagnosis.figure needs matplotlib: pip install 'gradmod[plot]'") from error
         epochs = [e for e in self.monitor or [] if e.get("epoch") is not None]
         if not epochs:
             raise ValueError(

@@ -28,7 +28,7 @@ the default the method was written against. ``n_init="auto"`` gives what the off
 current scikit-learn.
 
 **scikit-learn** is needed only here and only when a diagnosis runs: it is imported then, and its absence raises
-an ``ImportError`` that says ``pip install scikit-learn``.
+an ``ImportError`` that says ``pip install 'gradmod[relearning]'``.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def _sklearn() -> tuple[Any, Any]:
     except ImportError as error:
         raise ImportError(
             "gradmod's Diagnosing & Re-learning clusters features with scikit-learn's KMeans, which is not installed: "
-            "pip install scikit-learn"
+            "pip install 'gradmod[relearning]'"
         ) from error
     return KMeans, MinMaxScaler
 

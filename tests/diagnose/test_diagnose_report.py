@@ -167,7 +167,7 @@ def test_figure_writes_a_file_and_names_matplotlib_when_missing(tmp_path, monkey
     with pytest.raises(ValueError, match="end_epoch"):
         Diagnosis(("a", "b"), masked={"a": 0.5, "b": 0.5}).figure()
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
-    with pytest.raises(ImportError, match="pip install matplotlib"):
+    with pytest.raises(ImportError, match=r"pip install 'gradmod\[plot\]'"):
         report.figure()
 
 

@@ -14,11 +14,11 @@ value}}``, a ``repr``, and the epoch hooks ``start_epoch(epoch)`` / ``end_epoch(
 | ``responses`` | a modulator whose loss is computed from ``combine(responses)`` | AGM |
 | ``backward`` | ``backward(losses...)`` instead of ``loss.backward()`` (or ``observe`` + a trainer) | MMPareto |
 | ``turns`` | one optimizer step per modality, each ``observe(name, ...)`` | MLA |
-| ``loss`` | the loss to backward comes from the method (``loss(...)``) | G-Blending |
-| ``forward`` | the head's input comes from the method (``features, keep = method(...)``) | |
-| ``data`` | the batch (inputs and soft targets) or the epoch's data comes from the method | MM, B-MM |
-| ``epoch`` | nothing per step; ``end_epoch`` acts between epochs | |
-| ``head`` | a fusion head (an ``nn.Module`` of `gradmod.fusion`) trained on the plain loss | |
+| ``loss`` | the loss to backward comes from the method (``loss(...)``) | G-Blending, DGL, UMT |
+| ``forward`` | the head's input comes from the method (``features, keep = method(...)``) | OPM |
+| ``data`` | the batch (inputs and soft targets) or the epoch's data comes from the method | MM, B-MM, valuation |
+| ``epoch`` | nothing per step; ``end_epoch`` acts between epochs | Diagnosing & Re-learning |
+| ``head`` | a fusion head (an ``nn.Module`` of `gradmod.fusion`) trained on the plain loss | MMCosine |
 
 **Inputs by name** (`INPUTS`). What a method reads in a step — a measure's ``inputs``, a loss method's
 ``loss_inputs``, a forward method's ``forward_inputs`` — is named from one vocabulary, so that a training loop

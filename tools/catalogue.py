@@ -5,6 +5,7 @@ from it (``tests/test_catalogue.py`` fails when one is stale):
 
 * ``mkdocs.yml``: the "Methods" section of the nav, one entry per method page, titled by the page's heading;
 * ``docs/api.md``: one ``::: gradmod.methods.<module>`` per method module;
+* ``docs/index.md``: each kind, how it enters a step, and its methods;
 * ``docs/methods/index.md``: every method by kind;
 * ``docs/pick-a-method.md``: what each method needs from a loop and what it costs;
 * ``README.md`` and ``README.pypi.md``: the method table (name, paper, preset, kind).
@@ -27,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 import gradmod  # noqa: E402
 from gradmod.method import HEADS, MethodInfo  # noqa: E402
 
-__all__ = ["BLOCKS", "api_lines", "nav_lines", "needs_table", "preset_name", "readme_table", "render", "stale"]
+__all__ = ["BLOCKS", "api_lines", "kinds_overview", "nav_lines", "needs_table", "preset_name", "readme_table", "render", "stale"]
 
 
 def preset_name(info: MethodInfo) -> str:
@@ -96,14 +97,24 @@ def kinds_table() -> list[str]:
     return lines
 
 
+def kinds_overview() -> list[str]:
+    """The home page's table: each kind, how it enters a step (`gradmod.method.KINDS`), and its methods."""
+    lines = ["| kind | in a training step | methods |", "| --- | --- | --- |"]
+    for kind, meaning in gradmod.method.KINDS.items():
+        titles = list(dict.fromkeys(info.title for info in gradmod.METHODS.values() if info.kind == kind))
+        lines.append(f"| `{kind}` | {meaning} | {', '.join(titles)} |")
+    return lines
+
+
 #: file → (opening marker, closing marker, generator) of each generated block.
 BLOCKS: dict[str, list[tuple[str, str, Callable[[], list[str]]]]] = {
     "mkdocs.yml": [("      # catalogue: methods (make catalogue)", "      # /catalogue", nav_lines)],
     "docs/api.md": [("<!-- catalogue: methods (make catalogue) -->", "<!-- /catalogue -->", api_lines)],
+    "docs/index.md": [("<!-- catalogue: kinds (make catalogue) -->", "<!-- /catalogue -->", kinds_overview)],
     "docs/methods/index.md": [("<!-- catalogue: methods (make catalogue) -->", "<!-- /catalogue -->", kinds_table)],
     "docs/pick-a-method.md": [("<!-- catalogue: methods (make catalogue) -->", "<!-- /catalogue -->", needs_table)],
     "README.md": [("<!-- catalogue: methods (make catalogue) -->", "<!-- /catalogue -->", lambda: readme_table("docs/"))],
-    "README.pypi.md": [("<!-- catalogue: methods (make catalogue) -->", "<!-- /catalogue -->", lambda: readme_table(None))],
+    "README.pypi.md": [("<!-- catalogue: methods -->", "<!-- /catalogue -->", lambda: readme_table(None))],
 }
 
 

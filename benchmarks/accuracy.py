@@ -396,6 +396,47 @@ def summarize(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+#: The final epochs whose steadiness `stability` reports (the epochs a method is compared on).
+STEADY_EPOCHS = 3
+
+
+def largest_swing(run: Mapping[str, Any], first: int, last: int) -> dict[str, float]:
+    """The largest change of the fused and the weak modality's test accuracy between consecutive epochs among
+    epochs ``first``..``last`` (1-based, inclusive) of one run."""
+    epochs = [e for e in run["epochs"] if first <= e["epoch"] <= last]
+    if len(epochs) < 2:
+        raise ValueError(f"epochs {first}..{last} hold fewer than two records")
+    pairs = list(zip(epochs, epochs[1:]))
+    return {
+        "fused": max(abs(b["accuracy"] - a["accuracy"]) for a, b in pairs),
+        WEAK: max(abs(b["unimodal"][WEAK] - a["unimodal"][WEAK]) for a, b in pairs),
+    }
+
+
+def stability(runs: Sequence[Mapping[str, Any]], epochs: int, lr_step: int | None) -> dict[str, dict[str, float]]:
+    """Whether the recipe's eval-mode accuracy holds still where the methods are compared: for the concat
+    baseline's runs, the mean over seeds of `largest_swing` over the last `STEADY_EPOCHS` epochs (``"final"``),
+    and before the learning rate decays (``"before_decay"``: epochs 1..``lr_step``, or the whole run)."""
+    baselines = [r for r in runs if r["key"] == run_key("baseline", DEFAULT_HEAD)]
+    if not baselines:
+        raise ValueError("no concat baseline run to measure the recipe's stability on")
+    windows = {"before_decay": (1, lr_step or epochs), "final": (max(1, epochs - STEADY_EPOCHS + 1), epochs)}
+    return {
+        name: {key: statistics.fmean(largest_swing(r, *window)[key] for r in baselines) for key in ("fused", WEAK)}
+        for name, window in windows.items()
+    }
+
+
+def stability_line(steady: Mapping[str, Mapping[str, float]], decays: bool) -> str:
+    """The report's sentence on `stability`."""
+    return (
+        f"Stability (baseline, concat; the largest change between consecutive epochs, mean over seeds): fused "
+        f"{100 * steady['final']['fused']:.1f} and {WEAK} alone {100 * steady['final'][WEAK]:.1f} points over the "
+        f"last {STEADY_EPOCHS} epochs, against {100 * steady['before_decay']['fused']:.1f} and "
+        f"{100 * steady['before_decay'][WEAK]:.1f} points " + ("before the learning rate decays." if decays else "over the whole run.")
+    )
+
+
 def goal_rows(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     """The methods that meet the goal: mean weak-alone accuracy ≥ `GOAL_WEAK` and mean fused accuracy at or
     above the concat baseline's (plain joint training)."""
@@ -480,9 +521,12 @@ def markdown_tables(rows: Sequence[Mapping[str, Any]], sweep: Sequence[Mapping[s
 
 
 def markdown_report(meta: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], sweep: Sequence[Mapping[str, Any]]) -> str:
-    """``accuracy.md``: the command, the budget, the machine, the goal's verdict and the tables."""
+    """``accuracy.md``: the command, the budget, the machine, the goal's verdict, the recipe's stability and the
+    tables."""
     budget = meta["budget"]
     machine = meta["machine"]
+    steady = meta.get("stability")
+    steadiness = "" if steady is None else stability_line(steady, bool(budget.get("lr_step")))
     met = goal_rows(rows)
     verdict = (
         f"met by {', '.join(met)}" if met else "not met by any method"
@@ -505,6 +549,7 @@ def markdown_report(meta: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], 
         f"{verdict}." if GOAL_WEAK is not None else f"Goal: none stated; the gap closed measures how far each method "
         f"brings the {WEAK} branch towards its solo run."),
         "",
+        *([steadiness, ""] if steadiness else []),
         markdown_tables(rows, sweep),
         "",
         (f"Accuracies in % (test set), mean ± sample std over seeds. Gap "
@@ -889,6 +934,12 @@ class Benchmark:
         rows = self.rows()
         sweep = sweep_table(self.runs, self.chosen, self.args.seeds[0])
         self.meta.update(elapsed_s=self.elapsed(), runs_done=len(self.runs), chosen=self.chosen, goal_met_by=goal_rows(rows))
+        budget = self.meta.get("budget")
+        decay = (budget or {}).get("lr_step") or 0
+        if budget is not None and min(budget["epochs"], decay or budget["epochs"]) >= 2 and any(
+            r["key"] == run_key("baseline", DEFAULT_HEAD) for r in self.runs
+        ):
+            self.meta["stability"] = stability(self.runs, budget["epochs"], budget.get("lr_step"))
         record = {**self.meta, "summary": rows, "sweep": sweep, "runs": self.runs}
         (self.args.out / f"{PROFILE.stem}.json").write_text(json.dumps(record, indent=1))
         (self.args.out / f"{PROFILE.stem}.md").write_text(markdown_report(self.meta, rows, sweep))

@@ -198,3 +198,24 @@ def test_the_profiles_of_the_quick_run_replay_its_baseline_and_pass_the_diagnose
     (tmp_path / "accuracy.json").write_text(json.dumps(stored))
     with pytest.raises(RuntimeError, match="not the same run"):
         profiles.main(["--dataset", "avdigits", "--results", str(tmp_path), "--out", str(target)])
+
+
+def test_the_recipes_stability_is_the_largest_swing_between_epochs_before_the_decay_and_at_the_end():
+    def run(fused, weak):
+        epochs = [{"epoch": i + 1, "accuracy": f, "unimodal": {"visual": w}} for i, (f, w) in enumerate(zip(fused, weak))]
+        return {"key": "baseline (concat)", "epochs": epochs}
+
+    accuracy.select("avdigits")
+    runs = [run([0.5, 0.9, 0.6, 0.80, 0.81, 0.80], [0.2, 0.6, 0.3, 0.50, 0.52, 0.51]),
+            run([0.5, 0.7, 0.7, 0.80, 0.80, 0.80], [0.2, 0.4, 0.4, 0.50, 0.50, 0.50]),
+            {"key": "ogm", "epochs": []}]  # another method's run is not the recipe's
+    steady = accuracy.stability(runs, epochs=6, lr_step=3)
+    assert steady["before_decay"]["fused"] == pytest.approx((0.4 + 0.2) / 2)  # epochs 1..3
+    assert steady["before_decay"]["visual"] == pytest.approx((0.4 + 0.2) / 2)
+    assert steady["final"]["fused"] == pytest.approx((0.01 + 0.0) / 2)  # epochs 4..6
+    assert steady["final"]["visual"] == pytest.approx((0.02 + 0.0) / 2)
+    assert accuracy.stability(runs, epochs=6, lr_step=None)["before_decay"]["fused"] == pytest.approx((0.4 + 0.2) / 2)
+    line = accuracy.stability_line(steady, decays=True)
+    assert "fused 0.5 and visual alone 1.0 points over the last 3 epochs, against 30.0 and 30.0 points before" in line
+    with pytest.raises(ValueError, match="no concat baseline"):
+        accuracy.stability(runs[2:], epochs=6, lr_step=3)

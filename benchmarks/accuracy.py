@@ -520,6 +520,18 @@ def markdown_tables(rows: Sequence[Mapping[str, Any]], sweep: Sequence[Mapping[s
     return "\n".join(lines)
 
 
+def _grids(grid: Mapping[str, Sequence[float]] | Sequence[float]) -> str:
+    """The sweep's factors: one grid for every method (older results), or the common one and the exceptions."""
+    if not isinstance(grid, Mapping):
+        return str([round(f, 4) for f in grid])
+    counts: dict[tuple[float, ...], list[str]] = {}
+    for method, factors in grid.items():
+        counts.setdefault(tuple(round(f, 4) for f in factors), []).append(method)
+    common = max(counts, key=lambda factors: len(counts[factors]))
+    others = [f"{', '.join(methods)} {list(factors)}" for factors, methods in counts.items() if factors != common]
+    return str(list(common)) + (f" ({'; '.join(others)})" if others else "")
+
+
 def markdown_report(meta: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], sweep: Sequence[Mapping[str, Any]]) -> str:
     """``accuracy.md``: the command, the budget, the machine, the goal's verdict, the recipe's stability and the
     tables."""
@@ -538,7 +550,7 @@ def markdown_report(meta: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], 
         "",
         (f"Budget: {budget['epochs']} epochs, seeds {budget['seeds']}, {PROFILE.title} {budget['dataset']}, "
         f"{budget['val_size']} training items held out for the sweep; {budget['optimizer']} lr {budget['lr']}, "
-        f"batch {budget['batch_size']}. Sweep: each method's strength × {[round(f, 4) for f in budget['grid']]} on seed "
+        f"batch {budget['batch_size']}. Sweep: each method's strength × {_grids(budget['grid'])} on seed "
         f"{budget['seeds'][0]}, chosen on the held-out items."),
         "",
         (f"Machine: {machine['cpu']} ({machine['cpu_count']} logical CPUs, {budget['jobs']} parallel runs of "
@@ -573,7 +585,7 @@ def budget_record(resolved: Mapping[str, Any], args: argparse.Namespace, dataset
         "seeds": list(args.seeds),
         "dataset": dataset_options(dataset),
         **{k: resolved[k] for k in SHARED_TRAINING},
-        "grid": [1 / 3, 1.0, 3.0],
+        "grid": {m: list(gradmod.METHODS[m].sweep) for m in dict.fromkeys(args.methods) if m in SWEPT},
         "jobs": args.jobs,
         "threads": args.threads,
     }

@@ -369,6 +369,8 @@ METHODS = (
         cost="one mask per modality and sample, one multiplication of the features",
         fit=Fit(head="decoupled", acts_on="data"),
         strength=Strength("drop_rate", DEFAULT_DROP_RATE, "q_base of the dominant modality's drop rate q = q_base(1 + λ tanh(ρ − 1))"),
+        # q_base·(1 + λ) must stay below 1 (0.667 at the default λ = 0.5): the grid's top is 1.25 × the default
+        sweep=(1 / 3, 1.0, 1.25),
         options=(
             Option("imbalance_gain", DEFAULT_IMBALANCE_GAIN, "λ: how much the score ratio raises the drop rate", float),
             Option("apply_probability", DEFAULT_APPLY_PROBABILITY, "p_exe: the chance that a step drops at all", float),

@@ -156,6 +156,13 @@ def fusion_for(method: str) -> str:
     return default_fusion(method)
 
 
+def reference_head(method: str) -> str:
+    """The head of the baseline a method is compared with: its own (`fusion_for`), or the concat baseline's for
+    a method that *is* the head (MMCosine: the head is what it changes)."""
+    info = gradmod.METHODS.get(method)
+    return DEFAULT_HEAD if info is not None and info.kind == "head" else fusion_for(method)
+
+
 def run_key(method: str, fusion: str, solo: str | None = None) -> str:
     """Row name: the method, the head spelled out for the baselines (one per head), or the solo run."""
     if solo is not None:
@@ -375,7 +382,7 @@ def summarize(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         for field in ("imbalance_ratio_mean", "imbalance_ratio_final"):
             defined = _defined(r[field] for r in group)
             row[field] = mean_std(defined) if defined else None
-        references = {"delta": run_key("baseline", fusion)}
+        references = {"delta": run_key("baseline", fusion if group[0]["method"] == "baseline" else reference_head(group[0]["method"]))}
         info = gradmod.METHODS.get(group[0]["method"])
         if info is not None and info.fit.head == "unimodal heads":
             references["control"] = run_key(CONTROL, DEFAULT_HEAD)
@@ -936,7 +943,7 @@ class Benchmark:
                 continue
             candidates = [r for r in self.runs if r["method"] == method and r["seed"] == seed and r["option"] is not None]
             candidates.sort(key=lambda r: sweep_values(method).index(r["value"]))
-            baseline = next(r for r in self.runs if r["key"] == run_key("baseline", fusion_for(method)) and r["seed"] == seed)
+            baseline = next(r for r in self.runs if r["key"] == run_key("baseline", reference_head(method)) and r["seed"] == seed)
             self.chosen[method] = choose(candidates, baseline)["value"]
 
     def rows(self) -> list[dict[str, Any]]:

@@ -243,3 +243,32 @@ def test_every_value_of_every_sweep_builds_the_methods_loop(method):
         config = config.resolved()
         task = build_task(config.dataset, fusion=config.fusion, seed=0, dataset_options=config.dataset_options)
         make_loop(config, task, torch.device("cpu"))
+
+
+def test_a_method_that_is_the_head_is_compared_with_the_concat_baseline():
+    accuracy.select("avdigits")
+    assert accuracy.fusion_for("mmcosine") == "mmcosine" and accuracy.reference_head("mmcosine") == "concat"
+    assert accuracy.reference_head("decoupling_free") == "gated" and accuracy.reference_head("mla") == "shared"
+    runs = [_run("baseline", 0, 0.90, 0.40), _run("baseline", 0, 0.20, 0.80, solo="visual"),
+            dict(_run("mmcosine", 0, 0.92, 0.50, option="scaling", value=10.0), fusion="mmcosine")]
+    rows = {row["name"]: row for row in accuracy.summarize(accuracy.final_runs(runs, {"mmcosine": 10.0}))}
+    assert rows["mmcosine"]["delta_visual"][0] == pytest.approx(0.10)
+
+
+def test_the_sweep_chooses_for_a_head_method_against_the_concat_baseline():
+    from types import SimpleNamespace
+
+    accuracy.select("avdigits")
+    args = SimpleNamespace(dataset_options={}, max_items=None, resume=False, seeds=[0], methods=["mmcosine", "ogm"])
+    bench = accuracy.Benchmark(args, [])
+    held_out = {"baseline": (0.90, 0.40), 3.333: (0.91, 0.45), 10.0: (0.89, 0.70), 30.0: (0.92, 0.50)}
+    for value, (fused, weak) in held_out.items():
+        method = "baseline" if value == "baseline" else "mmcosine"
+        run = _run(method, 0, fused, weak, fusion="concat" if method == "baseline" else "mmcosine",
+                   option=None if method == "baseline" else "scaling", value=None if method == "baseline" else value)
+        bench.runs.append({**run, "val": {"accuracy": fused, "unimodal": {"audio": 0.8, "visual": weak}}})
+    for value, weak in ((0.2667, 0.5), (0.8, 0.6), (2.4, 0.55)):
+        run = _run("ogm", 0, 0.91, weak, option="alpha", value=value)
+        bench.runs.append({**run, "val": {"accuracy": 0.91, "unimodal": {"audio": 0.8, "visual": weak}}})
+    bench.choose_all()
+    assert bench.chosen == {"mmcosine": 30.0, "ogm": 0.8}  # 10.0 loses fused accuracy against the concat baseline

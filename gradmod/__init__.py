@@ -17,7 +17,7 @@ from gradmod.methods.pdmp import rank_modalities
 from gradmod.modulator import Modulator, epoch_window
 from gradmod.policies import PolicyError
 
-__version__ = "0.3.0.dev0"
+__version__ = "0.2.0.dev0"
 
 #: Every method's preset at the top level (gradmod.OGMGE, gradmod.MMPareto, …), from the registry: a method added to
 #: the catalogue is exported with its registry line.

@@ -52,7 +52,8 @@ class ControlLoop(MethodLoop):
 
 class HeadLoop(MethodLoop):
     """Kind ``"head"`` (MMCosine): the method is the fusion head itself, trained on the plain fused loss
-    (``--fusion <method>``)."""
+    (``--fusion <method>``). The model's head is rebuilt with the run's strength and options (``--strength``
+    is MMCosine's ``scaling``), keeping its initial weights."""
 
     kind = "head"
 
@@ -60,3 +61,7 @@ class HeadLoop(MethodLoop):
         super().__init__(config, task, device)
         if config.fusion != config.method:
             raise ValueError(f"{config.method} is a fusion head: train it with --fusion {config.method}")
+        built = self.model.fusion
+        head = self.info.preset(built.in_features, built.num_classes, **self.preset_options)
+        head.load_state_dict(built.state_dict())
+        self.model.fusion = head.to(device)

@@ -223,10 +223,34 @@ def test_the_recipes_stability_is_the_largest_swing_between_epochs_before_the_de
         accuracy.stability(runs[2:], epochs=6, lr_step=3)
 
 
+def _holds(obj, value, depth=0, seen=None) -> bool:
+    """Whether ``value`` is a number held by ``obj`` or by what it holds (attributes, containers, 0-d tensors),
+    leaving out the run's configuration, which holds every value asked for whether or not it is used."""
+    import torch
+
+    seen = set() if seen is None else seen
+    if id(obj) in seen or depth > 4 or isinstance(obj, type):
+        return False
+    seen.add(id(obj))
+    if isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        return math.isclose(obj, value, rel_tol=1e-9)
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() == 1 and math.isclose(float(obj), value, rel_tol=1e-6)
+    if isinstance(obj, (list, tuple)):
+        return any(_holds(item, value, depth + 1, seen) for item in obj)
+    if isinstance(obj, dict):
+        return any(_holds(item, value, depth + 1, seen) for item in obj.values())
+    if hasattr(obj, "__dict__"):
+        kept = (item for name, item in vars(obj).items() if name not in ("config", "method_options", "task"))
+        return any(_holds(item, value, depth + 1, seen) for item in kept)
+    return False
+
+
 @pytest.mark.parametrize("method", sorted(accuracy.SWEPT))
-def test_every_value_of_every_sweep_builds_the_methods_loop(method):
+def test_every_value_of_every_sweep_builds_the_methods_loop_and_reaches_it(method):
     """A value the sweep would train is one the method accepts (a bounded strength, such as OPM's drop rate,
-    gets a grid inside its bounds)."""
+    gets a grid inside its bounds), and the loop's method or head holds it: a strength the loop ignored
+    would train every value of the sweep alike."""
     import dataclasses
 
     import torch
@@ -242,7 +266,8 @@ def test_every_value_of_every_sweep_builds_the_methods_loop(method):
             config = dataclasses.replace(config, options={"metrics": {"audio": 0.9, "visual": 0.3}})
         config = config.resolved()
         task = build_task(config.dataset, fusion=config.fusion, seed=0, dataset_options=config.dataset_options)
-        make_loop(config, task, torch.device("cpu"))
+        loop = make_loop(config, task, torch.device("cpu"))
+        assert _holds(loop, value), f"{method}: {accuracy.SWEPT[method]} = {value} does not reach its loop"
 
 
 def test_a_method_that_is_the_head_is_compared_with_the_concat_baseline():

@@ -83,7 +83,7 @@ class Profile:
 
 
 #: The benchmarks. AV-digits: clean tones dominate noisy glyphs (6 epochs of 6000 training samples, 564 SGD steps,
-#: with 500 more generated and held out for the sweep; the solo visual run reaches about 87 %). AV-MNIST: the FSDD
+#: with 500 more generated and held out for the sweep; the solo visual run reaches about 80 %). AV-MNIST: the FSDD
 #: training split (2,700 recordings, 270 held out for the sweep) with the dataset's SGD recipe (lr 0.01 then 0.001
 #: for the last epochs, which keeps eval-mode accuracy from swinging between epochs: docs/benchmarks/accuracy.md).
 PROFILES: dict[str, Profile] = {

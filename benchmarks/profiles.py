@@ -15,6 +15,7 @@ For every dataset of ``benchmarks/accuracy.py`` whose results exist (``benchmark
 
     python benchmarks/profiles.py                 # every dataset with results (one replayed run each)
     python benchmarks/profiles.py --dataset avmnist
+    python benchmarks/profiles.py --dataset avmnist --keep-batch-profile   # new accuracies, no replay
 """
 
 from __future__ import annotations
@@ -56,10 +57,10 @@ def batch_profile(monitor_epochs: Sequence[Mapping[str, Any]]) -> tuple[str, flo
     return dominant, float(ratios[dominant])
 
 
-def dataset_entry(stored: Mapping[str, Any], profile: accuracy.Profile, monitor_epochs: Sequence[Mapping[str, Any]],
+def dataset_entry(stored: Mapping[str, Any], profile: accuracy.Profile, batch: tuple[str, float],
                   modalities: Sequence[str]) -> dict[str, Any]:
     """One dataset's record of the schema (`gradmod.diagnose.benchmarks`) from the accuracy benchmark's stored
-    results ``stored`` and the monitor's epochs of the replayed baseline."""
+    results ``stored`` and the replayed baseline's ``batch`` profile (`batch_profile`: dominant modality, ρ)."""
     accuracy.select(profile.dataset)
     weak = profile.weak
     runs = accuracy.final_runs(stored["runs"], stored.get("chosen", {}))
@@ -71,7 +72,7 @@ def dataset_entry(stored: Mapping[str, Any], profile: accuracy.Profile, monitor_
         raise ValueError(f"{profile.stem}.json has no seed with both the concat baseline and the {weak} solo run")
     joint = statistics.fmean(baseline[s]["unimodal"][weak] for s in seeds)
     alone = statistics.fmean(solo[s]["unimodal"][weak] for s in seeds)
-    dominant, ratio = batch_profile(monitor_epochs)
+    dominant, ratio = batch
     methods = {}
     for key, group in by_key.items():
         if key not in gradmod.METHODS:
@@ -145,7 +146,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="a dataset to profile (repeatable; default: every one with results)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="the accuracy benchmark's results folder")
     parser.add_argument("--out", type=Path, default=TARGET)
+    parser.add_argument("--keep-batch-profile", action="store_true",
+                        help="refresh the accuracies from the results but keep the batch profile the file holds (a replay "
+                             "on another machine can differ from the stored run in the last bits)")
     args = parser.parse_args(argv)
+    current = json.loads(args.out.read_text())["datasets"] if args.out.is_file() else {}
     entries = {}
     for name in args.dataset or sorted(accuracy.PROFILES):
         profile = accuracy.PROFILES[name]
@@ -154,8 +159,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"[profiles] {name}: no {path.name}, skipped")
             continue
         stored = json.loads(path.read_text())
-        epochs, modalities = replay_baseline(stored, profile)
-        entries[name] = dataset_entry(stored, profile, epochs, modalities)
+        if args.keep_batch_profile and name in current:
+            kept = current[name]
+            batch = (kept["profile"]["batch_dominant"], kept["profile"]["batch_ratio"])
+            modalities = tuple(kept["modalities"])
+        else:
+            epochs, modalities = replay_baseline(stored, profile)
+            batch = batch_profile(epochs)
+        entries[name] = dataset_entry(stored, profile, batch, modalities)
         entry = entries[name]["profile"]
         print(f"[profiles] {name}: batch ratio calls {entry['batch_dominant']} dominant (ρ = {entry['batch_ratio']:.2f}); "
               f"{entry['under_trained']} {entry['joint']:.3f} joint against {entry['solo']:.3f} alone")

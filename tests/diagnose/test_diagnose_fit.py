@@ -106,15 +106,33 @@ def test_scaling_effect_measures_sgd_and_adam():
         D.scaling_effect(k=0)
 
 
-def test_the_shipped_benchmarks_file_is_a_placeholder_and_says_so():
+def test_the_shipped_benchmarks_file_holds_both_measured_datasets():
     data = D.load_benchmarks()
-    assert data["measured"] is False and data["schema"] == 1
-    assert D.similar_benchmarks(agrees=True, gap=0.1)[0].startswith("No benchmark result is measured yet")
+    D.validate_benchmarks(data)
+    assert data["measured"] is True and data["schema"] == 1
+    assert set(data["datasets"]) == {"avdigits", "avmnist"}
+    for name, weak, dominant in (("avdigits", "visual", "audio"), ("avmnist", "audio", "visual")):
+        entry = data["datasets"][name]
+        assert entry["measured"] and entry["seeds"] == 3
+        assert entry["profile"]["under_trained"] == weak and entry["profile"]["batch_dominant"] == dominant
+        assert entry["profile"]["gap"] > 0.2  # the weak modality far below its solo run
+        assert set(entry["methods"]) == set(D.load_benchmarks()["datasets"]["avdigits"]["methods"])
+    lines = D.similar_benchmarks(agrees=True, gap=0.5)
+    assert lines[0].startswith("On avmnist (3 seeds") and lines[1].startswith("On avdigits (3 seeds")
+
+
+def test_a_placeholder_benchmarks_file_says_that_nothing_is_measured():
+    data = copy.deepcopy(D.load_benchmarks())
+    data["measured"] = False
+    for entry in data["datasets"].values():
+        entry["measured"] = False
+    assert D.similar_benchmarks(agrees=True, gap=0.1, data=data)[0].startswith("No benchmark result is measured yet")
 
 
 def _measured() -> dict:
     data = copy.deepcopy(D.load_benchmarks())
     data["measured"] = True
+    data["datasets"] = {"avdigits": data["datasets"]["avdigits"]}
     entry = data["datasets"]["avdigits"]
     entry.update(measured=True, seeds=3, budget="10 epochs")
     entry["profile"] = {"batch_dominant": "audio", "batch_ratio": 2.0, "under_trained": "visual", "basis": "masked",

@@ -152,11 +152,11 @@ def test_json_round_trip(tmp_path):
         Diagnosis.from_dict(data)
 
 
-def test_summary_says_everything_and_the_placeholder_benchmarks_plainly():
+def test_summary_says_everything_with_the_benchmarks_closest_to_its_profile():
     text = _full_report().summary()
     for needle in ("under-trained by 20.0 points", "Shapley values of accuracy", "conditional utilisation",
                    "| epoch | steps |", "Methods for this loop", "adamw: scaling one encoder's gradient",
-                   "No benchmark result is measured yet", "| ogm |"):
+                   "Benchmarks on data with a similar profile", "- On avdigits (3 seeds", "| ogm |"):
         assert needle in text, needle
 
 

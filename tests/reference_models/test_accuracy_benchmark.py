@@ -200,6 +200,12 @@ def test_the_profiles_of_the_quick_run_replay_its_baseline_and_pass_the_diagnose
     (tmp_path / "accuracy.json").write_text(json.dumps(stored))
     with pytest.raises(RuntimeError, match="not the same run"):
         profiles.main(["--dataset", "avdigits", "--results", str(tmp_path), "--out", str(target)])
+    # keeping the batch profile: no replay, the accuracies refreshed from the results
+    assert profiles.main(["--dataset", "avdigits", "--results", str(tmp_path), "--out", str(target),
+                          "--keep-batch-profile"]) == 0
+    kept = load_benchmarks(target)["datasets"]["avdigits"]
+    assert kept["profile"]["batch_ratio"] == entry["profile"]["batch_ratio"]
+    assert kept["baseline"]["fused"]["mean"] == pytest.approx(runs["baseline (concat)"]["accuracy"] / 2)
 
 
 def test_the_recipes_stability_is_the_largest_swing_between_epochs_before_the_decay_and_at_the_end():

@@ -76,11 +76,12 @@ def _train(job: tuple[dict[str, Any], bool]) -> dict[str, Any]:
 def comparison_lines(results: Mapping[str, Mapping[str, Any]], modalities: Sequence[str]) -> list[str]:
     """The table the demo prints: fused accuracy, each modality alone, and the solo reference per modality."""
     solo = {name: results[f"{name} trained alone"]["final"]["unimodal"][name] for name in modalities}
-    header = f"{'run':<26} {'fused acc':>9} " + " ".join(f"{m + ' alone':>13}" for m in modalities) + f" {'time (s)':>9}"
+    width = max(len("run"), *map(len, results))
+    header = f"{'run':<{width}} {'fused acc':>9} " + " ".join(f"{m + ' alone':>13}" for m in modalities) + f" {'time (s)':>9}"
     lines = [header, "-" * len(header)]
     for name, result in results.items():
         final = result["final"]
-        line = f"{name:<26} {final['accuracy']:>9.3f} " + " ".join(f"{final['unimodal'][m]:>13.3f}" for m in modalities)
+        line = f"{name:<{width}} {final['accuracy']:>9.3f} " + " ".join(f"{final['unimodal'][m]:>13.3f}" for m in modalities)
         lines.append(line + f" {result['wall_time_s']:>9.1f}")
     joint = results["joint training (baseline)"]["final"]["unimodal"]
     change = ", ".join(f"{m} {100 * (joint[m] - solo[m]):+.1f}" for m in modalities)

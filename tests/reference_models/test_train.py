@@ -231,6 +231,22 @@ def test_demo_shows_the_imbalance_and_the_benchmarks_best_method(tmp_path, monke
     assert json.loads((tmp_path / "comparison.json").read_text())["method"] == method
 
 
+def test_the_demos_table_lines_up_whatever_the_methods_title():
+    from reference_models import demo
+
+    def result(fused, audio, visual):
+        return {"final": {"accuracy": fused, "unimodal": {"audio": audio, "visual": visual}}, "wall_time_s": 1.0}
+
+    results = {"audio trained alone": result(0.9, 0.9, 0.1), "visual trained alone": result(0.9, 0.1, 0.9),
+               "joint training (baseline)": result(0.95, 0.5, 0.85),
+               "joint training + Diagnosing & Re-learning": result(0.96, 0.6, 0.85)}
+    lines = demo.comparison_lines(results, ("audio", "visual"))
+    table = [lines[0], *lines[2:6]]
+    assert len({len(line) for line in table}) == 1  # every row as wide as the header
+    assert {line.index("0.9") for line in table[1:3]} == {lines[0].index("fused acc") + 4}  # right-aligned under "fused acc"
+    assert lines[-1].endswith("audio -40.0, visual -5.0")
+
+
 def test_the_demo_picks_the_method_with_the_largest_gap_closed_that_keeps_the_fused_accuracy(tmp_path):
     from reference_models import demo
 

@@ -237,8 +237,10 @@ def test_a_head_tensor_first_gives_an_identically_zero_update_and_a_warning():
     x, y = probe_batch(3)
     head_first = [net.heads["audio"].weight, *(p for p in net.parameters() if p is not net.heads["audio"].weight)]
     product = hessian_vector_product(net(x), y, head_first, 0.4, "js")
-    torch.testing.assert_close(product.sum(0), torch.zeros(6), atol=1e-9, rtol=0)  # zero over the classes
-    assert product.abs().max() > 1e-4
+    largest = product.abs().max().item()
+    assert largest > 1e-4
+    # zero over the classes, up to float32 rounding of the entries summed (the CPU's order of summation varies)
+    torch.testing.assert_close(product.sum(0), torch.zeros(6), atol=1e-5 * largest, rtol=0)
     method = LFM(NAMES, schedule="learnable", probe=lambda: (net(x), y), parameters=head_first)
     with pytest.warns(RuntimeWarning, match="feeds the logits directly"):
         method.start_epoch(0)

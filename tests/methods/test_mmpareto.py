@@ -217,14 +217,20 @@ def test_heads_get_the_plain_gradient_and_each_encoder_its_own_combination():
     assert set(mod.last) == {"step", "status", "cosine", "unimodal_weight", "scale"} and mod.last["step"] == 0
 
 
-@pytest.mark.parametrize("rule", mmpareto.RULES)
-def test_accumulated_micro_batches_equal_one_batch(rule):
+def _micro_batch_setup(rule):
+    """A model, its copy for the whole batch, one batch and an MMPareto on the model, gradients zeroed."""
     torch.manual_seed(0)
     model = Net()
     whole = copy.deepcopy(model)
     inputs, y, y_uni = batches(2)[1]
     mod = make(model, rule=rule)
     model.zero_grad()
+    return model, whole, inputs, y, y_uni, mod
+
+
+@pytest.mark.parametrize("rule", mmpareto.RULES)
+def test_accumulated_micro_batches_equal_one_batch(rule):
+    model, whole, inputs, y, y_uni, mod = _micro_batch_setup(rule)
     for part in (slice(0, 6), slice(6, 12)):
         loss_mm, unimodal = losses(model, {n: x[part] for n, x in inputs.items()}, y[part], y_uni[part])
         mod.backward(loss_mm / 2, {n: loss / 2 for n, loss in unimodal.items()})
@@ -241,12 +247,7 @@ def test_accumulated_micro_batches_equal_one_batch(rule):
 def test_observed_micro_batches_take_the_scale_of_the_trainers_accumulated_backward(rule):
     """A trainer backwards (L_mm + Σ L_m) / k per micro-batch after ``observe``: the combination written at the
     step is that of the whole batch, as with ``backward``, whatever k the trainer divided by."""
-    torch.manual_seed(0)
-    model = Net()
-    whole = copy.deepcopy(model)
-    inputs, y, y_uni = batches(2)[1]
-    mod = make(model, rule=rule)
-    model.zero_grad()
+    model, whole, inputs, y, y_uni, mod = _micro_batch_setup(rule)
     for part in (slice(0, 6), slice(6, 12)):
         loss_mm, unimodal = losses(model, {n: x[part] for n, x in inputs.items()}, y[part], y_uni[part])
         mod.observe(loss_mm, unimodal)  # the losses as the model returns them

@@ -2,6 +2,7 @@
 
 import copy
 import math
+import re
 import warnings
 
 import numpy as np
@@ -163,6 +164,104 @@ def test_step_without_observe_is_not_modulated_and_warns_once():
     for name, p in model.named_parameters():
         assert torch.equal(p.grad, plain[name]) if name in plain else p.grad is None
     assert mod.step_count == 2 and mod.history == []
+
+
+NOT_ATTACHED = (
+    "gradmod: the gradients of an observed batch were used or discarded, but this modulator never stepped: it is not "
+    "attached to the optimizer, so nothing is modulated; call mod.attach(optimizer) once before training (or "
+    "mod.step() before each optimizer.step()) (this warning is shown once)"
+)
+
+
+def _observed_passes(model, mod, data, after_pass=lambda: None):
+    """Per batch: drop the gradients, observe, backward, then ``after_pass()``."""
+    for inputs, y in data:
+        model.zero_grad(set_to_none=True)
+        _, decoupled, _, _ = model(inputs)
+        mod.observe(logits=decoupled, target=y)
+        forward_backward(model, inputs, y)
+        after_pass()
+
+
+def test_a_modulator_nobody_steps_warns_once_when_its_observed_gradients_are_discarded():
+    model, mod = make("OGM")
+    with pytest.warns(RuntimeWarning) as caught:
+        _observed_passes(model, mod, batches(3))
+    assert [str(w.message) for w in caught] == [NOT_ATTACHED]
+    assert re.fullmatch(re.escape(NOT_ATTACHED), str(caught[0].message))
+    assert mod.state_dict()["warned"] == ["not_attached"]  # a resumed run does not warn again
+
+
+def test_an_attached_modulator_does_not_warn_when_gradients_are_discarded_before_its_first_step():
+    model, mod = make("OGM")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    mod.attach(optimizer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _observed_passes(model, mod, batches(2))  # the first batch's gradients are discarded before any step
+        _observed_passes(model, mod, batches(2, seed=1), after_pass=optimizer.step)
+    assert mod.step_count == 2
+
+
+@pytest.mark.parametrize("driver", ["step", "skip_step"])
+def test_a_modulator_stepped_or_skipped_by_hand_does_not_warn_it_is_not_attached(driver):
+    model, mod = make("OGM")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _observed_passes(model, mod, batches(1), after_pass=getattr(mod, driver))
+        _observed_passes(model, mod, batches(2, seed=1))  # the gradients of the first of these are discarded
+    assert mod.step_count == {"step": 1, "skip_step": 0}[driver]
+
+
+class CompiledFunction(torch.autograd.Function):
+    """An identity over several tensors whose backward node is named like AOTAutograd's, ``CompiledFunctionBackward``."""
+
+    @staticmethod
+    def forward(ctx, *tensors):
+        return tuple(t.clone() for t in tensors)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return grads
+
+
+class PlainFunction(CompiledFunction):
+    """The same identity, under a name that is not a compiled graph's."""
+
+
+def _features_and_logits(features_node, logits_node=None):
+    """Feature and logit tensors: the outputs of one application of ``features_node`` (without ``logits_node``),
+    or of one application each."""
+    leaves = [torch.randn(4, 8, requires_grad=True) for _ in range(2)] + [torch.randn(4, 3, requires_grad=True) for _ in range(2)]
+    if logits_node is None:
+        outputs = features_node.apply(*leaves)
+    else:
+        outputs = features_node.apply(*leaves[:2]) + logits_node.apply(*leaves[2:])
+    return dict(zip(("audio", "visual"), outputs[:2])), dict(zip(("audio", "visual"), outputs[2:]))
+
+
+def test_features_that_one_compiled_graph_returned_with_the_logits_are_refused_by_name():
+    _, mod = make("OGM", apply="features")
+    features, logits = _features_and_logits(CompiledFunction)
+    message = (
+        "observe(features=...) got features that one torch.compile'd graph returned together with the logits it "
+        "computed from them: hooks on the returned features see only the gradient from outside the graph, not the "
+        "head's inside it. Route the features with mod.scale_grad(feature, name) inside the compiled forward"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        mod.observe(features=features, logits=logits, target=torch.zeros(4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("features_node,logits_node", [
+    (CompiledFunction, CompiledFunction),  # two compiled graphs: the head's gradient passes the hooks
+    (PlainFunction, None),  # one node, but not a compiled graph's
+    (CompiledFunction, PlainFunction),
+])
+def test_features_and_logits_of_different_graphs_or_of_an_uncompiled_node_are_observed(features_node, logits_node):
+    _, mod = make("OGM", apply="features")
+    features, logits = _features_and_logits(features_node, logits_node)
+    mod.observe(features=features, logits=logits, target=torch.zeros(4, dtype=torch.long))
+    assert mod._pending is not None
 
 
 def test_gradient_accumulation_adds_evidence():

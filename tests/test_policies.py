@@ -114,6 +114,8 @@ def test_built_in_policies_declare_their_ranges():
 def test_check_coefficients_orders_by_modality_names():
     stacked = check_coefficients({"visual": 0.25, "audio": torch.tensor(0.5, dtype=torch.float16)}, ("audio", "visual"), "p", torch.device("cpu"))
     assert stacked.dtype == torch.float32 and stacked.tolist() == [0.5, 0.25]
+    half = {name: torch.tensor(value, dtype=torch.float16) for name, value in (("audio", 0.5), ("visual", 0.25))}
+    assert check_coefficients(half, ("audio", "visual"), "p", torch.device("cpu")).dtype == torch.float32  # never narrower
     tiny = check_coefficients({"visual": 0.25, "audio": torch.tensor(1.2e-79, dtype=torch.float64)}, ("audio", "visual"), "p", torch.device("cpu"))
     assert tiny.dtype == torch.float64 and tiny.tolist() == [1.2e-79, 0.25]  # float64 coefficients are kept intact
 

@@ -7,6 +7,7 @@ import contextlib
 import copy
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -450,6 +451,39 @@ def test_gradient_accumulation_scores_the_whole_step_and_updates_the_targets_onc
     fresh = agm.AGMPolicy()(expected)
     for n in NAMES:
         assert applied[n].item() == pytest.approx(fresh[n].item(), rel=1e-5)
+
+
+def test_reset_forgets_the_running_targets_and_the_next_step_is_a_fresh_modulators_first():
+    torch.manual_seed(0)
+    model = Net(norm=False)  # no running statistics: without optimizer steps, the twin's responses are the model's
+    twin = copy.deepcopy(model)
+    mod, fresh = make_agm(model), make_agm(twin)
+    (inputs, y), (later, y_later) = batches(2, batch=8, seed=4)
+    runs = ((mod, model, (inputs, y)), (mod, model, (later, y_later)), (fresh, twin, (later, y_later)))
+    for run, (modulator, model, (x, target)) in enumerate(runs):
+        model.zero_grad()
+        responses = agm.mono_responses(model, x)
+        modulator.observe(responses=responses, target=target)
+        F.cross_entropy(modulator.combine(responses), target).backward()
+        applied = modulator.step()
+        if run == 0:
+            mod.reset()
+            assert mod.policy.steps == 0 and mod.policy.targets() is None and mod.step_count == 0
+    assert mod.policy.steps == fresh.policy.steps == 1
+    for n in NAMES:
+        assert applied[n].item() == pytest.approx(mod.last["coefficients"][n], rel=1e-6)
+        assert mod.policy.targets()[n].item() == pytest.approx(fresh.policy.targets()[n].item(), rel=1e-6)
+
+
+def test_shapley_values_refuse_too_few_or_repeated_names_and_missing_coalitions():
+    outputs = coalition_outputs(["a", "b"], [0.0] * 24)
+    for names in (["a"], ["a", "a"]):
+        with pytest.raises(ValueError, match=rf"^shapley_values needs two or more distinct modality names, got {re.escape(str(names))}$"):
+            agm.shapley_values(outputs, names)
+    partial = {subset: value for subset, value in outputs.items() if subset != frozenset({"b"})}
+    message = "coalition outputs are missing for the subsets [['b']] of ['a', 'b']"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        agm.shapley_values(partial, ["a", "b"])
 
 
 def test_a_step_skipped_by_grad_scaler_leaves_the_running_targets_alone():

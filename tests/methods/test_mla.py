@@ -589,6 +589,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             nn.functional.cross_entropy(logits, y[part]).backward()
             optimizer.step()
     torch.save({"projector": mla.projector, "params": [p.detach() for p in model.parameters()]}, os.path.join(out_dir, f"mla{rank}.pt"))
+    del ddp  # its reducer goes before the group it holds, not at interpreter exit
     dist.barrier()  # no rank tears the group down while another still uses it
     dist.destroy_process_group()
 

@@ -188,7 +188,6 @@ def test_a_modulator_nobody_steps_warns_once_when_its_observed_gradients_are_dis
     with pytest.warns(RuntimeWarning) as caught:
         _observed_passes(model, mod, batches(3))
     assert [str(w.message) for w in caught] == [NOT_ATTACHED]
-    assert re.fullmatch(re.escape(NOT_ATTACHED), str(caught[0].message))
     assert mod.state_dict()["warned"] == ["not_attached"]  # a resumed run does not warn again
 
 

@@ -459,19 +459,20 @@ def test_reset_forgets_the_running_targets_and_the_next_step_is_a_fresh_modulato
     twin = copy.deepcopy(model)
     mod, fresh = make_agm(model), make_agm(twin)
     (inputs, y), (later, y_later) = batches(2, batch=8, seed=4)
-    runs = ((mod, model, (inputs, y)), (mod, model, (later, y_later)), (fresh, twin, (later, y_later)))
-    for run, (modulator, model, (x, target)) in enumerate(runs):
-        model.zero_grad()
-        responses = agm.mono_responses(model, x)
+    applied = []
+    for modulator, net, (x, target) in ((mod, model, (inputs, y)), (mod, model, (later, y_later)), (fresh, twin, (later, y_later))):
+        net.zero_grad()
+        responses = agm.mono_responses(net, x)
         modulator.observe(responses=responses, target=target)
         F.cross_entropy(modulator.combine(responses), target).backward()
-        applied = modulator.step()
-        if run == 0:
+        applied.append(modulator.step())
+        if len(applied) == 1:
             mod.reset()
             assert mod.policy.steps == 0 and mod.policy.targets() is None and mod.step_count == 0
     assert mod.policy.steps == fresh.policy.steps == 1
+    after_reset, first_of_fresh = applied[1:]
     for n in NAMES:
-        assert applied[n].item() == pytest.approx(mod.last["coefficients"][n], rel=1e-6)
+        assert after_reset[n].item() == pytest.approx(first_of_fresh[n].item(), rel=1e-6)
         assert mod.policy.targets()[n].item() == pytest.approx(fresh.policy.targets()[n].item(), rel=1e-6)
 
 

@@ -233,11 +233,22 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 SEED_HIGH = 2**62
 
 
-def seeded_generator(seed: int | None) -> torch.Generator:
+def rank_zero_seed(seed: int) -> int:
+    """``seed`` as rank 0 holds it when ``torch.distributed`` is initialised (one broadcast), else ``seed``."""
+    if distributed():
+        shared = [seed]
+        dist.broadcast_object_list(shared, src=0)
+        seed = int(shared[0])
+    return seed
+
+
+def seeded_generator(seed: int | None, *, across_ranks: bool = False) -> torch.Generator:
     """A CPU generator seeded with ``seed`` (an int ``>= 0``), or with a seed drawn from torch's global RNG when
-    ``None`` (so ``torch.manual_seed`` fixes it)."""
+    ``None`` (so ``torch.manual_seed`` fixes it) — with ``across_ranks``, rank 0's draw on every rank."""
     if seed is None:
         seed = int(torch.randint(0, SEED_HIGH, ()))
+        if across_ranks:
+            seed = rank_zero_seed(seed)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be an int >= 0 or None, got {seed!r}")
     return torch.Generator().manual_seed(seed)

@@ -15,7 +15,7 @@ from torch.utils.hooks import RemovableHandle
 
 from gradmod._backward import BackwardMonitor
 from gradmod._hooks import StepHook, StepHooked, unwrapped_optimizer
-from gradmod._internal import collective_device, constants, distributed
+from gradmod._internal import collective_device, constants, distributed, rank_zero_seed
 from gradmod.appliers import Applier, FeaturesApplier, Modality, ParamFilter, make_applier
 from gradmod.history import MODULATOR_FIELDS, History
 from gradmod.measures import Measure
@@ -181,7 +181,7 @@ class Modulator(StepHooked, Method):
         self.validate = validate
         self.strict = strict
         self.capture_safe = capture_safe
-        self.seed = int(seed) if seed is not None else self._broadcast(_default_seed())
+        self.seed = int(seed) if seed is not None else rank_zero_seed(_default_seed())
         self._seeds_checked = False
         self._driven = False  # attached, checked by a trainer, or stepped: someone steps this modulator
         self._step = 0
@@ -197,14 +197,6 @@ class Modulator(StepHooked, Method):
         self._hook = StepHook("modulator", self.step, self._scaler_skipped, on_device=capture_safe)
 
     # ------------------------------------------------------------------ set-up
-    @staticmethod
-    def _broadcast(seed: int) -> int:
-        if distributed():
-            shared = [seed]
-            dist.broadcast_object_list(shared, src=0)
-            seed = int(shared[0])
-        return seed
-
     @property
     def params(self) -> dict[str, list[Tensor]]:
         """The parameters each modality's gradients are modulated on (resolved now)."""

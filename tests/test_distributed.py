@@ -54,6 +54,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         {"params": [p.detach() for p in model.parameters()], "history": history, "seed": unseeded.seed},
         os.path.join(out_dir, f"rank{rank}.pt"),
     )
+    del ddp  # its reducer goes before the group it holds, not at interpreter exit
     dist.barrier()  # no rank tears the group down while another still uses it
     dist.destroy_process_group()
 
@@ -134,6 +135,7 @@ def _seams_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     ddp = DistributedDataParallel(model, find_unused_parameters=True)
     results["params"], results["history"] = _no_sync_run(model, ddp, rank, world)
     torch.save(results, os.path.join(out_dir, f"seams{rank}.pt"))
+    del ddp  # its reducer goes before the group it holds, not at interpreter exit
     dist.barrier()  # no rank tears the group down while another still uses it
     dist.destroy_process_group()
 

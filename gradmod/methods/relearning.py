@@ -20,6 +20,11 @@ Every modality is diagnosed and re-initialised on its own, so the rules hold for
 No per-step cost; per re-initialisation one pass of the encoders over the training set and the held-out split
 and ``2M`` k-means fits (`cluster_purity`).
 
+**Under** ``torch.distributed`` the purities are averaged over the ranks (one all-reduce of ``2M`` numbers)
+before ``α`` is computed, so every replica is re-initialised alike: give every rank the whole splits to get one
+process's diagnosis (each rank runs the same fits), or each rank its share to divide the fits' cost (the mean of
+the shares' purities, not the purity of one fit of the whole split).
+
 **k-means restarts.** The official call leaves ``n_init`` unset: scikit-learn < 1.4 then runs ten
 initialisations and keeps the best, ≥ 1.4 runs one (``n_init="auto"`` with k-means++), and on overlapping
 classes the purity differs (0.237 with one, 0.253 with ten, on the same data). gradmod uses ``n_init=10``:
@@ -38,9 +43,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
-from gradmod._internal import check_names, eval_mode, per_modality, real_scalar
+from gradmod._internal import check_names, collective_device, distributed, eval_mode, per_modality, real_scalar
 from gradmod.appliers import Modality, ParameterSelection
 from gradmod.history import History
 from gradmod.method import Fit, Method, MethodInfo, Option, Strength
@@ -319,6 +325,8 @@ class Relearning(Method):
         options = {"n_init": self.n_init, "random_state": self.random_state}
         p_train = {m: cluster_purity(train[m], train_labels, self.num_classes, **options) for m in self.names}
         p_held = {m: cluster_purity(held_out[m], held_out_labels, self.num_classes, **options) for m in self.names}
+        if distributed():
+            p_train, p_held = _rank_means(p_train), _rank_means(p_held)
         alpha = reinit_coefficients(p_train, p_held, self.reinit_strength)
         for m, params, initial in zip(self.names, self._selection.groups(), self._initial):
             soft_reinit_(params, initial, alpha[m])
@@ -371,6 +379,13 @@ class Relearning(Method):
             f"{self.reinit_strength:g}, reinit_every={self.reinit_every}, max_reinits={self.max_reinits}, "
             f"n_init={self.n_init!r})"
         )
+
+
+def _rank_means(values: Mapping[str, float]) -> dict[str, float]:
+    """Each value's mean over the ranks of ``torch.distributed`` (one all-reduce of ``len(values)`` numbers)."""
+    total = torch.tensor(list(values.values()), dtype=torch.float64, device=collective_device(torch.device("cpu")))
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return dict(zip(values, (total / dist.get_world_size()).tolist()))
 
 
 def _count(value: Any, name: str, minimum: int) -> int:

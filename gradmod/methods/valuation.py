@@ -276,7 +276,8 @@ class ModalityValuation(Method):
         resample_strength: ``α ≥ 0`` of the modality level (official ``--alpha``, 1).
         part_ratio: the share of ``N`` drawn (with replacement) to estimate the modality level's contributions
             (official 0.2).
-        seed: seed of the generator of the modality level's draws; ``None`` draws one from torch's global RNG.
+        seed: seed of the generator of the modality level's draws; ``None`` draws one from torch's global RNG
+            (rank 0's under ``torch.distributed``, so that every rank re-samples the same epoch's data).
 
     The history has one record per valuation (``step`` = the epoch): per modality the mean ``contribution``
     ``φ_m`` over the training set, the modality level's subset ``estimate`` ``con_m`` (NaN at the sample
@@ -317,7 +318,7 @@ class ModalityValuation(Method):
         self.part_ratio = real_scalar(part_ratio, "part_ratio", strict=True)
         if self.part_ratio > 1.0:
             raise ValueError(f"part_ratio must lie in (0, 1], got {part_ratio!r}")
-        self._generator = seeded_generator(seed)
+        self._generator = seeded_generator(seed, across_ranks=True)  # one plan of the epoch's data for every rank
         self._initial = self._generator.get_state()
         self._history = History(self.names, fields=_RECORDED, dtype=torch.float64)
         self._epoch: int | None = None  # the epoch the current data are for

@@ -10,11 +10,14 @@ loss method reads); a method adds a line to `CASES` only where it needs more (a 
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -150,6 +153,10 @@ class Case:
         turns: optimizer steps per batch (MLA: one per modality).
         accumulates: ``True`` when k micro-batches give the gradient of one batch of k·b; otherwise why not.
         attaches: whether the method hooks the optimizer (``attach``) in a plain loop.
+        shards: ``True`` when two ranks on the halves of each batch give one process's run on the whole batch;
+            otherwise why not (the replicas must stay identical either way).
+        rank_records: why the method's records (``history``) are of each rank's own batch, where they are (its
+            decisions, the state, stay identical across ranks); empty when the records are the whole batch's.
         bad: calls that must raise, with the error type and a fragment of the message that names the problem.
     """
 
@@ -159,6 +166,8 @@ class Case:
     turns: int = 1
     accumulates: bool | str = True
     attaches: bool = False
+    shards: bool | str = True
+    rank_records: str = ""
     bad: list[tuple[Callable[[Net, Any], Any], type[Exception], str]] = field(default_factory=list)
 
     @property
@@ -208,6 +217,15 @@ def decoupled_accuracy(net: Net, data: Sequence[Batch]) -> dict[str, float]:
 MEASURED = batches(2, seed=7)
 
 
+def rank_share(data: Sequence[Batch]) -> list[Batch]:
+    """This rank's half of every batch under ``torch.distributed`` (as a ``DistributedSampler`` shards a pass),
+    else ``data``."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return list(data)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    return [({n: x.chunk(world)[rank] for n, x in inputs.items()}, target.chunk(world)[rank]) for inputs, target in data]
+
+
 def _bmm(net: Net) -> Method:
     return gradmod.BalancedMixup(
         net.names, CLASSES, degree=1.0, warmup_epochs=0, seed=0, measure=lambda: decoupled_accuracy(net, MEASURED)
@@ -221,7 +239,7 @@ def _gblending(net: Net) -> Method:
         return {"fused": model.fusion(features), **{n: model.unimodal[n](features[n]) for n in model.names}}, target
 
     def measure():
-        return gradmod.methods.gblending.checkpoint(net, heads, train=MEASURED[:1], held_out=MEASURED[1:])
+        return gradmod.methods.gblending.checkpoint(net, heads, train=rank_share(MEASURED[:1]), held_out=rank_share(MEASURED[1:]))
 
     return gradmod.GBlending(("fused", *net.names), measure=measure)
 
@@ -262,14 +280,14 @@ def _encoded(model: Net, batch: Batch) -> tuple[dict[str, Tensor], Tensor]:
 def _pmr(net: Net) -> Method:
     from gradmod.methods.pmr import prototype_pass
 
-    return gradmod.PMR(net.names, CLASSES, measure=lambda: prototype_pass(net, _encoded, MEASURED, CLASSES))
+    return gradmod.PMR(net.names, CLASSES, measure=lambda: prototype_pass(net, _encoded, rank_share(MEASURED), CLASSES))
 
 
 def _relearning(net: Net) -> Method:
     from gradmod.methods.relearning import pooled_features
 
     def features(split: str):
-        return pooled_features(net, _encoded, MEASURED if split == "train" else batches(2, seed=8))
+        return pooled_features(net, _encoded, rank_share(MEASURED if split == "train" else batches(2, seed=8)))
 
     return gradmod.Relearning(modalities(net), CLASSES, features, reinit_every=1)
 
@@ -327,6 +345,9 @@ LOGIT_MISTAKES = [
     (_bad_observe(logits=_LOGITS, target=torch.tensor([0, 1, 2, 9])), ValueError, "outside [0, 4)"),
 ]
 
+#: Why a loss method's records differ between ranks: they are means over the rank's own batch.
+RANK_LOSSES = "its records are the terms of each rank's own batch, as a trainer's logged loss is"
+
 #: Every method's case (the keys of gradmod.METHODS, in its order).
 CASES: dict[str, Case] = {
     "ogm": Case("ogm", _ogm, modulator_step, attaches=True, bad=LOGIT_MISTAKES),
@@ -337,8 +358,10 @@ CASES: dict[str, Case] = {
         bad=[(_bad_observe(zeta=torch.full((4, 3), 1.5)), ValueError, "zeta lies outside [0, 1]")],
     ),
     "pdmp": Case("pdmp", _pdmp, modulator_step, attaches=True, bad=LOGIT_MISTAKES),
-    "mm": Case("mm", _mm, _mm_step, accumulates="its mixing weight is drawn per call"),
-    "bmm": Case("bmm", _bmm, _bmm_step, accumulates="its partners are drawn per call"),
+    "mm": Case("mm", _mm, _mm_step, accumulates="its mixing weight is drawn per call",
+               shards="its mixing weight and partners are drawn per call, within each rank's batch"),
+    "bmm": Case("bmm", _bmm, _bmm_step, accumulates="its partners are drawn per call",
+                shards="its partners are drawn per call, within each rank's batch"),
     "mla": Case("mla", _mla, _turns, turns=2, attaches=True, accumulates="MLA takes one optimizer step per modality"),
     "gblending": Case("gblending", _gblending, loss_step),
     "agm": derived_case("agm", accumulates=(
@@ -346,18 +369,50 @@ CASES: dict[str, Case] = {
         "observed so far (methods/agm.md, accumulation)"
     )),
     "mmpareto": derived_case("mmpareto"),
-    "umt": Case("umt", _umt, loss_step),
+    "umt": Case("umt", _umt, loss_step, rank_records=RANK_LOSSES),
+    "ume": derived_case("ume", rank_records=RANK_LOSSES),
+    "dgl": derived_case("dgl", rank_records=RANK_LOSSES),
+    "mbsd": derived_case("mbsd", rank_records=RANK_LOSSES),
+    "lfm": derived_case("lfm", rank_records=RANK_LOSSES),
+    "reconboost": derived_case("reconboost", rank_records=RANK_LOSSES),
     "pmr": Case("pmr", _pmr, loss_step, accumulates="the slower modality is decided per micro-batch"),
     "amco": derived_case("amco", accumulates="its counter advances and its mask is drawn per call"),
-    "cml": derived_case("cml", accumulates="its removal orders are drawn per call"),
-    "relearning": Case("relearning", _relearning, plain_step),
+    "cml": derived_case("cml", accumulates="its removal orders are drawn per call",
+                        shards="its removal orders are drawn per call, within each rank's batch", rank_records=RANK_LOSSES),
+    "relearning": Case("relearning", _relearning, plain_step, shards=(
+        "each rank clusters its share of the splits, and the mean of the shares' purities is not one fit's purity"
+    )),
     "mmcosine": Case("mmcosine", lambda net: gradmod.fusion.MMCosineFusion({n: DIM for n in net.names}, CLASSES), plain_step),
     "valuation": Case("valuation", _valuation, _valuation_step),
     "opm": Case(
         "opm", lambda net: gradmod.methods.opm.OPM(net.names, warmup_epochs=0, seed=0), forward_step,
         accumulates="its masks are drawn per call",
+        shards="every rank draws its own masks at the rates of its own batch (docs/methods/opm.md, randomness)",
+        rank_records="its rates and masks are those of each rank's own batch",
     ),
 }
+
+
+def same_state(a, b, where: str, close: bool = False) -> None:
+    """``a`` equals ``b`` leaf by leaf (nested dicts, lists, tensors, numbers): bit for bit (NaN equal to NaN), or
+    (``close``) to float32 round-off."""
+    if isinstance(a, dict):
+        assert set(a) == set(b), where
+        for k in a:
+            same_state(a[k], b[k], f"{where}.{k}", close)
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            same_state(x, y, f"{where}[{i}]", close)
+    elif isinstance(a, torch.Tensor):
+        if close:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=where)
+        else:
+            assert torch.equal(a, b), where
+    elif isinstance(a, float) and close:
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6, nan_ok=True), where
+    else:
+        assert a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b)), where
 
 
 def case(key: str) -> Case:

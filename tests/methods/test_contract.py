@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import gradmod
-from cases import CASES, Net, batches, case, run_step
+from cases import CASES, Net, batches, case, run_step, same_state
 
 KEYS = list(gradmod.METHODS)
 #: The kinds whose methods have a ``state_dict`` of their own (a head's state is the model's).
@@ -72,7 +72,7 @@ def test_resume_mid_run_is_exact(key):
     _train(key, data, resumed_net, resumed, resumed_optimizer, first_epoch=1)
     for a, b in zip(straight_net.parameters(), resumed_net.parameters()):
         assert torch.equal(a, b), key
-    _equal_states(resumed.history, straight.history, key)
+    same_state(resumed.history, straight.history, key)
 
 
 @pytest.mark.parametrize("key", STATEFUL)
@@ -94,22 +94,7 @@ def test_reset_gives_back_a_fresh_methods_state(key):
     _train(key, batches(2), net, method, optimizer)
     method.reset()
     assert method.history == [] and method.last is None and method.scalars() == {}
-    _equal_states(method.state_dict(), fresh_state, key)
-
-
-def _equal_states(a, b, where):
-    if isinstance(a, dict):
-        assert set(a) == set(b), where
-        for k in a:
-            _equal_states(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _equal_states(x, y, f"{where}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    else:
-        assert a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b)), where
+    same_state(method.state_dict(), fresh_state, key)
 
 
 @pytest.mark.parametrize("key", STATEFUL)
@@ -213,7 +198,7 @@ def test_history_last_scalars_and_repr_agree(key):
     _, method, _ = _train(key, batches(2), *(_fresh(key)[:3]), epochs=2)
     history = method.history
     assert history, key
-    _equal_states(method.last, history[-1], key)
+    same_state(method.last, history[-1], key)
     for record in history:
         assert {"step", "status"} <= set(record) and record["status"] in gradmod.history.STATUSES
     values = method.scalars()

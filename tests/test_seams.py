@@ -1027,6 +1027,8 @@ def other_rank(monkeypatch):
         monkeypatch.setattr(gradmod.modulator, "dist", fake)
         monkeypatch.setattr(gradmod.modulator, "distributed", lambda: True)
         monkeypatch.setattr(gradmod.modulator, "collective_device", lambda device: device)
+        monkeypatch.setattr(gradmod._internal, "dist", fake)  # the default seed's broadcast
+        monkeypatch.setattr(gradmod._internal, "distributed", lambda: True)
         return fake
     return install
 

@@ -222,6 +222,7 @@ class GBlending(Method):
             gradmod.methods.gblending.checkpoint, model, forward, train=..., held_out=...)``); with it,
             `start_epoch` records one every ``super_epoch`` epochs, so a trainer callback drives the estimates.
         super_epoch: epochs per estimate when ``measure`` is given.
+        validate: check every call's losses for NaN and inf (one host synchronisation).
 
     Before the first estimate every head weighs ``1/K``. ``update(before, after)`` estimates from any two
     checkpoints (the paper's copies, one per head); ``record(now)`` keeps the last checkpoint and
@@ -241,8 +242,10 @@ class GBlending(Method):
         tolerance: float = DEFAULT_TOLERANCE,
         measure: Callable[[], HeadLosses] | None = None,
         super_epoch: int = 1,
+        validate: bool = True,
     ) -> None:
         self.names: tuple[str, ...] = check_units(heads, "heads")
+        self.validate = bool(validate)
         self.tolerance = real_scalar(tolerance, "tolerance", strict=True)
         if measure is not None and not callable(measure):
             raise TypeError(f"measure must be a callable () -> HeadLosses, got {type(measure).__name__}")
@@ -329,6 +332,11 @@ class GBlending(Method):
             if not isinstance(value, Tensor) or value.dim() != 0:
                 shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
                 raise ValueError(f"the loss of head {head!r} must be a 0-d tensor (reduced over the batch), got {shape}")
+        if self.validate:
+            finite = torch.stack([losses[head].detach().to(torch.float32) for head in self.names]).isfinite().tolist()
+            bad = [head for head, ok in zip(self.names, finite) if not ok]
+            if bad:
+                raise ValueError(f"gradmod G-Blending: the losses of heads {bad} are NaN or inf")
         return sum(self._weights[head] * losses[head] for head in self.names)
 
     def _check_ranks_agree(self, before: HeadLosses, after: HeadLosses) -> None:

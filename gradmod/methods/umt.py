@@ -161,7 +161,9 @@ class UMT(Method):
         taught = self.teacher_features(inputs)
         for name in self.names:
             h, t = features[name], taught[name]
-            if not isinstance(h, Tensor) or h.shape != t.shape or h.shape[0] != logits.shape[0]:
+            if isinstance(h, Tensor) and h.shape == t.shape and h.shape[0] != logits.shape[0]:
+                raise ValueError(f"features[{name!r}] and inputs[{name!r}] have batch {h.shape[0]}, the logits {logits.shape[0]}")
+            if not isinstance(h, Tensor) or h.shape != t.shape:
                 shape = tuple(h.shape) if isinstance(h, Tensor) else type(h).__name__
                 raise ValueError(
                     f"features[{name!r}] must have the teacher's shape {tuple(t.shape)} (batch {logits.shape[0]}), got {shape}"

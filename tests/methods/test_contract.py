@@ -3,7 +3,8 @@
 Per method: a case exists; exact resume mid-run (bit for bit, model, optimizer and method restored); a newer
 state version and another method's names are refused by name; ``reset()`` gives a fresh method's state; k
 accumulated micro-batches equal one batch of k·b (or the case says why not); a step ``GradScaler`` skips changes
-nothing; bad inputs are refused by name; a method that acts in the optimizer step and was never attached says so;
+nothing; bad inputs are refused by name (for every loss and forward method: a missing modality, NaN values, an
+empty batch); a method that acts in the optimizer step and was never attached says so;
 its ``history``/``last``/``scalars()``/``repr`` are consistent. Method-specific behaviour is in each method's own
 test file.
 """
@@ -18,7 +19,7 @@ import pytest
 import torch
 
 import gradmod
-from cases import CASES, Net, batches, case, run_step, same_state
+from cases import CASES, Net, batches, case, provide, run_step, same_state
 
 KEYS = list(gradmod.METHODS)
 #: The kinds whose methods have a ``state_dict`` of their own (a head's state is the model's).
@@ -159,6 +160,50 @@ def test_bad_inputs_are_refused_by_a_message_that_names_the_problem(key):
         with pytest.raises(error) as raised:
             call(net, method)
         assert fragment in str(raised.value), (key, str(raised.value))
+
+
+LOSS_OR_FORWARD = [k for k in STATEFUL if gradmod.METHODS[k].kind in ("loss", "forward")]
+
+
+def _corrupted(given: dict, mistake: str) -> tuple[dict, bool]:
+    """The step inputs with one mistake: a modality ``missing`` from every per-modality mapping, the first
+    modality's tensors ``nan``, or an ``empty`` batch; and whether the mistake could be made in them."""
+    def change(name, value):
+        if mistake == "missing":
+            return {k: v for k, v in value.items() if k != "visual"}, True
+        if mistake == "nan" and value["audio"].is_floating_point():
+            return {**value, "audio": torch.full_like(value["audio"], math.nan)}, True
+        if mistake == "empty" and value["audio"].dim() > 0:
+            return {k: v[:0] for k, v in value.items()}, True
+        return value, False
+
+    made = False
+    out = {}
+    for name, value in given.items():
+        if isinstance(value, dict) and {"audio", "visual"} <= set(value) and all(isinstance(v, torch.Tensor) for v in value.values()):
+            value, changed = change(name, value)
+            made |= changed
+        elif mistake == "empty" and isinstance(value, torch.Tensor) and value.dim() > 0:
+            value = value[:0]
+        out[name] = value
+    return out, made
+
+
+@pytest.mark.parametrize("mistake, fragment", [("missing", "missing ['visual']"), ("nan", "NaN"), ("empty", "empty")])
+@pytest.mark.parametrize("key", LOSS_OR_FORWARD)
+def test_a_missing_modality_nan_values_or_an_empty_batch_are_refused_by_name(key, mistake, fragment):
+    """What a loss or forward method reads (`cases.provide`), with one mistake: an error that names it."""
+    net, method, _, _ = _fresh(key)
+    method.start_epoch(0)
+    kind = gradmod.METHODS[key].kind
+    inputs, target = batches(1)[0]
+    given, made = _corrupted(provide(net, method.loss_inputs if kind == "loss" else method.forward_inputs, inputs, target), mistake)
+    if not made:
+        pytest.skip(f"{key} reads nothing this mistake can be made in (G-Blending: 0-d losses, no batch)")
+    call = method.loss if kind == "loss" else method
+    with pytest.raises(ValueError) as raised:
+        call(**given)
+    assert fragment in str(raised.value), (key, str(raised.value))
 
 
 @pytest.mark.parametrize("key", [k for k in STATEFUL if case(k).attaches and k != "mla"])

@@ -140,6 +140,14 @@ def test_bad_losses_fail_by_name(train, held_out, error, message):
         HeadLosses(train=train, held_out=held_out)
 
 
+def test_a_nan_or_inf_head_loss_is_refused_by_name_unless_validation_is_off():
+    gb = GBlending(("fused", "audio", "visual"))
+    losses = {"fused": torch.tensor(1.0), "audio": torch.tensor(math.nan), "visual": torch.tensor(math.inf)}
+    with pytest.raises(ValueError, match=r"the losses of heads \['audio', 'visual'\] are NaN or inf"):
+        gb.loss(losses)
+    assert torch.isnan(GBlending(("fused", "audio", "visual"), validate=False).loss(losses))
+
+
 def test_bad_weight_arguments_fail_by_name():
     one = HeadLosses(train={"a": 1.0}, held_out={"a": 1.0})
     with pytest.raises(ValueError, match="two or more heads"):

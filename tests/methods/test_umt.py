@@ -177,6 +177,8 @@ def test_bad_use_fails_by_name():
         method.loss(out, {"audio": features["audio"]}, inputs, y)
     with pytest.raises(ValueError, match=r"features\['visual'\] must have the teacher's shape \(8, 6\)"):
         method.loss(out, {**features, "visual": features["visual"][:, :4]}, inputs, y)
+    with pytest.raises(ValueError, match=r"features\['audio'\] and inputs\['audio'\] have batch 3, the logits 8"):
+        method.loss(out, {**features, "audio": features["audio"][:3]}, {**inputs, "audio": inputs["audio"][:3]}, y)
     with pytest.raises(ValueError, match=r"features of modalities \['audio'\] contain NaN"):
         method.loss(out, {**features, "audio": torch.full((8, 6), math.nan)}, inputs, y)
     with pytest.raises(ValueError, match="logits contain NaN"):

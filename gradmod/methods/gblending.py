@@ -333,7 +333,7 @@ class GBlending(Method):
                 shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
                 raise ValueError(f"the loss of head {head!r} must be a 0-d tensor (reduced over the batch), got {shape}")
         if self.validate:
-            finite = torch.stack([losses[head].detach().to(torch.float32) for head in self.names]).isfinite().tolist()
+            finite = torch.stack([losses[head].detach().double() for head in self.names]).isfinite().tolist()
             bad = [head for head, ok in zip(self.names, finite) if not ok]
             if bad:
                 raise ValueError(f"gradmod G-Blending: the losses of heads {bad} are NaN or inf")

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import gradmod
+from gradmod._internal import distributed
 from gradmod.fusion import ConcatFusion
 from gradmod.method import Method, MethodInfo
 
@@ -220,7 +221,7 @@ MEASURED = batches(2, seed=7)
 def rank_share(data: Sequence[Batch]) -> list[Batch]:
     """This rank's half of every batch under ``torch.distributed`` (as a ``DistributedSampler`` shards a pass),
     else ``data``."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not distributed():
         return list(data)
     world, rank = dist.get_world_size(), dist.get_rank()
     return [({n: x.chunk(world)[rank] for n, x in inputs.items()}, target.chunk(world)[rank]) for inputs, target in data]
@@ -391,6 +392,36 @@ CASES: dict[str, Case] = {
         rank_records="its rates and masks are those of each rank's own batch",
     ),
 }
+
+
+def fresh(key: str, seed: int = 0, *, step_pre_hook: Callable[..., None] | None = None):
+    """``(net, method, optimizer, case)``: the tiny net from ``seed``, the case's method and an SGD optimizer
+    (momentum 0.9) over both, attached where the case attaches; ``step_pre_hook`` (an optimizer step pre-hook)
+    runs before the method's own hooks, as DDP's gradient average does."""
+    torch.manual_seed(seed)
+    net = Net()
+    the_case = case(key)
+    method = the_case.build(net)
+    extra = [] if getattr(method, "extra", None) is None else list(method.extra.parameters())
+    optimizer = torch.optim.SGD([*net.parameters(), *extra], lr=0.05, momentum=0.9)
+    if step_pre_hook is not None:
+        optimizer.register_step_pre_hook(step_pre_hook)
+    if the_case.attaches:
+        method.attach(optimizer)
+    return net, method, optimizer, the_case
+
+
+def train(key: str, data, net=None, method=None, optimizer=None, epochs: int = 1, first_epoch: int = 0):
+    """``epochs`` epochs of the case's plain loop on ``data`` (a `fresh` net, method and optimizer unless given)."""
+    if net is None:
+        net, method, optimizer, the_case = fresh(key)
+    the_case = case(key)
+    for epoch in range(first_epoch, first_epoch + epochs):
+        method.start_epoch(epoch)
+        for batch in data:
+            run_step(net, method, optimizer, batch, the_case)
+        method.end_epoch(epoch)
+    return net, method, optimizer
 
 
 def same_state(a, b, where: str, close: bool = False) -> None:

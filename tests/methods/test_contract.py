@@ -19,35 +19,11 @@ import pytest
 import torch
 
 import gradmod
-from cases import CASES, Net, batches, case, provide, run_step, same_state
+from cases import CASES, Net, batches, case, fresh, provide, run_step, same_state, train
 
 KEYS = list(gradmod.METHODS)
 #: The kinds whose methods have a ``state_dict`` of their own (a head's state is the model's).
 STATEFUL = [key for key in KEYS if gradmod.METHODS[key].kind != "head"]
-
-
-def _fresh(key: str, seed: int = 0):
-    torch.manual_seed(seed)
-    net = Net()
-    the_case = case(key)
-    method = the_case.build(net)
-    extra = [] if getattr(method, "extra", None) is None else list(method.extra.parameters())
-    optimizer = torch.optim.SGD([*net.parameters(), *extra], lr=0.05, momentum=0.9)
-    if the_case.attaches:
-        method.attach(optimizer)
-    return net, method, optimizer, the_case
-
-
-def _train(key: str, data, net=None, method=None, optimizer=None, epochs: int = 1, first_epoch: int = 0):
-    if net is None:
-        net, method, optimizer, the_case = _fresh(key)
-    the_case = case(key)
-    for epoch in range(first_epoch, first_epoch + epochs):
-        method.start_epoch(epoch)
-        for batch in data:
-            run_step(net, method, optimizer, batch, the_case)
-        method.end_epoch(epoch)
-    return net, method, optimizer
 
 
 def test_every_method_has_a_case_and_every_case_a_method():
@@ -60,17 +36,17 @@ def test_every_method_has_a_case_and_every_case_a_method():
 def test_resume_mid_run_is_exact(key):
     """Stopped after the first of two epochs and resumed from the states: the same run as one that never stopped."""
     data = batches(2)
-    straight_net, straight, _ = _train(key, data, epochs=2)
-    net, method, optimizer, _ = _fresh(key)
-    _train(key, data, net, method, optimizer)
+    straight_net, straight, _ = train(key, data, epochs=2)
+    net, method, optimizer, _ = fresh(key)
+    train(key, data, net, method, optimizer)
     saved = copy.deepcopy({"net": net.state_dict(), "optimizer": optimizer.state_dict(), "method": method.state_dict(),
                            "rng": torch.get_rng_state()})
-    resumed_net, resumed, resumed_optimizer, _ = _fresh(key, seed=1)  # another initialisation: the state overrides it
+    resumed_net, resumed, resumed_optimizer, _ = fresh(key, seed=1)  # another initialisation: the state overrides it
     resumed_net.load_state_dict(saved["net"])
     resumed_optimizer.load_state_dict(saved["optimizer"])
     resumed.load_state_dict(saved["method"])
     torch.set_rng_state(saved["rng"])
-    _train(key, data, resumed_net, resumed, resumed_optimizer, first_epoch=1)
+    train(key, data, resumed_net, resumed, resumed_optimizer, first_epoch=1)
     for a, b in zip(straight_net.parameters(), resumed_net.parameters()):
         assert torch.equal(a, b), key
     same_state(resumed.history, straight.history, key)
@@ -78,7 +54,7 @@ def test_resume_mid_run_is_exact(key):
 
 @pytest.mark.parametrize("key", STATEFUL)
 def test_a_newer_state_and_other_modalities_are_refused_by_name(key):
-    _, method, _, _ = _fresh(key)
+    _, method, _, _ = fresh(key)
     state = method.state_dict()
     assert state["version"] == type(method).state_version
     with pytest.raises(ValueError, match="newer"):
@@ -90,9 +66,9 @@ def test_a_newer_state_and_other_modalities_are_refused_by_name(key):
 
 @pytest.mark.parametrize("key", STATEFUL)
 def test_reset_gives_back_a_fresh_methods_state(key):
-    net, method, optimizer, _ = _fresh(key)
+    net, method, optimizer, _ = fresh(key)
     fresh_state = copy.deepcopy(method.state_dict())
-    _train(key, batches(2), net, method, optimizer)
+    train(key, batches(2), net, method, optimizer)
     method.reset()
     assert method.history == [] and method.last is None and method.scalars() == {}
     same_state(method.state_dict(), fresh_state, key)
@@ -106,11 +82,11 @@ def test_accumulated_micro_batches_equal_one_batch_or_the_method_says_why_not(ke
         return
     (inputs, target), = batches(1, batch=8)
     halves = [({n: x[i : i + 4] for n, x in inputs.items()}, target[i : i + 4]) for i in (0, 4)]
-    whole_net, whole, whole_optimizer, _ = _fresh(key)
+    whole_net, whole, whole_optimizer, _ = fresh(key)
     whole_optimizer.param_groups[0]["momentum"] = 0.0
     whole.start_epoch(0)
     run_step(whole_net, whole, whole_optimizer, (inputs, target), the_case)
-    net, method, optimizer, _ = _fresh(key)
+    net, method, optimizer, _ = fresh(key)
     optimizer.param_groups[0]["momentum"] = 0.0
     method.start_epoch(0)
     optimizer.zero_grad(set_to_none=True)
@@ -127,9 +103,9 @@ def test_accumulated_micro_batches_equal_one_batch_or_the_method_says_why_not(ke
 def test_a_step_the_scaler_skips_changes_nothing_and_drops_the_step(key):
     """``skip_step()`` is what the attach hook and the trainer callbacks call for a step GradScaler skips."""
     data = batches(3)
-    plain_net, plain, plain_optimizer, the_case = _fresh(key)
-    _train(key, [data[0], data[2]], plain_net, plain, plain_optimizer)
-    net, method, optimizer, _ = _fresh(key)
+    plain_net, plain, plain_optimizer, the_case = fresh(key)
+    train(key, [data[0], data[2]], plain_net, plain, plain_optimizer)
+    net, method, optimizer, _ = fresh(key)
     method.start_epoch(0)
     run_step(net, method, optimizer, data[0], the_case)
     counted = _count(method)
@@ -155,7 +131,7 @@ def _count(method):
 
 @pytest.mark.parametrize("key", [k for k in STATEFUL if case(k).bad])
 def test_bad_inputs_are_refused_by_a_message_that_names_the_problem(key):
-    net, method, _, the_case = _fresh(key)
+    net, method, _, the_case = fresh(key)
     for call, error, fragment in the_case.bad:
         with pytest.raises(error) as raised:
             call(net, method)
@@ -168,7 +144,7 @@ LOSS_OR_FORWARD = [k for k in STATEFUL if gradmod.METHODS[k].kind in ("loss", "f
 def _corrupted(given: dict, mistake: str) -> tuple[dict, bool]:
     """The step inputs with one mistake: a modality ``missing`` from every per-modality mapping, the first
     modality's tensors ``nan``, or an ``empty`` batch; and whether the mistake could be made in them."""
-    def change(name, value):
+    def change(value):
         if mistake == "missing":
             return {k: v for k, v in value.items() if k != "visual"}, True
         if mistake == "nan" and value["audio"].is_floating_point():
@@ -181,7 +157,7 @@ def _corrupted(given: dict, mistake: str) -> tuple[dict, bool]:
     out = {}
     for name, value in given.items():
         if isinstance(value, dict) and {"audio", "visual"} <= set(value) and all(isinstance(v, torch.Tensor) for v in value.values()):
-            value, changed = change(name, value)
+            value, changed = change(value)
             made |= changed
         elif mistake == "empty" and isinstance(value, torch.Tensor) and value.dim() > 0:
             value = value[:0]
@@ -193,7 +169,7 @@ def _corrupted(given: dict, mistake: str) -> tuple[dict, bool]:
 @pytest.mark.parametrize("key", LOSS_OR_FORWARD)
 def test_a_missing_modality_nan_values_or_an_empty_batch_are_refused_by_name(key, mistake, fragment):
     """What a loss or forward method reads (`cases.provide`), with one mistake: an error that names it."""
-    net, method, _, _ = _fresh(key)
+    net, method, _, _ = fresh(key)
     method.start_epoch(0)
     kind = gradmod.METHODS[key].kind
     inputs, target = batches(1)[0]
@@ -240,7 +216,7 @@ def test_mla_never_attached_says_so_by_the_second_turn():
 
 @pytest.mark.parametrize("key", STATEFUL)
 def test_history_last_scalars_and_repr_agree(key):
-    _, method, _ = _train(key, batches(2), *(_fresh(key)[:3]), epochs=2)
+    _, method, _ = train(key, batches(2), *(fresh(key)[:3]), epochs=2)
     history = method.history
     assert history, key
     same_state(method.last, history[-1], key)
@@ -265,7 +241,7 @@ def test_a_head_is_a_fusion_head_whose_per_modality_logits_add_up_to_its_output(
 @pytest.mark.parametrize("key", STATEFUL)
 def test_each_registry_entry_names_its_kind_and_a_strength_the_preset_takes(key):
     info = gradmod.METHODS[key]
-    _, method, _, _ = _fresh(key)
+    _, method, _, _ = fresh(key)
     assert method.kind == info.kind and isinstance(method, info.preset)
     if info.strength is not None:
         import inspect

@@ -3,7 +3,8 @@
 Two processes each train every method on their half of each batch, their gradients averaged before each
 optimizer step as DDP averages them; the two replicas must end bit-identical (parameters, the method's state and
 its history — unless the case says why its records are of each rank's own batch), and equal to one process that
-trains on the whole batches — or the case says why a split batch cannot give the whole batch's run. One spawn serves every method: a worker trains them one after another.
+trains on the whole batches — or the case says why a split batch cannot give the whole batch's run. One spawn
+serves every method: a worker trains them one after another.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from cases import Net, batches, case, rank_share, run_step, same_state
+from cases import batches, case, fresh, rank_share, same_state, train
 
 import gradmod
 
@@ -40,29 +41,16 @@ def average_gradients(optimizer: torch.optim.Optimizer, world: int) -> None:
             p.grad.div_(world)
 
 
-def train(key: str, data, world: int = 1):
+def run(key: str, data, world: int = 1):
     """``EPOCHS`` epochs of the case's plain loop on ``data``; with ``world > 1`` on this rank's half of each batch
-    (the per-epoch measures too, where a case shards them), the gradients averaged over the ranks before each optimizer step (the method attached after that hook, as its
-    hooks act on the gradients DDP has averaged)."""
-    torch.manual_seed(0)
-    net = Net()
-    the_case = case(key)
-    method = the_case.build(net)
-    extra = [] if getattr(method, "extra", None) is None else list(method.extra.parameters())
-    optimizer = torch.optim.SGD([*net.parameters(), *extra], lr=0.05, momentum=0.9)
-    if world > 1:
-        optimizer.register_step_pre_hook(lambda opt, args, kwargs: average_gradients(opt, world))
-    if the_case.attaches:
-        method.attach(optimizer)
-    data = rank_share(data)
-    for epoch in range(EPOCHS):
-        method.start_epoch(epoch)
-        for batch in data:
-            run_step(net, method, optimizer, batch, the_case)
-        method.end_epoch(epoch)
+    (and of the per-epoch measures, where a case shards them), the gradients averaged over the ranks before each
+    optimizer step and before the method's hooks, which act on the gradients DDP has averaged."""
+    hook = None if world == 1 else (lambda opt, args, kwargs: average_gradients(opt, world))
+    net, method, optimizer, _ = fresh(key, step_pre_hook=hook)
+    train(key, rank_share(data), net, method, optimizer, epochs=EPOCHS)
     state = {k: v for k, v in method.state_dict().items() if k != "history"}
-    return {"params": [p.detach().clone() for p in [*net.parameters(), *extra]], "state": copy.deepcopy(state),
-            "history": method.history}
+    params = [p.detach().clone() for group in optimizer.param_groups for p in group["params"]]
+    return {"params": params, "state": copy.deepcopy(state), "history": method.history}
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
@@ -70,7 +58,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     results = {}
     for key in KEYS:
         try:
-            results[key] = train(key, batches(STEPS), world)
+            results[key] = run(key, batches(STEPS), world)
         except Exception as error:  # noqa: BLE001 - reported by the key's test
             results[key] = {"error": f"{type(error).__name__}: {error}"}
     torch.manual_seed(rank)  # ranks seeded apart, as data-augmentation code often seeds them
@@ -103,7 +91,7 @@ def test_two_gloo_ranks_stay_identical_and_equal_one_process_on_the_whole_batch(
     if the_case.shards is not True:
         assert isinstance(the_case.shards, str) and the_case.shards
         return
-    single = train(key, batches(STEPS))
+    single = run(key, batches(STEPS))
     same_state(first["params"], single["params"], f"{key}.params", close=True)
     same_state(first["state"], single["state"], f"{key}.state", close=True)
     if not the_case.rank_records:

@@ -148,11 +148,15 @@ class History:
         return self._steps[-1] if self._steps and not self.ring else None
 
     def drop_newest(self) -> None:
-        """Remove the newest record of a non-ring history (a step that was recorded, then skipped)."""
-        if self.ring or not self._steps or self._filled == 0:
-            raise ValueError("drop_newest() removes the newest row of a non-ring history that holds one in memory")
+        """Remove the newest record of a non-ring history (a step that was recorded, then skipped); a block left
+        empty goes, and the block before it, closed at its used length, holds the newest row again."""
+        if self.ring or not self._steps:
+            raise ValueError("drop_newest() removes the newest row of a non-ring history that has one")
         self._steps.pop()
         self._filled -= 1
+        if self._filled == 0 and len(self._blocks) > 1:
+            self._blocks.pop()
+            self._filled = self._blocks[-1].shape[0]
 
     def amend(self, values: Sequence[Tensor], usable: Flag = True, valid: Flag = True, in_window: Flag = True) -> None:
         """Overwrite the newest record's values and flags, keeping its step (a step whose numbers changed after

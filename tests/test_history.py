@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gradmod.functional import discrepancy_ratios
-from gradmod.history import History
+from gradmod.history import Derived, History
 
 
 def appended(step: int) -> list[float]:
@@ -179,3 +179,109 @@ def test_the_length_of_a_bounded_history_is_its_number_of_records():
     with pytest.warns(RuntimeWarning):
         fill(history, 4096 + 20)
     assert len(history) == len(history.records()) == 10
+
+
+# ------------------------------------------------------------------ fields, dtypes, amend and drop_newest
+
+WEIGHTS = ("weight",)  # one stored field, as G-Blending's history has
+
+
+def test_a_history_needs_a_stored_field_and_derived_fields_need_a_stored_source():
+    with pytest.raises(ValueError, match=r"derived fields need stored sources \(missing \['cosine'\]\)"):
+        History(("a", "b"), fields=("weight", Derived("angle", "cosine", torch.acos)))
+    with pytest.raises(ValueError, match=r"needs a stored field.*\(missing \[\]\)"):
+        History(("a", "b"), fields=())
+    with pytest.raises(ValueError, match=r"^a history row holds the fields \['evidence', 'coefficients'\], got 1 values$"):
+        History(("a", "b")).append(0, (torch.ones(2),))
+
+
+def test_a_row_of_one_stored_field_without_flags_is_an_applied_step():
+    history = History(("fused", "audio"), fields=WEIGHTS, dtype=torch.float64)
+    history.append(7, (torch.tensor([0.25, 0.75], dtype=torch.float64),))
+    assert history.records() == [{"step": 7, "status": "applied", "weight": {"fused": 0.25, "audio": 0.75}}]
+
+
+@pytest.mark.parametrize("ring", [False, True])
+def test_a_float64_history_keeps_float64_values_exactly_through_its_state(ring):
+    value = 1.0 + 2.0**-40  # not a float32
+    history = History(("a", "b"), ring=ring, fields=WEIGHTS, dtype=torch.float64)
+    history.append(torch.tensor(0) if ring else 0, (torch.tensor([value, -value], dtype=torch.float64),))
+    assert history.last()["weight"] == {"a": value, "b": -value}
+    state = history.state_dict()
+    assert state["rows"].dtype == torch.float64
+    restored = History(("a", "b"), ring=ring, fields=WEIGHTS, dtype=torch.float64)
+    restored.load_state_dict(state)
+    assert restored.records() == history.records()
+    assert History(("a", "b")).state_dict()["rows"].dtype == torch.float32  # a modulator's rows: float32
+
+
+def test_loading_float64_rows_into_a_float32_history_rounds_them_as_appending_would():
+    value = 1.0 + 2.0**-40
+    wide = History(("a", "b"), fields=WEIGHTS, dtype=torch.float64)
+    wide.append(0, (torch.tensor([value, 2.0], dtype=torch.float64),))
+    narrow = History(("a", "b"), fields=WEIGHTS)
+    narrow.load_state_dict(wide.state_dict())
+    assert narrow.state_dict()["rows"].dtype == torch.float32
+    assert narrow.last()["weight"] == {"a": 1.0, "b": 2.0}
+
+
+def test_amend_rewrites_the_newest_values_and_flags_and_keeps_its_step():
+    history = History(("audio", "visual"))
+    fill(history, 3)
+    history.amend((torch.tensor([9.0, 3.0]), torch.tensor([0.25, 1.0])), usable=False)
+    records = history.records()
+    assert [r["step"] for r in records] == [0, 1, 2]
+    assert records[-1]["evidence"] == {"audio": 9.0, "visual": 3.0}
+    assert records[-1]["coefficients"] == {"audio": 0.25, "visual": 1.0}
+    assert records[-1]["ratios"]["audio"] == pytest.approx(3.0)
+    assert records[-1]["status"] == "degenerate"
+    history.amend((torch.tensor([9.0, 3.0]), torch.tensor([0.25, 1.0])))  # flags default to an applied step
+    assert history.last()["status"] == "applied"
+    history.amend((torch.tensor([1.0, 1.0]), torch.tensor([1.0, 1.0])), valid=torch.tensor(0.0))
+    assert history.last()["status"] == "invalid"
+    history.amend((torch.tensor([1.0, 1.0]), torch.tensor([1.0, 1.0])), in_window=False)
+    assert history.last()["status"] == "outside"
+    assert history.records()[:2] == records[:2]  # older rows untouched
+
+
+def test_amend_and_drop_newest_refuse_a_ring_and_an_empty_history():
+    ring = History(("a", "b"), ring=True)
+    fill(ring, 2)
+    for history in (ring, History(("a", "b"))):
+        with pytest.raises(ValueError, match=r"^amend\(\) rewrites the newest row of a non-ring history that has one$"):
+            history.amend((torch.ones(2), torch.ones(2)))
+        with pytest.raises(ValueError, match=r"^drop_newest\(\) removes the newest row of a non-ring history that has one$"):
+            history.drop_newest()
+    assert ring.newest_step is None and History(("a", "b")).newest_step is None
+
+
+def test_drop_newest_removes_only_the_newest_row_and_the_next_append_takes_its_place():
+    history = History(("audio", "visual"))
+    fill(history, 4)
+    before = history.records()
+    history.drop_newest()
+    assert history.records() == before[:3] and len(history) == 3 and history.newest_step == 2
+    assert history.last() == before[2]
+    history.append(3, (torch.tensor([5.0, 6.0]), torch.tensor([1.0, 1.0])))
+    assert history.records()[:3] == before[:3] and history.last()["evidence"] == {"audio": 5.0, "visual": 6.0}
+    for _ in range(4):
+        history.drop_newest()
+    assert history.records() == [] and history.last() is None
+    with pytest.raises(ValueError, match="drop_newest"):
+        history.drop_newest()
+
+
+def test_drop_newest_across_a_block_boundary_reopens_the_block_before():
+    history = History(("audio", "visual"))
+    rows = fill(history, 4096 + 1)  # the first block is full and closed; the newest row opens the second
+    history.drop_newest()
+    history.drop_newest()  # the newest row now lies in the closed block
+    assert len(history) == 4095 and history.newest_step == 4094 and len(history._blocks) == 1
+    assert history.last()["step"] == 4094 and history.last()["evidence"] == dict(zip(("audio", "visual"), rows[4094][0]))
+    history.amend((torch.tensor([7.0, 8.0]), torch.tensor([1.0, 1.0])))
+    assert history.records()[-1]["evidence"] == {"audio": 7.0, "visual": 8.0}
+    assert history.records()[-2]["evidence"] == dict(zip(("audio", "visual"), rows[4093][0]))
+    fill(history, 3, start=4095)
+    records = history.records()
+    assert [r["step"] for r in records] == list(range(4098))
+    assert [list(r["evidence"].values()) for r in records[4095:]] == [appended(s) for s in range(4095, 4098)]

@@ -45,6 +45,8 @@ TESTS = (
     "tests/test_measures.py",
     "tests/test_policies.py",
     "tests/test_history.py",
+    "tests/test_internal.py",
+    "tests/test_hooks.py",
     "tests/test_modulator.py",
     "tests/test_seams.py",
     "tests/test_bookkeeping.py",

@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.gradmod-installed
 
-.PHONY: demo test test-all docs docs-check bench-speed gpu-check bench-accuracy mutation catalogue clean
+.PHONY: demo test test-all docs docs-check bench-speed bench-step-cost gpu-check bench-accuracy mutation catalogue clean
 
 # gradmod (editable) with its trainer extras, and the dev and reference dependency groups of
 # pyproject.toml: what the tests, docs, demo and benchmarks need, not part of the published package
@@ -38,6 +38,10 @@ docs-check: $(STAMP)
 bench-speed: $(STAMP)
 	$(PY) benchmarks/speed.py
 
+# Every method's training step and epoch against a plain one (docs/benchmarks/speed.md): about 7 minutes.
+bench-step-cost: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) benchmarks/step_cost.py
+
 # The first GPU run in one command (benchmarks/gpu_check.py): kernel tests compiled, capture and compile
 # checks, the speed benchmark; writes benchmarks/results/speed_gpu.json and the GPU section of
 # docs/benchmarks/speed.md within 8 minutes. Uses the virtual environment when there is one, else
@@ -50,7 +54,7 @@ bench-accuracy: $(STAMP)
 
 # Mutation testing of the core modules (tools/mutation.py, docs/testing.md): mutmut runs the fast unit,
 # property and seam tests against every mutant, prints the kill rate per module and writes it to
-# benchmarks/results/mutation.json. About half an hour on two cores; not part of `make test`.
+# benchmarks/results/mutation.json. About ten minutes on two cores; not part of `make test`.
 mutation: $(STAMP)
 	$(PY) -c 'import mutmut' 2>/dev/null || $(PY) -m pip install --quiet 'mutmut==3.8.1'
 	$(PY) tools/mutation.py

@@ -39,7 +39,7 @@ from reference_models.loops.modulator import PARAM_FILTERS
 from reference_models.models.common import FUSION_KINDS
 from reference_models.tasks import IndexedDataset, Task, build_task
 
-__all__ = ["METHODS", "TrainConfig", "fit", "main", "parse_args", "select_epochs", "summary_lines", "train"]
+__all__ = ["METHODS", "Prepared", "TrainConfig", "fit", "main", "parse_args", "prepare", "select_epochs", "summary_lines", "train"]
 
 #: Offset of the seed that draws the ``--val-size`` split from the run's seed.
 VAL_SEED_OFFSET = 30_011
@@ -76,11 +76,21 @@ def train(config: TrainConfig) -> dict[str, Any]:
     return fit(config)[2]
 
 
-def fit(
-    config: TrainConfig, make: Callable[[TrainConfig, Task, torch.device], MethodLoop] = make_loop
-) -> tuple[Task, MethodLoop, dict[str, Any]]:
-    """`train`, returning the task (with its trained model) and the loop too; ``make`` builds the loop (by
-    default the method's, `reference_models.loops.make_loop`)."""
+@dataclasses.dataclass
+class Prepared:
+    """A run before its first epoch: the resolved config, the device, the task (data and model on the device),
+    the method's loop and the optimizer it is attached to."""
+
+    config: TrainConfig
+    device: torch.device
+    task: Task
+    loop: MethodLoop
+    optimizer: torch.optim.Optimizer
+
+
+def prepare(config: TrainConfig, make: Callable[[TrainConfig, Task, torch.device], MethodLoop] = make_loop) -> Prepared:
+    """Build what a run trains: data and model, the loop (``make``, by default the method's,
+    `reference_models.loops.make_loop`) and its optimizer, attached."""
     config = config.resolved()
     device = _device(config.device)
     task = build_task(
@@ -89,8 +99,21 @@ def fit(
     )
     if config.val_size is not None:
         _hold_out_val(task, config)
-    model = task.model.to(device)
+    task.model.to(device)
     loop = make(config, task, device)
+    optimizer = make_optimizer(config, loop.parameters())
+    loop.attach(optimizer)
+    return Prepared(config, device, task, loop, optimizer)
+
+
+def fit(
+    config: TrainConfig, make: Callable[[TrainConfig, Task, torch.device], MethodLoop] = make_loop
+) -> tuple[Task, MethodLoop, dict[str, Any]]:
+    """`train`, returning the task (with its trained model) and the loop too; ``make`` builds the loop (by
+    default the method's, `reference_models.loops.make_loop`)."""
+    run = prepare(config, make)
+    config, device, task, loop, optimizer = run.config, run.device, run.task, run.loop, run.optimizer
+    model = task.model
     loader_args = {"batch_size": config.batch_size, "num_workers": config.workers}
     evaluation_loaders = {
         split: DataLoader(IndexedDataset(dataset), **loader_args)
@@ -99,9 +122,7 @@ def fit(
     }
     out = Path(config.out) if config.out else None
     checkpoint_path = out / "checkpoint.pt" if out else None
-    optimizer = make_optimizer(config, loop.parameters())
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, config.lr_step, config.lr_gamma) if config.lr_step else None
-    loop.attach(optimizer)
 
     history: list[dict[str, Any]] = []
     first_epoch, elapsed = 0, 0.0

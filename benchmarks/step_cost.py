@@ -62,7 +62,6 @@ class Timed:
     """One timed run: what it is, the run built for it, and its times per round."""
 
     name: str
-    head: str
     reference: str
     run: Prepared
     step_s: list[float] = field(default_factory=list)
@@ -151,7 +150,7 @@ def measure(args: argparse.Namespace, methods: Sequence[str]) -> list[dict[str, 
     torch.manual_seed(0)
     runs = []
     for name, method, head in plan(methods):
-        runs.append(Timed(name, head, reference_of(name, method), prepare(config_for(method, head, args))))
+        runs.append(Timed(name, reference_of(name, method), prepare(config_for(method, head, args))))
     for index in range(args.rounds + 1):
         order = runs[index % len(runs):] + runs[: index % len(runs)]  # a different method first in every round
         for timed in order:
@@ -161,8 +160,8 @@ def measure(args: argparse.Namespace, methods: Sequence[str]) -> list[dict[str, 
     rows = []
     for timed in runs:
         rows.append({
-            "name": timed.name, "head": timed.head, "reference": timed.reference,
-            "step_ms": 1e3 * statistics.median(timed.step_s), "epoch_work_s": statistics.median(timed.work_s),
+            "name": timed.name, "head": timed.run.config.fusion, "reference": timed.reference,
+            "step_ms": 1e3 * statistics.median(timed.step_s), "epoch_work_s": statistics.mean(timed.work_s),
             "steps_per_epoch": statistics.median(timed.steps_per_epoch),
             **ratios(timed, by_name[timed.reference]),
             "rounds": {"step_s": timed.step_s, "epoch_work_s": timed.work_s, "steps_per_epoch": timed.steps_per_epoch},

@@ -414,7 +414,7 @@ def fresh(key: str, seed: int = 0, *, step_pre_hook: Callable[..., None] | None 
 def train(key: str, data, net=None, method=None, optimizer=None, epochs: int = 1, first_epoch: int = 0):
     """``epochs`` epochs of the case's plain loop on ``data`` (a `fresh` net, method and optimizer unless given)."""
     if net is None:
-        net, method, optimizer, the_case = fresh(key)
+        net, method, optimizer, _ = fresh(key)
     the_case = case(key)
     for epoch in range(first_epoch, first_epoch + epochs):
         method.start_epoch(epoch)

@@ -128,6 +128,21 @@ def _rounding(tensors: Sequence[Tensor], magnitude: Tensor) -> Tensor:
     return 16 * torch.finfo(tensors[0].dtype).eps * magnitude
 
 
+def _orthogonal_to_difference(
+    directions: Sequence[Tensor], multimodal: Sequence[Tensor], unimodal: Sequence[Tensor], squared_difference: Tensor, interior: Tensor
+) -> list[Tensor]:
+    """``h − (⟨h, g − u⟩ / ‖g − u‖²)·(g − u)`` where ``interior`` (the min-norm weight strictly inside (0, 1)).
+
+    An interior min-norm point is orthogonal to ``g − u``, so the removed part is zero in exact arithmetic; in
+    floating point it is the rounding error of ``w·g + (1 − w)·u``, which, when ``g`` and ``u`` nearly cancel,
+    is comparable to ``h`` and would tilt the rescaled direction out of the common descent cone
+    (``⟨ĝ, g⟩ < 0`` or ``⟨ĝ, u⟩ < 0``). What rounding leaves outside the span of ``g`` and ``u`` changes
+    neither loss to first order."""
+    along = (_dot(directions, multimodal) - _dot(directions, unimodal)) / torch.where(interior, squared_difference, 1.0)
+    along = torch.where(interior, along, 0.0)
+    return [h - along.to(h.dtype) * (g - u) for h, g, u in zip(directions, multimodal, unimodal)]
+
+
 def combine_gradients(
     multimodal: Sequence[Tensor], unimodal: Sequence[Tensor], rule: str = "paper", gamma: float | None = None
 ) -> tuple[list[Tensor], dict[str, Tensor]]:
@@ -138,7 +153,9 @@ def combine_gradients(
 
     * ``"paper"``: ``γ · ‖g + u‖ / ‖h‖ · h`` with norms over the whole encoder. When the gradients cancel
       (``h`` is no longer than its rounding error, e.g. exactly opposite gradients: Pareto-stationary, no
-      common descent direction) the result is 0 rather than rounding errors rescaled to ``‖g + u‖``;
+      common descent direction) the result is 0 rather than rounding errors rescaled to ``‖g + u‖``. Before
+      rescaling, ``h``'s component along ``g − u`` (zero in exact arithmetic) is removed, so nearly cancelling
+      gradients still give a common descent direction;
     * ``"official"``: per tensor ``t``, ``γ · d_t · h_t`` with ``d_t = ‖g_t + u_t‖ / ‖h_t‖`` when ``d_t > 1``,
       else ``γ · h_t``; a tensor whose ``h_t`` is no longer than its rounding error is not rescaled (the
       official code would divide by it, and give NaN for ``h_t = 0``).
@@ -159,6 +176,8 @@ def combine_gradients(
     directions = [2 * (weight.to(g.dtype) * g + (1 - weight).to(u.dtype) * u) for g, u in zip(multimodal, unimodal)]
     plain_norm = (v11 + 2 * v12 + v22).clamp_min(0).sqrt()
     if rule == "paper":
+        interior = (v12 < 0) & (weight > 0) & (weight < 1)
+        directions = _orthogonal_to_difference(directions, multimodal, unimodal, v11 + v22 - 2 * v12, interior)
         h_norm = _dot(directions, directions).sqrt()
         noise = _rounding(directions, v11.sqrt() + v22.sqrt())
         factor = gamma * torch.where(h_norm > noise, plain_norm / torch.where(h_norm > 0, h_norm, 1.0), 0.0)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from hypothesis import given
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 from torch import nn
 from torch.nn import functional as F
@@ -134,6 +134,8 @@ def test_the_min_norm_weight_is_optimal_on_small_examples(pair):
 
 
 @given(vectors, st.sampled_from(mmpareto.RULES), st.floats(0.01, 100.0))
+@example(pair=([2.7581734853218215e-15, -0.125], [0.0, 1.0]), rule="paper", factor=1.0)  # g nearly cancels a part of u
+@example(pair=([2.7581734853218215e-15, -0.125], [0.0, 1.0]), rule="paper", factor=2.17)
 def test_the_combination_is_symmetric_positively_homogeneous_and_a_common_descent_direction(pair, rule, factor):
     g, u = ([torch.tensor(v, dtype=torch.float64)] for v in pair)
     combined, stats = mmpareto.combine_gradients(g, u, rule)
@@ -150,6 +152,24 @@ def test_the_combination_is_symmetric_positively_homogeneous_and_a_common_descen
         assert (combined[0] @ g[0]).item() >= -1e-9 and (combined[0] @ u[0]).item() >= -1e-9
     if (g[0] @ u[0]).item() > 0:  # no conflict: the plain sum, times gamma
         torch.testing.assert_close(combined[0], (1.0 if rule == "paper" else 1.5) * (g[0] + u[0]), rtol=1e-9, atol=1e-9)
+
+
+@given(
+    st.integers(2, 6).flatmap(lambda d: st.tuples(*(st.lists(st.floats(-3, 3), min_size=d, max_size=d) for _ in range(2)))),
+    st.floats(0.05, 20.0),
+    st.floats(1e-12, 1e-6),
+)
+def test_nearly_cancelling_gradients_still_give_a_common_descent_direction(vectors_gv, ratio, tilt):
+    """u = −ratio·g + tilt·v: the min-norm point is tiny next to g and u, and rescaling it to |g + u| must not
+    carry the rounding error of w·g + (1 − w)·u out of the common descent cone."""
+    g, v = (torch.tensor(x, dtype=torch.float64) for x in vectors_gv)
+    assume(g.norm() > 1e-3 and v.norm() > 1e-3)
+    u = -ratio * g + tilt * v
+    combined, _ = mmpareto.combine_gradients([g], [u], "paper")
+    d = combined[0]
+    assert torch.isfinite(d).all()
+    bound = 1e-9 * d.norm().item()
+    assert (d @ g).item() >= -bound * g.norm().item() and (d @ u).item() >= -bound * u.norm().item()
 
 
 def test_the_paper_rule_rescales_the_whole_encoder_and_the_official_rule_each_tensor_upwards():

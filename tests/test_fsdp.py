@@ -6,6 +6,7 @@ Each world is spawned once (module-scoped fixtures) and runs every scenario; the
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 
@@ -251,6 +252,7 @@ def _fsdp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         results["resume"] = _resume_scenario(mesh, rank, world, out_dir)
         results["accumulation"] = _accumulation_scenario(mesh, rank, world)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    gc.collect()  # the scenarios' sharded models (reference cycles) go before the group, not at interpreter exit
     dist.barrier()  # no rank tears the group down while another still uses it
     dist.destroy_process_group()
 

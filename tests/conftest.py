@@ -12,6 +12,9 @@ settings.register_profile(
 settings.register_profile(
     "ci", parent=settings.get_profile("default"), derandomize=True, print_blob=True
 )
+settings.register_profile(  # a longer search before a release or after changing an equation
+    "thorough", parent=settings.get_profile("default"), max_examples=1000
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "default"))
 
 # the shared helpers (tiny.py) import as top-level modules from every test folder

@@ -98,8 +98,9 @@ def owm_update(projector: Tensor, direction: Tensor, regularization: float) -> T
     The orthogonal-weight-modification projector, as MLA's head-gradient modification uses it. For
     ``α > 0``, starting from the identity, ``P = (I + Σ_i r_i r_iᵀ/α)⁻¹``: symmetric, eigenvalues in
     ``(0, 1]``, independent of the order of the ``r_i``. For ``α = 0`` it is the orthogonal projector onto
-    the complement of the stored directions (idempotent, ``P r_i = 0``); a direction already in their span
-    (its residual ``rᵀ P r`` within rounding of zero) leaves ``P`` unchanged.
+    the complement of the stored directions (idempotent, ``P r_i = 0``); a direction in their span, up to
+    ``rᵀ P r ≤ √ε·‖r‖²`` (``ε`` the dtype's machine epsilon: above what rounding leaves once nearly dependent
+    directions were stored), leaves ``P`` unchanged.
 
     Args:
         projector: ``[d, d]`` symmetric projector (floating point).

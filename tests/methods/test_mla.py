@@ -14,13 +14,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from tiny import batches
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import gradmod
-from gradmod.methods.mla import MLA, entropy_fusion, entropy_weights, owm_update
+from gradmod.methods.mla import MLA, _span_tolerance, entropy_fusion, entropy_weights, owm_update
 
 F64 = torch.float64
 
@@ -41,6 +41,9 @@ def stored(rows: torch.Tensor, alpha: float) -> torch.Tensor:
 def test_with_alpha_zero_the_projector_is_the_orthogonal_projector_onto_the_complement(seed, dim, data):
     count = data.draw(st.integers(1, dim))
     rows = directions(seed, count, dim)
+    # each row well outside the span of the rows before it (a row within the span tolerance is not stored)
+    _, r = torch.linalg.qr(rows.T)
+    assume(bool((r.diagonal() ** 2 > 100 * _span_tolerance(F64) * (rows**2).sum(1)).all()))
     p = stored(rows, 0.0)
     torch.testing.assert_close(p, p.T, rtol=0, atol=1e-12)  # symmetric
     torch.testing.assert_close(p @ p, p, rtol=0, atol=1e-8)  # idempotent
@@ -59,6 +62,17 @@ def test_with_alpha_zero_a_direction_already_stored_changes_nothing(seed, dim):
     axis = torch.eye(dim, dtype=F64)[0]
     once = owm_update(torch.eye(dim, dtype=F64), axis, 0.0)
     assert torch.equal(owm_update(once, axis, 0.0), once)  # P r = 0 exactly: no 0/0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_with_alpha_zero_a_direction_within_the_span_tolerance_is_not_stored(dtype):
+    """r = (1, 1, c) against the stored e₁, e₂: squared residual c² against the tolerance τ·‖r‖² = τ·(2 + c²)."""
+    p = stored(torch.eye(3, dtype=F64)[:2], 0.0).to(dtype)
+    tolerance = _span_tolerance(dtype)
+    inside = torch.tensor([1.0, 1.0, math.sqrt(tolerance)], dtype=dtype)  # c² = τ < τ·(2 + τ)
+    assert torch.equal(owm_update(p, inside, 0.0), p)
+    outside = torch.tensor([1.0, 1.0, math.sqrt(4 * tolerance)], dtype=dtype)  # c² = 4τ > τ·(2 + 4τ)
+    torch.testing.assert_close(owm_update(p, outside, 0.0), torch.zeros(3, 3, dtype=dtype), rtol=0, atol=1e-6)
 
 
 @given(seed=st.integers(0, 2**31), dim=st.integers(2, 6), count=st.integers(1, 8), alpha=st.floats(1e-3, 10.0))

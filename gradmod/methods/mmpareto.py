@@ -118,7 +118,8 @@ def _computable(tensor: Tensor) -> Tensor:
 
 
 def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
-    """``Σ_t ⟨a_t, b_t⟩`` over paired tensors, accumulated in float64."""
+    """``Σ_t ⟨a_t, b_t⟩`` over paired tensors: each tensor's product in its dtype (float32 at least), their sum
+    in float64."""
     return torch.stack([torch.dot(_computable(x).reshape(-1), _computable(y).reshape(-1)).double() for x, y in zip(a, b)]).sum()
 
 

@@ -111,7 +111,9 @@ def fit(
 ) -> tuple[Task, MethodLoop, dict[str, Any]]:
     """`train`, returning the task (with its trained model) and the loop too; ``make`` builds the loop (by
     default the method's, `reference_models.loops.make_loop`)."""
+    started = time.perf_counter()
     run = prepare(config, make)
+    setup_s = time.perf_counter() - started  # data, model and what the loop trains before the first epoch
     config, device, task, loop, optimizer = run.config, run.device, run.task, run.loop, run.optimizer
     model = task.model
     loader_args = {"batch_size": config.batch_size, "num_workers": config.workers}
@@ -177,6 +179,7 @@ def fit(
         "coefficients_per_step": loop.coefficients_per_step(),
         "pdmp": loop.pdmp,
         "wall_time_s": elapsed,
+        "setup_s": setup_s,
     }
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)

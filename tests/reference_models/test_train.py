@@ -36,6 +36,7 @@ def check_results(results, modalities=("audio", "visual")):
     assert set(final["unimodal"]) == set(modalities)
     assert all(0.0 <= v <= 1.0 for v in final["unimodal"].values())
     assert math.isfinite(results["history"][-1]["train_loss"])
+    assert math.isfinite(results["setup_s"]) and results["setup_s"] >= 0.0  # before the first epoch
 
 
 from reference_models.config import default_fusion
@@ -234,15 +235,17 @@ def test_demo_shows_the_imbalance_and_the_benchmarks_best_method(tmp_path, monke
 def test_the_demos_table_lines_up_whatever_the_methods_title():
     from reference_models import demo
 
-    def result(fused, audio, visual):
-        return {"final": {"accuracy": fused, "unimodal": {"audio": audio, "visual": visual}}, "wall_time_s": 1.0}
+    def result(fused, audio, visual, setup_s=0.5):
+        return {"final": {"accuracy": fused, "unimodal": {"audio": audio, "visual": visual}}, "setup_s": setup_s,
+                "wall_time_s": 1.0}
 
     results = {"audio trained alone": result(0.9, 0.9, 0.1), "visual trained alone": result(0.9, 0.1, 0.9),
                "joint training (baseline)": result(0.95, 0.5, 0.85),
-               "joint training + Diagnosing & Re-learning": result(0.96, 0.6, 0.85)}
+               "joint training + Diagnosing & Re-learning": result(0.96, 0.6, 0.85, setup_s=40.0)}
     lines = demo.comparison_lines(results, ("audio", "visual"))
     table = [lines[0], *lines[2:6]]
     assert len({len(line) for line in table}) == 1  # every row as wide as the header
+    assert table[1].endswith(" 1.5") and table[4].endswith(" 41.0")  # the time includes what trains before epoch 1
     assert {line.index("0.9") for line in table[1:3]} == {lines[0].index("fused acc") + 4}  # right-aligned under "fused acc"
     assert lines[-1].endswith("audio -40.0, visual -5.0")
 

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -230,6 +231,22 @@ def test_demo_shows_the_imbalance_and_the_benchmarks_best_method(tmp_path, monke
     assert why in printed and "against its solo run (points): audio " in printed
     assert (tmp_path / "comparison.png").is_file() and Path(tmp_path / "comparison.json").is_file()
     assert json.loads((tmp_path / "comparison.json").read_text())["method"] == method
+
+
+@pytest.mark.slow
+def test_the_readmes_demo_output_is_what_the_demo_prints(tmp_path, capsys):
+    """The README's ```text block is `make demo`'s output: every line but the times (about three minutes)."""
+    from reference_models import demo
+
+    def without_times(text):
+        return [re.sub(r" +\d+\.\d$", "", line) for line in text.strip().splitlines()]
+
+    assert demo.main(["--out", str(tmp_path)]) == 0
+    printed = without_times(capsys.readouterr().out)
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    shown = without_times(readme.split("```text\n", 1)[1].split("```", 1)[0])
+    missing = [line for line in shown if line not in printed]
+    assert not missing, f"README lines the demo no longer prints: {missing}"
 
 
 def test_the_demos_table_lines_up_whatever_the_methods_title():

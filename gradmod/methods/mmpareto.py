@@ -139,9 +139,10 @@ def _orthogonal_to_difference(
     is comparable to ``h`` and would tilt the rescaled direction out of the common descent cone
     (``⟨ĝ, g⟩ < 0`` or ``⟨ĝ, u⟩ < 0``). What rounding leaves outside the span of ``g`` and ``u`` changes
     neither loss to first order."""
-    along = (_dot(directions, multimodal) - _dot(directions, unimodal)) / torch.where(interior, squared_difference, 1.0)
+    differences = [g - u for g, u in zip(multimodal, unimodal)]
+    along = _dot(directions, differences) / torch.where(interior, squared_difference, 1.0)
     along = torch.where(interior, along, 0.0)
-    return [h - along.to(h.dtype) * (g - u) for h, g, u in zip(directions, multimodal, unimodal)]
+    return [h - along.to(h.dtype) * d for h, d in zip(directions, differences)]
 
 
 def combine_gradients(
